@@ -54,7 +54,8 @@ class SourceConfig(_Strict):
 
 class ModelConfig(_Strict):
     path: str
-    n_ctx: int = Field(2048, ge=64)
+    n_ctx: int = Field(2048, ge=64)          # per sequence
+    chat_template: Optional[str] = None      # Jinja; None: the GGUF file's own
 
 
 class PolicyConfig(_Strict):

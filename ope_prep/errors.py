@@ -25,3 +25,9 @@ class RefusedError(PipelineError):
 
 class UnitsFailedError(PipelineError):
     exit_code = EXIT_UNITS_FAILED
+
+
+class ValidationFailed(PipelineError):
+    """Stage 5 found data that must not go to an estimator."""
+
+    exit_code = EXIT_UNITS_FAILED

@@ -55,7 +55,7 @@ def sample_prompts(config: Config, samples: int, seed: int) -> tuple[list[Prompt
         text = cands.texts[row]
         text = text.strip() if isinstance(text, str) else ""
         if not text:
-            skipped["empty or no user turn"] += 1
+            skipped["no first user turn, or empty"] += 1
         elif len(text) > config.source.max_prompt_chars:
             skipped["longer than source.max_prompt_chars"] += 1
         elif text in seen_text:

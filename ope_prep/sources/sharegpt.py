@@ -8,12 +8,15 @@ the last complete one, and the user is told how many were kept.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 from ..config import Config
 from ..errors import InputError
 from . import Candidates
+
+CONTINUATION = re.compile(r"_[1-9][0-9]*$")
 
 
 def default_path() -> Path:
@@ -64,6 +67,11 @@ def load(config: Config) -> Candidates:
         if isinstance(turns, list):
             first = next((t.get("value") for t in turns
                           if isinstance(t, dict) and t.get("from") in ("human", "user")), None)
+        conv_id = str(conv.get("id", f"row{row}")) if isinstance(conv, dict) else f"row{row}"
+        # ShareGPT V3 splits long conversations into segments "<id>_0", "<id>_1", ...; only
+        # segment 0 starts with the conversation's real first user turn.
+        if CONTINUATION.search(conv_id):
+            first = None
         texts.append(first if isinstance(first, str) else None)
-        ids.append(str(conv.get("id", f"row{row}")) if isinstance(conv, dict) else f"row{row}")
+        ids.append(conv_id)
     return Candidates(source="sharegpt", texts=texts, ids=ids, language_ok=None)
