@@ -1,0 +1,173 @@
+"""The data consumers read as is: the CJE 0.3 export and the older phase-2 layout.
+
+Everything here is written by stage 5 after every check passed, so each value is present and
+legal. The base policy's log-probability is its teacher-forced one (logprobs.jsonl), computed by
+the same code path as every target's; its sampling log-probability rides along as metadata.
+Records are in prompts.jsonl order; targets are in config order.
+
+CJE 0.3 (``cje-eval==0.3.0``; read by ``cje.load_dataset_from_jsonl`` and ``cje.analyze_dataset``):
+
+``cje/logged_data.jsonl``, one record per prompt, the base policy's response::
+
+    {"prompt_id": "q0001", "prompt": "...", "response": "...",
+     "base_policy_logprob": -42.1,                      # teacher-forced under the base policy
+     "target_policy_logprobs": {"pi_clone": -42.1, "pi_bad": -57.3, ...},   # every target policy
+     "judge_score": 0.7,                                # deterministic judge score, [0, 1]
+     "oracle_label": 0.8,                               # only where the calibration set labeled it
+     "metadata": {"prompt_id": "q0001", "base_policy": "p0",
+                  "judge_score": 0.7, "oracle_label": 0.8,   # (also here, for readers of CJE 0.2)
+                  "judge_mean": 0.68, "judge_variance": 0.02,
+                  "base_policy_sampling_logprob": -42.1, "n_tokens": 37, "finish_reason": "stop"}}
+
+``cje/responses/<policy>_responses.jsonl``, the fresh draws, one file per target policy, one record
+per prompt (``fresh_draws_dir="<data_dir>/cje/responses"``; CJE infers the policy from the name)::
+
+    {"prompt_id": "q0001", "prompt": "...", "response": "...", "policy": "pi_bad",
+     "judge_score": 0.2, "oracle_label": 0.1,          # oracle_label only where validation labeled it
+     "draw_idx": 0,
+     "metadata": {"judge_mean": 0.22, "judge_variance": 0.03, "sampling_logprob": -51.0,
+                  "n_tokens": 40, "finish_reason": "length"}}
+
+Phase-2 layout (the older experiment scripts' file names, in ``<data_dir>``):
+
+* ``p0_scored_deterministic.jsonl``: one per prompt, the base policy's response:
+  ``prompt_id, prompt, response, policy, model, temperature, judge_score`` (deterministic),
+  ``base_policy_logprob`` (teacher-forced), ``sampling_logprob``, ``target_policy_logprobs``
+  {every target: teacher-forced logprob of this response}, ``n_tokens, finish_reason``.
+* ``p0_scored_uncertainty.jsonl``: the same, but ``judge_score`` is the judge distribution's mean
+  and ``judge_score_variance`` its variance.
+* ``targets_scored_deterministic.jsonl`` / ``targets_scored_uncertainty.jsonl``: one per
+  (prompt, target policy), each target's own response: ``prompt_id, prompt, response, policy,
+  model, temperature, judge_score`` (deterministic, resp. mean + ``judge_score_variance``),
+  ``sampling_logprob`` (under the policy that sampled it), ``n_tokens, finish_reason``.
+* ``labeling/oracle_labels_calibration_detailed.jsonl`` / ``..._validation_detailed.jsonl``: one per
+  oracle label (calibration: base policy; validation: targets), in prompt then policy order:
+  ``prompt_id, prompt, response, policy, split, oracle_label, oracle_raw, judge_score,
+  judge_mean, judge_variance``.
+
+The name "p0" in the phase-2 file names is fixed (that is the layout's name for the base policy);
+the ``policy`` field holds the configured base policy's name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import Config
+from .store import write_jsonl
+
+CJE_DIR = "cje"
+LOGGED_DATA = f"{CJE_DIR}/logged_data.jsonl"
+FRESH_DIR = f"{CJE_DIR}/responses"
+P0_DET = "p0_scored_deterministic.jsonl"
+P0_UNC = "p0_scored_uncertainty.jsonl"
+TARGETS_DET = "targets_scored_deterministic.jsonl"
+TARGETS_UNC = "targets_scored_uncertainty.jsonl"
+CALIBRATION = "labeling/oracle_labels_calibration_detailed.jsonl"
+VALIDATION = "labeling/oracle_labels_validation_detailed.jsonl"
+
+
+def fresh_draws_path(policy: str) -> str:
+    return f"{FRESH_DIR}/{policy}_responses.jsonl"
+
+
+def logged_records(config: Config, data) -> list[dict]:
+    base, targets = config.base_policy, config.target_policies
+    out = []
+    for p in data.prompts:
+        pid = p.prompt_id
+        r, j = data.responses[(pid, base)], data.judge[(pid, base)]
+        o = data.oracle.get((pid, base))
+        rec = {"prompt_id": pid, "prompt": p.prompt, "response": r.response,
+               "base_policy_logprob": data.logprobs[(pid, base)].logprob,
+               "target_policy_logprobs": {t: data.logprobs[(pid, t)].logprob for t in targets},
+               "judge_score": j.score}
+        meta = {"prompt_id": pid, "base_policy": base, "judge_score": j.score}
+        if o is not None:
+            rec["oracle_label"] = o.label
+            meta["oracle_label"] = o.label
+        meta.update({"judge_mean": j.mean, "judge_variance": j.variance,
+                     "base_policy_sampling_logprob": r.sampling_logprob,
+                     "n_tokens": r.n_tokens, "finish_reason": r.finish_reason})
+        rec["metadata"] = meta
+        out.append(rec)
+    return out
+
+
+def fresh_draw_records(config: Config, data, policy: str) -> list[dict]:
+    out = []
+    for p in data.prompts:
+        pid = p.prompt_id
+        r, j = data.responses[(pid, policy)], data.judge[(pid, policy)]
+        o = data.oracle.get((pid, policy))
+        rec = {"prompt_id": pid, "prompt": p.prompt, "response": r.response, "policy": policy,
+               "judge_score": j.score}
+        if o is not None:
+            rec["oracle_label"] = o.label
+        rec["draw_idx"] = 0
+        rec["metadata"] = {"judge_mean": j.mean, "judge_variance": j.variance,
+                           "sampling_logprob": r.sampling_logprob, "n_tokens": r.n_tokens,
+                           "finish_reason": r.finish_reason}
+        out.append(rec)
+    return out
+
+
+def _scored(config: Config, data, pid: str, prompt: str, policy: str, uncertainty: bool) -> dict:
+    r, j = data.responses[(pid, policy)], data.judge[(pid, policy)]
+    pol = config.policy(policy)
+    rec = {"prompt_id": pid, "prompt": prompt, "response": r.response, "policy": policy,
+           "model": pol.model, "temperature": pol.temperature}
+    if uncertainty:
+        rec["judge_score"] = j.mean
+        rec["judge_score_variance"] = j.variance
+    else:
+        rec["judge_score"] = j.score
+    if policy == config.base_policy:
+        rec["base_policy_logprob"] = data.logprobs[(pid, policy)].logprob
+        rec["sampling_logprob"] = r.sampling_logprob
+        rec["target_policy_logprobs"] = {t: data.logprobs[(pid, t)].logprob for t in config.target_policies}
+    else:
+        rec["sampling_logprob"] = r.sampling_logprob
+    rec["n_tokens"] = r.n_tokens
+    rec["finish_reason"] = r.finish_reason
+    return rec
+
+
+def _labels(config: Config, data, policies: list[str]) -> list[dict]:
+    out = []
+    for p in data.prompts:
+        for pol in policies:
+            o = data.oracle.get((p.prompt_id, pol))
+            if o is None:
+                continue
+            j = data.judge[(p.prompt_id, pol)]
+            out.append({"prompt_id": p.prompt_id, "prompt": p.prompt,
+                        "response": data.responses[(p.prompt_id, pol)].response, "policy": pol,
+                        "split": o.split, "oracle_label": o.label, "oracle_raw": o.raw,
+                        "judge_score": j.score, "judge_mean": j.mean, "judge_variance": j.variance})
+    return out
+
+
+def write_all(config: Config, data) -> dict[str, dict]:
+    """Write the CJE export and the phase-2 files; returns {relpath: manifest}."""
+    d: Path = config.data_dir
+    base, targets = config.base_policy, config.target_policies
+    out = {LOGGED_DATA: write_jsonl(d / LOGGED_DATA, logged_records(config, data))}
+    for t in targets:
+        out[fresh_draws_path(t)] = write_jsonl(d / fresh_draws_path(t), fresh_draw_records(config, data, t))
+    for rel, unc in ((P0_DET, False), (P0_UNC, True)):
+        out[rel] = write_jsonl(d / rel, (_scored(config, data, p.prompt_id, p.prompt, base, unc)
+                                         for p in data.prompts))
+    for rel, unc in ((TARGETS_DET, False), (TARGETS_UNC, True)):
+        out[rel] = write_jsonl(d / rel, (_scored(config, data, p.prompt_id, p.prompt, t, unc)
+                                         for p in data.prompts for t in targets))
+    out[CALIBRATION] = write_jsonl(d / CALIBRATION, _labels(config, data, [base]))
+    out[VALIDATION] = write_jsonl(d / VALIDATION, _labels(config, data, targets))
+    return out
+
+
+def stale_fresh_draws(config: Config) -> list[str]:
+    """Fresh-draw files in cje/responses/ of policies that are not targets of this config."""
+    folder = config.data_dir / FRESH_DIR
+    want = {Path(fresh_draws_path(t)).name for t in config.target_policies}
+    return sorted(p.name for p in folder.glob("*_responses.jsonl") if p.name not in want)

@@ -1,0 +1,246 @@
+"""The human side of stage 5: report.md, PNG plots beside it, and the terminal summary.
+
+Plots are drawn on matplotlib's Agg canvas through ``matplotlib.figure.Figure`` (no pyplot, no
+display, no global state), rendered to bytes and written atomically like every final file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .store import atomic_write_bytes
+
+PLOTS_DIR = "plots"
+JUDGE_PLOT = f"{PLOTS_DIR}/judge_scores.png"
+CALIBRATION_PLOT = f"{PLOTS_DIR}/judge_vs_oracle_calibration.png"
+VALIDATION_PLOT = f"{PLOTS_DIR}/judge_vs_oracle_validation.png"
+MAX_REPORT_ROWS = 20
+
+
+def log_weight_plot(policy: str) -> str:
+    return f"{PLOTS_DIR}/log_weights_{policy}.png"
+
+
+def write_bytes(path: Path, data: bytes) -> dict:
+    atomic_write_bytes(path, data)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "records": 1}
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    # No "Software" tag: the bytes then depend only on the data and the matplotlib version.
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _figure(w: float = 6.4, h: float = 4.0):
+    from matplotlib.figure import Figure
+    return Figure(figsize=(w, h), layout="constrained")
+
+
+# ---- plots ------------------------------------------------------------------------------------------
+
+def write_plots(config: Config, data, info: dict) -> dict[str, dict]:
+    d = config.data_dir
+    base = config.base_policy
+    pids = [p.prompt_id for p in data.prompts]
+    out: dict[str, dict] = {}
+    lp_base = np.array([data.logprobs[(pid, base)].logprob for pid in pids], dtype=float)
+
+    for t in config.target_policies:
+        lw = np.array([data.logprobs[(pid, t)].logprob for pid in pids], dtype=float) - lp_base
+        tinfo = info["targets"][t]
+        fig = _figure()
+        ax = fig.add_subplot()
+        span = float(np.max(lw) - np.min(lw))
+        if span == 0:
+            ax.hist(lw, bins=1, range=(lw[0] - 0.5, lw[0] + 0.5), color="tab:blue")
+        else:
+            ax.hist(lw, bins=min(60, max(10, len(lw) // 10)), color="tab:blue")
+        ax.axvline(0.0, color="black", lw=1, ls="--", label="log w = 0 (same as base)")
+        ax.set_xlabel(f"log w = log p_{t} - log p_{base}  (per prompt, {base}'s response)")
+        ax.set_ylabel("prompts")
+        ax.set_title(f"{t}: log importance weights (n={tinfo['n']}, ESS {tinfo['ess_fraction']:.1%}, "
+                     f"max share {tinfo['max_weight_share']:.1%})", fontsize=10)
+        ax.legend(fontsize=8)
+        out[log_weight_plot(t)] = write_bytes(d / log_weight_plot(t), _png(fig))
+
+    names = [p.name for p in config.policies]
+    cols = min(2, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig = _figure(4.0 * cols, 2.6 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, squeeze=False)).ravel()
+    bins = np.linspace(0, 1, 21)
+    for ax, name in zip(axes, names):
+        s = np.array([data.judge[(pid, name)].score for pid in pids], dtype=float)
+        pinfo = info["policies"][name]["judge"]
+        ax.hist(s, bins=bins, color="tab:green" if name != base else "tab:gray")
+        ax.set_title(f"{name}: mean {pinfo['mean']:.3f}" + (f" ± {pinfo['se']:.3f}" if pinfo["se"] is not None else ""),
+                     fontsize=10)
+        ax.set_xlim(0, 1)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    fig.supxlabel("judge score (deterministic)")
+    fig.supylabel("responses")
+    out[JUDGE_PLOT] = write_bytes(d / JUDGE_PLOT, _png(fig))
+
+    def scatter(rel: str, policies: list[str], split: str) -> None:
+        fig = _figure(5.0, 5.0)
+        ax = fig.add_subplot()
+        total = 0
+        for name in policies:
+            labeled = [pid for pid in pids if (pid, name) in data.oracle]
+            x = [data.judge[(pid, name)].score for pid in labeled]
+            y = [data.oracle[(pid, name)].label for pid in labeled]
+            total += len(x)
+            o = info["policies"][name]["oracle"]
+            r = f"r={o['pearson_r']:.2f}" if o["pearson_r"] is not None else "r=n/a"
+            ax.scatter(x, y, s=14, alpha=0.5, label=f"{name} (n={len(x)}, {r})")
+        ax.plot([0, 1], [0, 1], color="black", lw=1, ls="--")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("judge score")
+        ax.set_ylabel("oracle label")
+        ax.set_title(f"judge vs oracle, {split} set ({total} labels)", fontsize=10)
+        if total:
+            ax.legend(fontsize=8, loc="upper left")
+        out[rel] = write_bytes(d / rel, _png(fig))
+
+    scatter(CALIBRATION_PLOT, [base], "calibration")
+    scatter(VALIDATION_PLOT, config.target_policies, "validation")
+    return out
+
+
+# ---- report.md -----------------------------------------------------------------------------------
+
+def _f(x, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_report(config: Config, info: dict) -> str:
+    run, checks, pols, tgts = info["run"], info["checks"], info["policies"], info["targets"]
+    base = run["base_policy"]
+    out = ["# OPE dataset report", ""]
+    out += [f"{run['n_prompts']} prompts; run seed **{run['seed']}** (it drew the prompt sample and "
+            f"decided the oracle subsets: {run['oracle_fractions']['calibration']:.0%} of {base}'s "
+            f"responses for calibration, {run['oracle_fractions']['validation']:.0%} of each target's "
+            "for validation).", ""]
+    out += [_table(["policy", "role", "model", "temperature"],
+                   [[n, p["role"], p["model"], f"{p['temperature']:g}"] for n, p in pols.items()]), ""]
+
+    out += ["## Checks", "", "All checks that stop bad data passed: every file parses, every "
+            "(prompt, policy) has exactly one response, teacher-forced log-probability and judge "
+            "score, no log-probability is positive, NaN or infinite, and judge and oracle values "
+            "lie in [0, 1].", ""]
+    c = checks["clone"]
+    if c is not None:
+        out += [f"- **{c['policy']}** log-weight: max |log w| = {_f(c['max_abs_log_weight'], '.3g')} over "
+                f"{c['n']} prompts (tolerance {c['tolerance']:g}).", ""]
+    t = checks["tf_vs_sampling"]
+    out += [f"- **{base}** teacher-forced vs sampling log-probability, |difference| per token over "
+            f"{t['n']} responses: {t['n_over']} ({_pct(t['fraction_over'])}) above "
+            f"{t['tolerance_per_token']:g} nats/token (allowed: {_pct(t['max_fraction'])}); "
+            f"token-count mismatches: {t['token_count_mismatches']}.", ""]
+    q = t["abs_diff_per_token"]
+    if q:
+        out += [_table(["mean", "median", "q90", "q99", "max"],
+                       [[_f(q[k], ".3g") for k in ("mean", "q50", "q90", "q99", "max")]]), ""]
+
+    out += ["## Policies", "", "Judge score: the deterministic score on each policy's own responses "
+            "(mean ± standard error). Oracle agreement on the labeled set: the calibration set for "
+            f"{base}, the validation set for targets.", ""]
+    rows = []
+    for n, p in pols.items():
+        j, o = p["judge"], p["oracle"]
+        rows.append([n, str(p["n"]), _f(p["mean_tokens"], ".1f"), _pct(p["fraction_truncated"]),
+                     f"{_f(j['mean'])} ± {_f(j['se'])}", _pct(j["coverage"]), _f(j["mean_variance"], ".4f"),
+                     o["split"], str(o["n"]), _pct(o["coverage"]), _f(o["mean_label"]),
+                     _f(o["pearson_r"]), _f(o["mean_abs_diff"])])
+    out += [_table(["policy", "n", "mean tokens", "truncated", "judge score", "judged",
+                    "judge variance", "oracle split", "labels", "labeled", "mean label",
+                    "Pearson r", "mean abs diff"], rows), ""]
+
+    out += ["## OPE diagnostics", "", f"Raw importance weights w = exp(log p_target − log p_{base}) of "
+            f"{base}'s responses, per prompt. ESS = (Σw)² / Σw², as a fraction of n. SNIPS: the "
+            f"self-normalised IPS estimate of the target's mean judge score from {base}'s logged "
+            "responses, beside the target's own mean judge score.", ""]
+    rows = []
+    for n, d in tgts.items():
+        lw = d["log_weight"]
+        rows.append([n, _pct(d["ess_fraction"]), _pct(d["max_weight_share"]),
+                     *(_f(lw[k], ".3g") for k in ("q50", "q90", "q99", "max")),
+                     _f(d["snips_judge_estimate"]), _f(d["on_policy_judge_mean"])])
+    out += [_table(["target", "ESS", "max weight share", "log w q50", "log w q90", "log w q99",
+                    "log w max", "SNIPS judge", "on-policy judge"], rows), ""]
+    if checks["notes"]:
+        out += ["Notes:", ""] + [f"- {n}" for n in checks["notes"]] + [""]
+
+    out += ["## Suspicious values", "", "Legal but worth a look; they do not stop the pipeline.", ""]
+    s = checks["suspicious"]
+    for key, title in (("zero_logprob", "Exact 0.0 log-probability on a non-empty response"),
+                       ("low_per_token_logprob",
+                        f"Per-token log-probability below {s['low_per_token_logprob']['threshold']:g}")):
+        items = s[key]["examples"]
+        out += [f"**{title}**: {s[key]['count']}", ""]
+        if items:
+            shown = items[:MAX_REPORT_ROWS]
+            out += [_table(["file", "line", "prompt_id", "policy", "logprob", "tokens", "per token"],
+                           [[i["file"], str(i["line"]), i["prompt_id"], i["policy"], _f(i["logprob"], ".4g"),
+                             str(i["n_tokens"]), _f(i["per_token"], ".3g")] for i in shown]), ""]
+            if s[key]["count"] > len(shown):
+                out += [f"... and {s[key]['count'] - len(shown)} more (dataset_info.json lists up to "
+                        f"{len(items)}).", ""]
+
+    out += ["## Plots", ""]
+    for tname in tgts:
+        out += [f"![log-weights of {tname}]({log_weight_plot(tname)})", ""]
+    out += [f"![judge scores]({JUDGE_PLOT})", "", f"![judge vs oracle, calibration]({CALIBRATION_PLOT})", "",
+            f"![judge vs oracle, validation]({VALIDATION_PLOT})", ""]
+
+    out += ["## Files", "", "CJE 0.3: `cje/logged_data.jsonl` (logged data) and `cje/responses/` "
+            "(fresh draws; pass it as `fresh_draws_dir`). Machine-readable numbers: "
+            "`dataset_info.json`.", ""]
+    out += [_table(["file", "records"], [[f"`{rel}`", str(n)] for rel, n in info.get("outputs", {}).items()]), ""]
+    return "\n".join(out)
+
+
+def write_report(path: Path, config: Config, info: dict) -> dict:
+    return write_bytes(path, render_report(config, info).encode("utf-8"))
+
+
+def terminal_summary(config: Config, info: dict) -> str:
+    run, checks = info["run"], info["checks"]
+    t = checks["tf_vs_sampling"]
+    lines = [f"[summarize] {run['n_prompts']} prompts, seed {run['seed']}: all checks passed "
+             f"(TF vs sampling: {t['n_over']}/{t['n']} over {t['tolerance_per_token']:g} nats/token"
+             + (f"; {checks['clone']['policy']} max |log w| {_f(checks['clone']['max_abs_log_weight'], '.2g')}"
+                if checks["clone"] else "") + ")"]
+    width = max(len(n) for n in info["policies"])
+    for n, p in info["policies"].items():
+        j, o = p["judge"], p["oracle"]
+        line = (f"  {n:<{width}}  judge {_f(j['mean'])} ± {_f(j['se'])}  {o['split']} labels {o['n']}"
+                f" (r {_f(o['pearson_r'], '.2f')}, |judge-oracle| {_f(o['mean_abs_diff'], '.2f')})")
+        d = info["targets"].get(n)
+        if d:
+            line += (f"  ESS {_pct(d['ess_fraction'])}, max w share {_pct(d['max_weight_share'])}, "
+                     f"log w q99 {_f(d['log_weight']['q99'], '.3g')}, SNIPS judge {_f(d['snips_judge_estimate'])}")
+        lines.append(line)
+    for note in checks["notes"]:
+        lines.append(f"  note: {note}")
+    lines.append(f"  report: {config.data_dir / 'report.md'}")
+    return "\n".join(lines)

@@ -1,0 +1,537 @@
+"""Stage 5: check every file, compute statistics and OPE diagnostics, write the report and exports.
+
+Nothing is written unless every check passes. A check that fails is a problem listed on its own
+line, and all problems go out together in one ValidationFailed (exit code 1), so one run shows
+everything that is wrong. What the checks stop:
+
+* a missing or damaged input file (a line that is not JSON, or not a record of its kind);
+* a missing, duplicated or unknown (prompt, policy) record in responses, logprobs or judge scores;
+  an oracle label for an unknown pair, twice for one pair, or in the wrong split;
+* a log-probability that is positive, NaN, infinite or not a number;
+* pi_clone's log-weight (teacher-forced logprob under pi_clone minus under the base policy)
+  departing from 0 by more than ``validation.clone_tolerance``;
+* the base policy's teacher-forced and sampling log-probabilities disagreeing by more than
+  ``validation.tf_vs_sampling_tolerance_per_token`` nats per token on more than
+  ``validation.tf_vs_sampling_max_fraction`` of prompts;
+* a judge score, judge mean or oracle label outside [0, 1] (or a judge variance outside [0, 1/4]).
+
+Suspicious but legal values (an exact 0.0 log-probability on a non-empty response, a per-token
+log-probability below ``validation.suspicious_per_token_logprob``) are listed in the report.
+
+The base policy's log-probability used everywhere here (weights, export) is its teacher-forced
+one from logprobs.jsonl, computed by the same code path as every target's, so a shared error
+cancels in the weight; its sampling log-probability is kept in the export's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Config, flatten
+from ..errors import InputError, ValidationFailed
+from ..records import JudgeScore, OracleLabel, Prompt, Response, TeacherForced
+from ..store import read_jsonl, write_json
+from .units import PROMPTS, RESPONSES
+
+RUN_PARAMS = "run.json"
+LOGPROBS = "logprobs.jsonl"
+JUDGE = "judge_scores.jsonl"
+ORACLE = "oracle_labels.jsonl"
+UPSTREAM = ["prepare", "generate", "logprobs", "judge", "oracle"]
+
+REPORT = "report.md"
+DATASET_INFO = "dataset_info.json"
+# Fixed files, plus the folders that hold per-policy files (cje/responses/<policy>_responses.jsonl,
+# plots/log_weights_<policy>.png): `--force` moves all of them aside. The exact files a run wrote
+# are the keys of the manifest that run() returns.
+OUTPUTS = [REPORT, DATASET_INFO, "cje", "plots",
+           "p0_scored_deterministic.jsonl", "p0_scored_uncertainty.jsonl",
+           "targets_scored_deterministic.jsonl", "targets_scored_uncertainty.jsonl",
+           "labeling/oracle_labels_calibration_detailed.jsonl",
+           "labeling/oracle_labels_validation_detailed.jsonl"]
+
+MAX_EXAMPLES = 5          # per problem line
+MAX_LISTED = 100          # suspicious records kept in dataset_info.json
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+def fingerprint(config: Config, args, ck: dict) -> dict:
+    fp: dict[str, object] = {}
+    for stage in UPSTREAM:
+        for rel, manifest in sorted(ck[stage]["outputs"].items()):
+            fp[f"input.{stage}.{rel}"] = manifest["sha256"]
+    # Which policy is the base and which is the clone changes the checks and the export.
+    fp["base_policy"] = config.base_policy
+    fp["clone_policy"] = config.clone_policy
+    fp.update(flatten(config.validation.model_dump(), "validation."))
+    return fp
+
+
+# ---- loading and checking ------------------------------------------------------------------------
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _fmt(x) -> str:
+    return repr(x) if not _is_num(x) else f"{x:.6g}"
+
+
+@dataclass
+class Data:
+    """Every input, keyed; filled as far as the files allow (a broken file leaves its part empty)."""
+
+    run: dict = field(default_factory=dict)
+    prompts: list[Prompt] = field(default_factory=list)
+    responses: dict[tuple[str, str], Response] = field(default_factory=dict)
+    logprobs: dict[tuple[str, str], TeacherForced] = field(default_factory=dict)
+    judge: dict[tuple[str, str], JudgeScore] = field(default_factory=dict)
+    oracle: dict[tuple[str, str], OracleLabel] = field(default_factory=dict)
+    lines: dict[tuple[str, str, str], int] = field(default_factory=dict)   # (file, pid, pol) -> line
+
+
+class Problems:
+    """Fatal problems, one line each: a rule, a count and the first few offending records."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def add(self, msg: str) -> None:
+        self.lines.append(msg)
+
+    def rule(self, file: str, what: str, items: list[str]) -> None:
+        if items:
+            shown = "; ".join(items[:MAX_EXAMPLES])
+            more = f"; and {len(items) - MAX_EXAMPLES} more" if len(items) > MAX_EXAMPLES else ""
+            self.add(f"{file}: {len(items)} {what}: {shown}{more}")
+
+
+def _bad_line(path: Path) -> str | None:
+    """Where and why a JSONL file fails to parse, said precisely (the first bad line)."""
+    def reject(name):
+        raise ValueError(name)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return f"{path}: cannot be read ({e.strerror})"
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip() and lineno == data.count(b"\n") + 1:
+            break                           # the empty string after the final newline
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"{path}: line {lineno}: not UTF-8"
+        try:
+            json.loads(line, parse_constant=reject)
+        except ValueError:
+            try:
+                json.loads(line)
+            except ValueError:
+                return f"{path}: line {lineno}: not valid JSON"
+            return f"{path}: line {lineno}: holds NaN or Infinity, which JSON does not allow"
+    return None
+
+
+def _read(problems: Problems, data_dir: Path, name: str, cls) -> list | None:
+    path = data_dir / name
+    try:
+        return read_jsonl(path, cls)
+    except InputError as e:
+        msg = str(e)
+        if "not valid JSON" in msg or "not UTF-8" in msg:
+            msg = _bad_line(path) or msg
+    except Exception as e:                  # noqa: BLE001 - say which file, whatever went wrong
+        msg = _bad_line(path) or f"{path}: cannot be read ({type(e).__name__}: {e})"
+    problems.add(msg)
+    return None
+
+
+def _read_run(problems: Problems, data_dir: Path) -> dict:
+    path = data_dir / RUN_PARAMS
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problems.add(f"{path}: file not found")
+        return {}
+    except (OSError, ValueError) as e:
+        problems.add(f"{path}: damaged ({type(e).__name__}: {e})")
+        return {}
+    if not isinstance(run, dict) or not isinstance(run.get("seed"), int) or isinstance(run.get("seed"), bool):
+        problems.add(f"{path}: not a run record (needs an integer 'seed')")
+        return {}
+    return run
+
+
+def _index(problems: Problems, data: Data, name: str, records: list, expected: set | None,
+           check_missing: bool = True) -> dict:
+    """Key records by (prompt_id, policy); list duplicated, unknown and missing pairs."""
+    out: dict = {}
+    counts: Counter = Counter()
+    bad_keys, unknown = [], []
+    for lineno, r in enumerate(records, 1):
+        if not isinstance(r.prompt_id, str) or not isinstance(r.policy, str):
+            bad_keys.append(f"line {lineno}: prompt_id {r.prompt_id!r}, policy {r.policy!r}")
+            continue
+        key = (r.prompt_id, r.policy)
+        counts[key] += 1
+        if expected is not None and key not in expected:
+            unknown.append(f"line {lineno} {r.prompt_id}/{r.policy}")
+        out.setdefault(key, r)
+        data.lines.setdefault((name, *key), lineno)
+    problems.rule(name, "records whose prompt_id or policy is not a string", bad_keys)
+    problems.rule(name, "records for an unknown prompt or policy", unknown)
+    dup = [f"{k[0]}/{k[1]} x{n}" for k, n in counts.items() if n > 1]
+    problems.rule(name, "(prompt, policy) pairs appear more than once", dup)
+    if expected is not None and check_missing:
+        missing = [f"{k[0]}/{k[1]}" for k in sorted(expected - set(counts))]
+        problems.rule(name, "(prompt, policy) records are missing", missing)
+    return out
+
+
+def _check_logprob(bad: dict[str, list[str]], where: str, lp) -> bool:
+    """True if lp is a legal log-probability; otherwise note why under its rule."""
+    if not _is_num(lp):
+        bad["not a number"].append(f"{where}: {lp!r}")
+    elif math.isnan(lp):
+        bad["NaN"].append(f"{where}: nan")
+    elif math.isinf(lp):
+        bad["infinite"].append(f"{where}: {lp}")
+    elif lp > 0:
+        bad["positive"].append(f"{where}: {lp:.6g}")
+    else:
+        return True
+    return False
+
+
+def _in_unit(x, hi: float = 1.0) -> bool:
+    return _is_num(x) and math.isfinite(x) and 0.0 <= x <= hi
+
+
+def load_and_check(config: Config) -> tuple[Data, dict, list[str]]:
+    """Read and check every input. Returns (data, check results, fatal problems)."""
+    data_dir = config.data_dir
+    problems = Problems()
+    data = Data()
+    data.run = _read_run(problems, data_dir)
+    policies = [p.name for p in config.policies]
+    base, clone = config.base_policy, config.clone_policy
+    vcfg = config.validation
+
+    prompts = _read(problems, data_dir, PROMPTS, Prompt)
+    expected = None
+    if prompts is not None:
+        ids = Counter(p.prompt_id for p in prompts)
+        problems.rule(PROMPTS, "prompt_ids appear more than once",
+                      [f"{pid!r} x{n}" for pid, n in ids.items() if n > 1])
+        if not prompts:
+            problems.add(f"{data_dir / PROMPTS}: holds no prompts")
+        data.prompts = prompts
+        expected = {(p.prompt_id, pol) for p in prompts for pol in policies}
+
+    bad_lp: dict[str, dict[str, list[str]]] = {}
+
+    def lp_rules(name: str) -> dict[str, list[str]]:
+        return bad_lp.setdefault(name, {"not a number": [], "NaN": [], "infinite": [], "positive": []})
+
+    responses = _read(problems, data_dir, RESPONSES, Response)
+    if responses is not None:
+        data.responses = _index(problems, data, RESPONSES, responses, expected)
+        rules = lp_rules(RESPONSES)
+        shape = []
+        for lineno, r in enumerate(responses, 1):
+            where = f"line {lineno} {r.prompt_id}/{r.policy}"
+            _check_logprob(rules, where, r.sampling_logprob)
+            if (not isinstance(r.token_ids, list) or not isinstance(r.n_tokens, int)
+                    or r.n_tokens != len(r.token_ids) or not isinstance(r.response, str)
+                    or r.finish_reason not in ("stop", "length")):
+                shape.append(where)
+        problems.rule(RESPONSES, "records are malformed (response text, token_ids, n_tokens "
+                      "= len(token_ids), finish_reason stop/length)", shape)
+
+    logprobs = _read(problems, data_dir, LOGPROBS, TeacherForced)
+    if logprobs is not None:
+        data.logprobs = _index(problems, data, LOGPROBS, logprobs, expected)
+        rules = lp_rules(LOGPROBS)
+        shape = []
+        for lineno, r in enumerate(logprobs, 1):
+            where = f"line {lineno} {r.prompt_id}/{r.policy}"
+            _check_logprob(rules, where, r.logprob)
+            if (not isinstance(r.n_tokens, int) or r.n_tokens < 0 or not isinstance(r.token_ids, list)
+                    or (r.token_ids and len(r.token_ids) != r.n_tokens)):
+                shape.append(where)
+        problems.rule(LOGPROBS, "records are malformed (n_tokens, token_ids)", shape)
+
+    for name, rules in bad_lp.items():
+        for what, items in rules.items():
+            problems.rule(name, f"log-probabilities are {what}", items)
+
+    judge = _read(problems, data_dir, JUDGE, JudgeScore)
+    if judge is not None:
+        data.judge = _index(problems, data, JUDGE, judge, expected)
+        out_of_range = []
+        for lineno, j in enumerate(judge, 1):
+            where = f"line {lineno} {j.prompt_id}/{j.policy}"
+            for fname, hi in (("score", 1.0), ("mean", 1.0), ("variance", 0.25 + 1e-9)):
+                v = getattr(j, fname)
+                if not _in_unit(v, hi):
+                    out_of_range.append(f"{where} {fname}={_fmt(v)}")
+        problems.rule(JUDGE, "judge values are outside [0, 1] (variance outside [0, 0.25]) or "
+                      "not finite numbers", out_of_range)
+
+    oracle = _read(problems, data_dir, ORACLE, OracleLabel)
+    if oracle is not None:
+        data.oracle = _index(problems, data, ORACLE, oracle, expected, check_missing=False)
+        out_of_range, wrong_split = [], []
+        for lineno, o in enumerate(oracle, 1):
+            where = f"line {lineno} {o.prompt_id}/{o.policy}"
+            if not _in_unit(o.label):
+                out_of_range.append(f"{where} label={_fmt(o.label)}")
+            want = "calibration" if o.policy == base else "validation"
+            if o.split != want:
+                wrong_split.append(f"{where} split {o.split!r} (want {want!r})")
+        problems.rule(ORACLE, "oracle labels are outside [0, 1] or not finite numbers", out_of_range)
+        problems.rule(ORACLE, "oracle labels are in the wrong split", wrong_split)
+
+    checks = _propensity_checks(config, data, problems)
+    return data, checks, problems.lines
+
+
+def _lp_ok(x) -> bool:
+    return _is_num(x) and math.isfinite(x) and x <= 0
+
+
+def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
+    """The clone and TF-vs-sampling rules, and the suspicious-value lists."""
+    vcfg = config.validation
+    base, clone = config.base_policy, config.clone_policy
+    pids = [p.prompt_id for p in data.prompts]
+    checks: dict = {}
+
+    # pi_clone's log-weight must be 0.
+    if clone is not None:
+        lws, off = [], []
+        for pid in pids:
+            a, b = data.logprobs.get((pid, clone)), data.logprobs.get((pid, base))
+            if a is None or b is None or not _lp_ok(a.logprob) or not _lp_ok(b.logprob):
+                continue
+            lw = a.logprob - b.logprob
+            lws.append(abs(lw))
+            if abs(lw) > vcfg.clone_tolerance:
+                off.append((abs(lw), f"{pid}: log-weight {lw:+.3g}"))
+        off.sort(key=lambda t: -t[0])
+        problems.rule(LOGPROBS, f"{clone} log-weights depart from 0 by more than clone_tolerance "
+                      f"{vcfg.clone_tolerance:g} ({clone} is meant to be identical to {base}; largest first)",
+                      [s for _, s in off])
+        checks["clone"] = {"policy": clone, "tolerance": vcfg.clone_tolerance, "n": len(lws),
+                           "n_over": len(off), "max_abs_log_weight": max(lws) if lws else None}
+    else:
+        checks["clone"] = None
+
+    # The base policy's teacher-forced and sampling log-probabilities must agree.
+    diffs, over = [], []
+    for pid in pids:
+        r, t = data.responses.get((pid, base)), data.logprobs.get((pid, base))
+        if r is None or t is None or not _lp_ok(r.sampling_logprob) or not _lp_ok(t.logprob):
+            continue
+        n = r.n_tokens if isinstance(r.n_tokens, int) and r.n_tokens > 0 else 1
+        d = abs(t.logprob - r.sampling_logprob) / n
+        diffs.append(d)
+        if d > vcfg.tf_vs_sampling_tolerance_per_token:
+            over.append((d, f"{pid}: TF {t.logprob:.6g} vs sampling {r.sampling_logprob:.6g} "
+                            f"({d:.3g} nats/token over {n} tokens)"))
+    frac = len(over) / len(diffs) if diffs else 0.0
+    if frac > vcfg.tf_vs_sampling_max_fraction:
+        over.sort(key=lambda t: -t[0])
+        problems.rule(LOGPROBS, f"of {len(diffs)} {base} records ({frac:.1%}, more than "
+                      f"tf_vs_sampling_max_fraction {vcfg.tf_vs_sampling_max_fraction:.1%}) have "
+                      f"teacher-forced and sampling log-probabilities more than "
+                      f"{vcfg.tf_vs_sampling_tolerance_per_token:g} nats/token apart (largest first)",
+                      [s for _, s in over])
+    d = np.asarray(diffs, dtype=float)
+    checks["tf_vs_sampling"] = {
+        "policy": base, "tolerance_per_token": vcfg.tf_vs_sampling_tolerance_per_token,
+        "max_fraction": vcfg.tf_vs_sampling_max_fraction, "n": len(diffs), "n_over": len(over),
+        "fraction_over": frac,
+        "abs_diff_per_token": _quantiles(d) if len(d) else None,
+        "token_count_mismatches": sum(
+            1 for pid in pids
+            if (pid, base) in data.responses and (pid, base) in data.logprobs
+            and data.responses[(pid, base)].n_tokens != data.logprobs[(pid, base)].n_tokens),
+    }
+
+    # Suspicious but legal values.
+    zero, low = [], []
+    for name, recs, attr in ((RESPONSES, data.responses, "sampling_logprob"),
+                             (LOGPROBS, data.logprobs, "logprob")):
+        for (pid, pol), r in recs.items():
+            lp, n = getattr(r, attr), r.n_tokens
+            if not _lp_ok(lp) or not isinstance(n, int) or n <= 0:
+                continue
+            item = {"file": name, "line": data.lines.get((name, pid, pol)), "prompt_id": pid,
+                    "policy": pol, "logprob": lp, "n_tokens": n, "per_token": lp / n}
+            if lp == 0.0:
+                zero.append(item)
+            elif lp / n < vcfg.suspicious_per_token_logprob:
+                low.append(item)
+    low.sort(key=lambda it: it["per_token"])
+    checks["suspicious"] = {
+        "zero_logprob": {"count": len(zero), "examples": zero[:MAX_LISTED]},
+        "low_per_token_logprob": {"threshold": vcfg.suspicious_per_token_logprob, "count": len(low),
+                                  "examples": low[:MAX_LISTED]},
+    }
+    return checks
+
+
+# ---- statistics ------------------------------------------------------------------------------------
+
+def _logsumexp(x: np.ndarray) -> float:
+    m = float(np.max(x))
+    return m + math.log(float(np.sum(np.exp(x - m))))
+
+
+def _quantiles(x: np.ndarray) -> dict:
+    q = np.quantile(x, QUANTILES)
+    return {"min": float(np.min(x)), "mean": float(np.mean(x)),
+            **{f"q{round(p * 100)}": float(v) for p, v in zip(QUANTILES, q)}, "max": float(np.max(x))}
+
+
+def weight_diagnostics(log_w: np.ndarray, judge_base: np.ndarray | None = None) -> dict:
+    """Raw importance-weight diagnostics from log-weights, computed in log space."""
+    n = len(log_w)
+    lse = _logsumexp(log_w)
+    ess = math.exp(2 * lse - _logsumexp(2 * log_w))
+    out = {"n": n, "ess": ess, "ess_fraction": ess / n,
+           "max_weight_share": math.exp(float(np.max(log_w)) - lse),
+           "log_weight": _quantiles(log_w)}
+    if judge_base is not None:
+        # Self-normalised IPS of the target's mean judge score from the logged base responses.
+        out["snips_judge_estimate"] = float(np.sum(np.exp(log_w - lse) * judge_base))
+    return out
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def mean_se(x: np.ndarray) -> tuple[float | None, float | None]:
+    if len(x) == 0:
+        return None, None
+    return float(np.mean(x)), (float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None)
+
+
+def diagnostics(config: Config, data: Data, checks: dict) -> dict:
+    """Every number of the report, as plain data (dataset_info.json)."""
+    base = config.base_policy
+    pids = [p.prompt_id for p in data.prompts]
+    n = len(pids)
+    policies: dict[str, dict] = {}
+    for pol in config.policies:
+        name = pol.name
+        resp = [data.responses[(pid, name)] for pid in pids]
+        scores = np.array([data.judge[(pid, name)].score for pid in pids], dtype=float)
+        jmeans = np.array([data.judge[(pid, name)].mean for pid in pids], dtype=float)
+        jvars = np.array([data.judge[(pid, name)].variance for pid in pids], dtype=float)
+        labeled = [pid for pid in pids if (pid, name) in data.oracle]
+        lab = np.array([data.oracle[(pid, name)].label for pid in labeled], dtype=float)
+        lab_judge = np.array([data.judge[(pid, name)].score for pid in labeled], dtype=float)
+        mean, se = mean_se(scores)
+        policies[name] = {
+            "model": pol.model, "temperature": pol.temperature,
+            "role": "base" if name == base else ("clone" if name == config.clone_policy else "target"),
+            "n": n,
+            "mean_tokens": float(np.mean([r.n_tokens for r in resp])),
+            "fraction_truncated": sum(r.finish_reason == "length" for r in resp) / n,
+            "judge": {"n": len(scores), "coverage": len(scores) / n, "mean": mean, "se": se,
+                      "uncertainty_mean": float(np.mean(jmeans)), "mean_variance": float(np.mean(jvars))},
+            "oracle": {"split": "calibration" if name == base else "validation", "n": len(labeled),
+                       "coverage": len(labeled) / n,
+                       "mean_label": float(np.mean(lab)) if len(lab) else None,
+                       "pearson_r": pearson(lab_judge, lab),
+                       "mean_abs_diff": float(np.mean(np.abs(lab_judge - lab))) if len(lab) else None},
+        }
+    lp_base = np.array([data.logprobs[(pid, base)].logprob for pid in pids], dtype=float)
+    judge_base = np.array([data.judge[(pid, base)].score for pid in pids], dtype=float)
+    targets = {}
+    for t in config.target_policies:
+        lw = np.array([data.logprobs[(pid, t)].logprob for pid in pids], dtype=float) - lp_base
+        targets[t] = {**weight_diagnostics(lw, judge_base),
+                      "on_policy_judge_mean": policies[t]["judge"]["mean"]}
+    notes = []
+    for t, d in targets.items():
+        if d["ess_fraction"] < 0.1 and t != config.clone_policy:
+            notes.append(f"{t}: effective sample size is {d['ess_fraction']:.1%} of n; "
+                         "IPS estimates for it rest on few prompts")
+    if policies[base]["oracle"]["n"] < 2:
+        notes.append(f"{base}: {policies[base]['oracle']['n']} calibration labels; the judge cannot "
+                     "be calibrated")
+    sus = checks["suspicious"]
+    if sus["zero_logprob"]["count"] or sus["low_per_token_logprob"]["count"]:
+        notes.append(f"{sus['zero_logprob']['count']} exact 0.0 log-probabilities and "
+                     f"{sus['low_per_token_logprob']['count']} per-token log-probabilities below "
+                     f"{sus['low_per_token_logprob']['threshold']:g} (see Suspicious values)")
+    tvs = checks["tf_vs_sampling"]
+    if tvs["n_over"]:
+        notes.append(f"{tvs['n_over']} {base} records have TF and sampling log-probabilities more than "
+                     f"{tvs['tolerance_per_token']:g} nats/token apart (within the allowed fraction)")
+    return {
+        "format": "ope_prep/dataset_info/1",
+        "run": {"n_prompts": n, "samples": data.run.get("samples"), "seed": data.run["seed"],
+                "oracle_seed": data.run["seed"], "skipped": data.run.get("skipped"),
+                "base_policy": base, "clone_policy": config.clone_policy,
+                "target_policies": config.target_policies,
+                "oracle_fractions": {"calibration": config.oracle.calibration_fraction,
+                                     "validation": config.oracle.validation_fraction}},
+        "checks": {"passed": True, **checks, "notes": notes},
+        "policies": policies,
+        "targets": targets,
+    }
+
+
+def clean_json(obj):
+    """NaN and infinities become null: dataset_info.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return clean_json(obj.item())
+    return obj
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+
+def run(config: Config, args, fp: dict) -> dict:
+    from .. import export, report
+
+    data_dir = config.data_dir
+    data, checks, problems = load_and_check(config)
+    if problems:
+        print(f"[summarize] validation failed: {len(problems)} problem(s):")
+        for p in problems:
+            print(f"[summarize]   - {p}")
+        raise ValidationFailed(f"validation of {data_dir} failed; nothing was written. "
+                               f"{len(problems)} problem(s):\n"
+                               + "\n".join(f"  - {p}" for p in problems))
+    info = clean_json(diagnostics(config, data, checks))
+    outputs: dict[str, dict] = {}
+    outputs.update(export.write_all(config, data))
+    outputs.update(report.write_plots(config, data, info))
+    info["outputs"] = {rel: m["records"] for rel, m in sorted(outputs.items())}
+    outputs[REPORT] = report.write_report(data_dir / REPORT, config, info)
+    outputs[DATASET_INFO] = write_json(data_dir / DATASET_INFO, info)
+    stale = export.stale_fresh_draws(config)
+    if stale:
+        print(f"[summarize] note: {data_dir / export.FRESH_DIR} also holds files of policies not in "
+              f"this config: {', '.join(stale)}; CJE's direct mode would read them")
+    print(report.terminal_summary(config, info))
+    return outputs

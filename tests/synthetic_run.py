@@ -1,0 +1,139 @@
+"""A small synthetic pipeline run for stage-5 tests: the files of stages 1-4 and their checkpoint.
+
+No model is loaded by stage 5, so the config points at a placeholder model file in the test's
+folder (the config only checks that the file exists). Records are kept as plain dicts so a test
+can break any of them and write the files again (``write``), with the checkpoint re-marked so that
+the pipeline's own verification of earlier stages passes and stage 5's checks are what is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+if str(PROJECT_DIR) not in sys.path:
+    sys.path.insert(0, str(PROJECT_DIR))
+
+from ope_prep import checkpoint  # noqa: E402
+from ope_prep.store import file_manifest  # noqa: E402
+
+BASE, CLONE = "p0", "pi_clone"
+TARGETS = ["pi_clone", "pi_bad", "pi_big"]
+POLICIES = [BASE, *TARGETS]
+
+FILES = {  # stage -> its output files, as stages 1-4 name them
+    "prepare": ["prompts.jsonl", "run.json"],
+    "generate": ["responses.jsonl"],
+    "logprobs": ["logprobs.jsonl"],
+    "judge": ["judge_scores.jsonl"],
+    "oracle": ["oracle_labels.jsonl"],
+}
+
+
+@dataclass
+class Run:
+    root: Path
+    config_path: Path
+    data_dir: Path
+    seed: int
+    rows: dict[str, list[dict]] = field(default_factory=dict)   # file name -> records
+    run_json: dict = field(default_factory=dict)
+
+    def find(self, name: str, prompt_id: str, policy: str) -> dict:
+        return next(r for r in self.rows[name] if r["prompt_id"] == prompt_id and r["policy"] == policy)
+
+    def write(self, mark: bool = True) -> None:
+        """Write every file (NaN and Infinity as JSON's non-standard tokens) and mark stages 1-4."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for name, rows in self.rows.items():
+            (self.data_dir / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        (self.data_dir / "run.json").write_text(json.dumps(self.run_json, indent=2) + "\n")
+        if mark:
+            self.mark()
+
+    def mark(self) -> None:
+        for stage, files in FILES.items():
+            outputs = {f: file_manifest(self.data_dir / f) for f in files if (self.data_dir / f).exists()}
+            checkpoint.mark_complete(self.data_dir, stage, {"synthetic": True}, outputs)
+
+
+def write_config(root: Path, data_dir: Path, validation: dict | None = None,
+                 clone_policy: str | None = CLONE) -> Path:
+    model = root / "models" / "placeholder.gguf"
+    model.parent.mkdir(parents=True, exist_ok=True)
+    model.write_bytes(b"GGUF placeholder: stage 5 never loads a model\n")
+    cfg = {
+        "paths": {"data_dir": str(data_dir)},
+        "run": {"seed": 7},
+        "source": {"type": "sharegpt"},
+        "models": {"m": {"path": str(model)}},
+        "base_policy": BASE,
+        "clone_policy": clone_policy,
+        "policies": [{"name": p, "model": "m", "system_prompt": "You are a helpful assistant.",
+                      "temperature": 0.7} for p in POLICIES],
+        "judge": {"provider": "local_server", "model": "m"},
+        "oracle": {"provider": "local_server", "model": "m"},
+    }
+    if validation:
+        cfg["validation"] = validation
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def make_run(root: Path, n: int = 40, seed: int = 0, write: bool = True, **config_kw) -> Run:
+    """n prompts x 4 policies of plausible data: every check passes."""
+    rng = np.random.default_rng(seed)
+    data_dir = root / "data"
+    run = Run(root=root, config_path=write_config(root, data_dir, **config_kw), data_dir=data_dir,
+              seed=seed, run_json={"samples": n, "seed": 1000 + seed, "skipped": {}})
+    prompts, responses, logprobs, judge, oracle = [], [], [], [], []
+    offset = {"p0": 0.0, "pi_clone": 0.0, "pi_bad": -0.35, "pi_big": 0.1}
+    for i in range(n):
+        pid = f"q{i:04d}"
+        prompts.append({"prompt_id": pid, "prompt": f"Question {i}: what is {i} + {i}? — ünïcode",
+                        "source": "synthetic", "source_row": i, "source_id": f"conv-{i}"})
+        quality = rng.uniform(0.3, 0.8)
+        toks = {}
+        for pol in POLICIES:
+            n_tok = int(rng.integers(5, 60))
+            ids = rng.integers(0, 50000, n_tok).tolist()
+            stop = bool(rng.random() < 0.8)
+            toks[pol] = (n_tok, ids)
+            responses.append({"prompt_id": pid, "policy": pol, "response": f"{pol} says {2 * i} ({n_tok} tokens)",
+                              "token_ids": ids, "sampling_logprob": -n_tok * float(rng.uniform(0.3, 2.0)),
+                              "n_tokens": n_tok, "finish_reason": "stop" if stop else "length",
+                              "seed": int(rng.integers(0, 2**62))})
+            q = float(np.clip(quality + offset[pol] + rng.normal(0, 0.1), 0, 1))
+            judge.append({"prompt_id": pid, "policy": pol, "score": round(q * 10) / 10,
+                          "mean": float(np.clip(q + rng.normal(0, 0.03), 0, 1)),
+                          "variance": float(rng.uniform(0, 0.05)), "raw": str(round(q * 9))})
+            oracle.append({"prompt_id": pid, "policy": pol,
+                           "split": "calibration" if pol == BASE else "validation",
+                           "label": float(np.clip(q + rng.normal(0, 0.1), 0, 1)), "raw": "x"})
+        n0, ids0 = toks[BASE]
+        s0 = responses[-len(POLICIES)]["sampling_logprob"]
+        lp0 = s0 + float(rng.normal(0, 1e-6))           # float noise, far inside the tolerance
+        tf = {"p0": lp0, "pi_clone": lp0 + float(rng.normal(0, 1e-7)),
+              "pi_bad": lp0 - n0 * float(rng.uniform(0.2, 0.6)),
+              "pi_big": min(lp0 + float(rng.normal(0, 1.5)), -0.1)}
+        for pol in POLICIES:
+            logprobs.append({"prompt_id": pid, "policy": pol, "logprob": tf[pol], "n_tokens": n0,
+                             "token_ids": ids0})
+    # Oracle subsets: a seeded quarter of the base responses, a quarter of each target's.
+    keep = set()
+    for pol in POLICIES:
+        for j in rng.choice(n, size=max(2, n // 4), replace=False):
+            keep.add((f"q{j:04d}", pol))
+    oracle = [o for o in oracle if (o["prompt_id"], o["policy"]) in keep]
+    run.rows = {"prompts.jsonl": prompts, "responses.jsonl": responses, "logprobs.jsonl": logprobs,
+                "judge_scores.jsonl": judge, "oracle_labels.jsonl": oracle}
+    if write:
+        run.write()
+    return run

@@ -1,0 +1,491 @@
+"""Stage 5 (validate and summarize) on synthetic runs: diagnostics, exports, every failure rule, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic_run import BASE, CLONE, POLICIES, PROJECT_DIR, TARGETS, make_run, write_config  # noqa: E402
+
+from ope_prep import checkpoint  # noqa: E402
+from ope_prep.config import load_config  # noqa: E402
+from ope_prep.errors import ValidationFailed  # noqa: E402
+from ope_prep.stage_cli import verify_outputs  # noqa: E402
+from ope_prep.stages import summarize  # noqa: E402
+from ope_prep.store import file_manifest  # noqa: E402
+
+SCRIPT = PROJECT_DIR / "05_validate_and_summarize.py"
+N = 40
+
+
+def run_stage(run):
+    config = load_config(run.config_path)
+    return summarize.run(config, argparse.Namespace(config=str(run.config_path), force=False), {})
+
+
+def strict_json(path: Path):
+    def no_constants(name):
+        raise AssertionError(f"{path} holds {name}")
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constants)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("good"), n=N, seed=1)
+    outputs = run_stage(run)
+    info = strict_json(run.data_dir / "dataset_info.json")
+    return run, outputs, info
+
+
+# ---- diagnostics, each against a direct computation ---------------------------------------------
+
+def by_key(rows):
+    return {(r["prompt_id"], r["policy"]): r for r in rows}
+
+
+def pearson(x, y):
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    xc, yc = x - x.mean(), y - y.mean()
+    return float((xc * yc).sum() / math.sqrt((xc ** 2).sum() * (yc ** 2).sum()))
+
+
+def test_weight_diagnostics_match_direct_computation(good):
+    run, _, info = good
+    pids = [p["prompt_id"] for p in run.rows["prompts.jsonl"]]
+    tf, judge = by_key(run.rows["logprobs.jsonl"]), by_key(run.rows["judge_scores.jsonl"])
+    s0 = np.array([judge[(p, BASE)]["score"] for p in pids])
+    assert set(info["targets"]) == set(TARGETS)
+    for t in TARGETS:
+        lw = np.array([tf[(p, t)]["logprob"] - tf[(p, BASE)]["logprob"] for p in pids])
+        w = np.exp(lw)                 # small enough here to compute naively
+        d = info["targets"][t]
+        assert d["n"] == N
+        assert d["ess_fraction"] == pytest.approx(w.sum() ** 2 / (w ** 2).sum() / N, rel=1e-9)
+        assert d["ess"] == pytest.approx(w.sum() ** 2 / (w ** 2).sum(), rel=1e-9)
+        assert d["max_weight_share"] == pytest.approx(w.max() / w.sum(), rel=1e-9)
+        q50, q90, q99 = np.quantile(lw, [0.5, 0.9, 0.99])
+        assert d["log_weight"]["q50"] == pytest.approx(q50, abs=1e-12)
+        assert d["log_weight"]["q90"] == pytest.approx(q90, abs=1e-12)
+        assert d["log_weight"]["q99"] == pytest.approx(q99, abs=1e-12)
+        assert d["log_weight"]["max"] == pytest.approx(lw.max(), abs=1e-12)
+        assert d["snips_judge_estimate"] == pytest.approx((w * s0).sum() / w.sum(), rel=1e-9)
+    assert info["targets"][CLONE]["ess_fraction"] == pytest.approx(1.0, abs=1e-9)
+    assert info["targets"]["pi_bad"]["ess_fraction"] < 0.5
+
+
+def test_log_space_survives_huge_log_weights():
+    lw = np.array([-5000.0, -5001.0, -5003.0])       # exp() underflows to 0 for all of them
+    d = summarize.weight_diagnostics(lw, np.array([1.0, 0.0, 0.0]))
+    w = np.exp(lw - lw.max())
+    assert d["ess_fraction"] == pytest.approx(w.sum() ** 2 / (w ** 2).sum() / 3, rel=1e-12)
+    assert d["max_weight_share"] == pytest.approx(w.max() / w.sum(), rel=1e-12)
+    assert d["snips_judge_estimate"] == pytest.approx(w[0] / w.sum(), rel=1e-12)
+
+
+def test_policy_statistics_match_direct_computation(good):
+    run, _, info = good
+    pids = [p["prompt_id"] for p in run.rows["prompts.jsonl"]]
+    judge, resp = by_key(run.rows["judge_scores.jsonl"]), by_key(run.rows["responses.jsonl"])
+    oracle = by_key(run.rows["oracle_labels.jsonl"])
+    for pol in POLICIES:
+        p = info["policies"][pol]
+        s = np.array([judge[(q, pol)]["score"] for q in pids])
+        assert p["judge"]["mean"] == pytest.approx(s.mean(), rel=1e-12)
+        assert p["judge"]["se"] == pytest.approx(s.std(ddof=1) / math.sqrt(N), rel=1e-9)
+        assert p["judge"]["coverage"] == 1.0
+        assert p["mean_tokens"] == pytest.approx(np.mean([resp[(q, pol)]["n_tokens"] for q in pids]))
+        assert p["fraction_truncated"] == pytest.approx(
+            np.mean([resp[(q, pol)]["finish_reason"] == "length" for q in pids]))
+        labeled = [q for q in pids if (q, pol) in oracle]
+        assert labeled, "the synthetic run labels some of every policy"
+        x = [judge[(q, pol)]["score"] for q in labeled]
+        y = [oracle[(q, pol)]["label"] for q in labeled]
+        o = p["oracle"]
+        assert o["split"] == ("calibration" if pol == BASE else "validation")
+        assert o["n"] == len(labeled) and o["coverage"] == pytest.approx(len(labeled) / N)
+        assert o["pearson_r"] == pytest.approx(pearson(x, y), rel=1e-9)
+        assert o["mean_abs_diff"] == pytest.approx(np.mean(np.abs(np.subtract(x, y))), rel=1e-12)
+        assert o["mean_label"] == pytest.approx(np.mean(y), rel=1e-12)
+
+
+def test_checks_section_matches_direct_computation(good):
+    run, _, info = good
+    pids = [p["prompt_id"] for p in run.rows["prompts.jsonl"]]
+    tf, resp = by_key(run.rows["logprobs.jsonl"]), by_key(run.rows["responses.jsonl"])
+    d = np.array([abs(tf[(p, BASE)]["logprob"] - resp[(p, BASE)]["sampling_logprob"])
+                  / resp[(p, BASE)]["n_tokens"] for p in pids])
+    t = info["checks"]["tf_vs_sampling"]
+    assert t["n"] == N and t["n_over"] == 0
+    for key, want in zip(("q50", "q90", "q99"), np.quantile(d, [0.5, 0.9, 0.99])):
+        assert t["abs_diff_per_token"][key] == pytest.approx(want, rel=1e-9)
+    assert t["abs_diff_per_token"]["max"] == pytest.approx(d.max(), rel=1e-12)
+    clone = max(abs(tf[(p, CLONE)]["logprob"] - tf[(p, BASE)]["logprob"]) for p in pids)
+    assert info["checks"]["clone"]["max_abs_log_weight"] == pytest.approx(clone, rel=1e-9)
+    assert info["checks"]["passed"] is True
+    assert info["run"]["seed"] == run.run_json["seed"] == info["run"]["oracle_seed"]
+    assert info["run"]["n_prompts"] == N
+
+
+# ---- outputs -----------------------------------------------------------------------------------------
+
+def test_every_output_has_a_manifest_that_verifies(good):
+    run, outputs, _ = good
+    for rel in ["report.md", "dataset_info.json", "cje/logged_data.jsonl", "plots/judge_scores.png",
+                "plots/judge_vs_oracle_calibration.png", "labeling/oracle_labels_validation_detailed.jsonl",
+                *(f"cje/responses/{t}_responses.jsonl" for t in TARGETS),
+                *(f"plots/log_weights_{t}.png" for t in TARGETS)]:
+        assert rel in outputs
+    for rel, manifest in outputs.items():
+        assert file_manifest(run.data_dir / rel) == manifest, rel
+        if rel.endswith(".png"):
+            assert (run.data_dir / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert verify_outputs(run.data_dir, outputs) is None
+    # Every file the stage wrote is in the manifest (nothing unrecorded is left behind).
+    mine = {"cje", "plots", "labeling", "report.md", "dataset_info.json"} | {
+        f for f in summarize.OUTPUTS if "/" not in f}
+    written = {str(p.relative_to(run.data_dir)) for p in run.data_dir.rglob("*")
+               if p.is_file() and str(p.relative_to(run.data_dir)).split("/")[0] in mine}
+    assert written == set(outputs)
+
+
+def test_cje_logged_data_shape(good):
+    run, _, _ = good
+    rows = read_jsonl(run.data_dir / "cje/logged_data.jsonl")
+    prompts = run.rows["prompts.jsonl"]
+    tf, judge = by_key(run.rows["logprobs.jsonl"]), by_key(run.rows["judge_scores.jsonl"])
+    resp, oracle = by_key(run.rows["responses.jsonl"]), by_key(run.rows["oracle_labels.jsonl"])
+    assert [r["prompt_id"] for r in rows] == [p["prompt_id"] for p in prompts]
+    for r, p in zip(rows, prompts):
+        pid = p["prompt_id"]
+        assert r["prompt"] == p["prompt"]
+        assert r["response"] == resp[(pid, BASE)]["response"]
+        assert r["base_policy_logprob"] == tf[(pid, BASE)]["logprob"]
+        assert r["target_policy_logprobs"] == {t: tf[(pid, t)]["logprob"] for t in TARGETS}
+        assert r["judge_score"] == judge[(pid, BASE)]["score"]
+        if (pid, BASE) in oracle:
+            assert r["oracle_label"] == oracle[(pid, BASE)]["label"] == r["metadata"]["oracle_label"]
+        else:
+            assert "oracle_label" not in r and "oracle_label" not in r["metadata"]
+        assert r["metadata"]["prompt_id"] == pid
+        assert r["metadata"]["judge_mean"] == judge[(pid, BASE)]["mean"]
+        assert r["metadata"]["base_policy_sampling_logprob"] == resp[(pid, BASE)]["sampling_logprob"]
+    assert sum("oracle_label" in r for r in rows) == sum(1 for k in oracle if k[1] == BASE)
+
+
+def test_fresh_draws_and_phase2_files(good):
+    run, _, _ = good
+    d = run.data_dir
+    judge, resp = by_key(run.rows["judge_scores.jsonl"]), by_key(run.rows["responses.jsonl"])
+    oracle, tf = by_key(run.rows["oracle_labels.jsonl"]), by_key(run.rows["logprobs.jsonl"])
+    for t in TARGETS:
+        rows = read_jsonl(d / f"cje/responses/{t}_responses.jsonl")
+        assert len(rows) == N
+        for r in rows:
+            k = (r["prompt_id"], t)
+            assert r["policy"] == t and r["draw_idx"] == 0
+            assert r["response"] == resp[k]["response"] and r["judge_score"] == judge[k]["score"]
+            assert r.get("oracle_label") == (oracle[k]["label"] if k in oracle else None)
+    det, unc = read_jsonl(d / "p0_scored_deterministic.jsonl"), read_jsonl(d / "p0_scored_uncertainty.jsonl")
+    assert len(det) == len(unc) == N
+    for a, b in zip(det, unc):
+        k = (a["prompt_id"], BASE)
+        assert a["policy"] == BASE and a["judge_score"] == judge[k]["score"]
+        assert b["judge_score"] == judge[k]["mean"] and b["judge_score_variance"] == judge[k]["variance"]
+        assert a["base_policy_logprob"] == tf[k]["logprob"]
+        assert a["target_policy_logprobs"] == {t: tf[(a["prompt_id"], t)]["logprob"] for t in TARGETS}
+    tdet, tunc = read_jsonl(d / "targets_scored_deterministic.jsonl"), read_jsonl(d / "targets_scored_uncertainty.jsonl")
+    assert len(tdet) == len(tunc) == N * len(TARGETS)
+    for a, b in zip(tdet, tunc):
+        k = (a["prompt_id"], a["policy"])
+        assert a["judge_score"] == judge[k]["score"] and b["judge_score"] == judge[k]["mean"]
+        assert a["sampling_logprob"] == resp[k]["sampling_logprob"]
+    cal = read_jsonl(d / "labeling/oracle_labels_calibration_detailed.jsonl")
+    val = read_jsonl(d / "labeling/oracle_labels_validation_detailed.jsonl")
+    assert len(cal) + len(val) == len(oracle)
+    assert {r["policy"] for r in cal} == {BASE} and {r["split"] for r in val} == {"validation"}
+    for r in cal + val:
+        k = (r["prompt_id"], r["policy"])
+        assert r["oracle_label"] == oracle[k]["label"] and r["judge_score"] == judge[k]["score"]
+        assert r["response"] == resp[k]["response"]
+
+
+def test_report_reads_well(good):
+    run, _, info = good
+    text = (run.data_dir / "report.md").read_text(encoding="utf-8")
+    for needle in ["# OPE dataset report", f"run seed **{run.run_json['seed']}**", "## Checks",
+                   "## Policies", "## OPE diagnostics", "## Suspicious values", "plots/judge_scores.png",
+                   "plots/log_weights_pi_bad.png", "cje/logged_data.jsonl"]:
+        assert needle in text
+    ess = info["targets"]["pi_big"]["ess_fraction"]
+    assert f"| pi_big | {ess:.1%} |" in text
+
+
+def test_no_nan_in_dataset_info(tmp_path):
+    run = make_run(tmp_path, n=12, seed=2, write=False)
+    for j in run.rows["judge_scores.jsonl"]:
+        if j["policy"] == "pi_bad":
+            j["score"] = 0.0            # constant: no correlation can be computed
+    run.write()
+    run_stage(run)
+    info = strict_json(run.data_dir / "dataset_info.json")
+    assert info["policies"]["pi_bad"]["oracle"]["pearson_r"] is None
+
+
+# ---- failure rules, each with a deliberately broken file ---------------------------------------------
+
+def set_value(name, pid, pol, field, value):
+    def mutate(run):
+        run.find(name, pid, pol)[field] = value
+    return mutate
+
+
+def drop(name, pid, pol):
+    def mutate(run):
+        run.rows[name].remove(run.find(name, pid, pol))
+    return mutate
+
+
+def duplicate(name, pid, pol):
+    def mutate(run):
+        run.rows[name].append(dict(run.find(name, pid, pol)))
+    return mutate
+
+
+def shift_clone(run):
+    run.find("logprobs.jsonl", "q0009", CLONE)["logprob"] -= 1e-3
+
+
+def tf_disagrees(count):
+    def mutate(run):
+        for i in range(count):      # 0.01 nats/token apart, 10x the tolerance
+            r = run.find("responses.jsonl", f"q{10 + i:04d}", BASE)
+            r["sampling_logprob"] -= 0.01 * r["n_tokens"]
+    return mutate
+
+
+def unknown_policy(run):
+    row = dict(run.find("logprobs.jsonl", "q0001", "pi_bad"), policy="pi_ghost")
+    run.rows["logprobs.jsonl"].append(row)
+
+
+def extra_field(run):
+    run.find("judge_scores.jsonl", "q0002", "pi_big")["extra"] = 1
+
+
+def wrong_split(run):
+    label = next(o for o in run.rows["oracle_labels.jsonl"] if o["policy"] == "pi_bad")
+    label["split"] = "calibration"
+
+
+FAILURES = [
+    ("positive TF logprob", set_value("logprobs.jsonl", "q0003", "pi_bad", "logprob", 0.5),
+     ["logprobs.jsonl: 1 log-probabilities are positive", "q0003/pi_bad: 0.5"]),
+    ("positive sampling logprob", set_value("responses.jsonl", "q0004", "pi_big", "sampling_logprob", 1.0),
+     ["responses.jsonl: 1 log-probabilities are positive", "q0004/pi_big"]),
+    # NaN and Infinity are not JSON: the line is refused when read, and named.
+    ("NaN logprob", set_value("logprobs.jsonl", "q0005", "pi_big", "logprob", float("nan")),
+     ["logprobs.jsonl: line 24: holds NaN or Infinity"]),
+    ("infinite logprob", set_value("logprobs.jsonl", "q0006", "pi_bad", "logprob", float("-inf")),
+     ["logprobs.jsonl: line 27: holds NaN or Infinity"]),
+    ("non-numeric logprob", set_value("responses.jsonl", "q0006", "pi_bad", "sampling_logprob", "-3.2"),
+     ["log-probabilities are not a number", "q0006/pi_bad"]),
+    ("missing judge record", drop("judge_scores.jsonl", "q0007", "pi_big"),
+     ["judge_scores.jsonl: 1 (prompt, policy) records are missing: q0007/pi_big"]),
+    ("missing response", drop("responses.jsonl", "q0001", BASE),
+     ["responses.jsonl: 1 (prompt, policy) records are missing: q0001/p0"]),
+    ("missing TF record", drop("logprobs.jsonl", "q0002", "pi_bad"),
+     ["logprobs.jsonl: 1 (prompt, policy) records are missing: q0002/pi_bad"]),
+    ("duplicated response", duplicate("responses.jsonl", "q0008", BASE),
+     ["responses.jsonl: 1 (prompt, policy) pairs appear more than once: q0008/p0 x2"]),
+    ("duplicated oracle label", lambda run: run.rows["oracle_labels.jsonl"].append(
+        dict(run.rows["oracle_labels.jsonl"][0])), ["oracle_labels.jsonl", "more than once"]),
+    ("unknown policy", unknown_policy, ["logprobs.jsonl: 1 records for an unknown prompt or policy",
+                                        "q0001/pi_ghost"]),
+    ("clone off by 1e-3", shift_clone, ["pi_clone log-weights depart from 0", "q0009: log-weight -0.001"]),
+    ("TF vs sampling on 5%", tf_disagrees(2),
+     ["2 of 40 p0 records (5.0%", "teacher-forced and sampling", "q0010", "q0011"]),
+    ("judge score above 1", set_value("judge_scores.jsonl", "q0003", "pi_clone", "score", 1.5),
+     ["judge_scores.jsonl: 1 judge values are outside [0, 1]", "q0003/pi_clone score=1.5"]),
+    ("judge mean NaN", set_value("judge_scores.jsonl", "q0003", BASE, "mean", float("nan")),
+     ["judge_scores.jsonl: line 13: holds NaN or Infinity"]),
+    ("judge mean not a number", set_value("judge_scores.jsonl", "q0003", BASE, "mean", "0.5"),
+     ["judge values are outside", "q0003/p0 mean='0.5'"]),
+    ("negative judge variance", set_value("judge_scores.jsonl", "q0003", BASE, "variance", -0.1),
+     ["q0003/p0 variance=-0.1"]),
+    ("oracle label below 0", lambda run: run.rows["oracle_labels.jsonl"][0].__setitem__("label", -0.2),
+     ["oracle_labels.jsonl: 1 oracle labels are outside [0, 1]", "label=-0.2"]),
+    ("oracle label in wrong split", wrong_split, ["oracle labels are in the wrong split", "want 'validation'"]),
+    ("record with an unknown field", extra_field, ["judge_scores.jsonl: line", "not a JudgeScore record"]),
+]
+
+
+@pytest.mark.parametrize("mutate,expected", [f[1:] for f in FAILURES], ids=[f[0] for f in FAILURES])
+def test_failure_rule(tmp_path, capsys, mutate, expected):
+    run = make_run(tmp_path, n=N, seed=5, write=False)
+    mutate(run)
+    run.write(mark=False)
+    with pytest.raises(ValidationFailed) as e:
+        run_stage(run)
+    msg = str(e.value)
+    for needle in expected:
+        assert needle in msg
+    assert e.value.exit_code != 0
+    assert msg.count("\n  - ") == 1, f"one problem expected, got:\n{msg}"
+    printed = capsys.readouterr().out
+    assert "validation failed" in printed and expected[0] in printed
+    assert not (run.data_dir / "report.md").exists() and not (run.data_dir / "cje").exists()
+
+
+def test_damaged_line_missing_file_and_more_in_one_message(tmp_path, capsys):
+    run = make_run(tmp_path, n=N, seed=6, write=False)
+    shift_clone(run)
+    run.find("logprobs.jsonl", "q0003", "pi_bad")["logprob"] = 0.25
+    run.write(mark=False)
+    lines = (run.data_dir / "responses.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = lines[2][: len(lines[2]) // 2] + "\n"        # a torn line in the middle of the file
+    (run.data_dir / "responses.jsonl").write_text("".join(lines))
+    (run.data_dir / "judge_scores.jsonl").unlink()
+    with pytest.raises(ValidationFailed) as e:
+        run_stage(run)
+    msg = str(e.value)
+    problems = [line for line in msg.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 4, msg
+    assert any("responses.jsonl: line 3: not valid JSON" in p for p in problems)
+    assert any("judge_scores.jsonl: file not found" in p for p in problems)
+    assert any("positive" in p and "q0003/pi_bad" in p for p in problems)
+    assert any("pi_clone log-weights depart" in p for p in problems)
+    printed = capsys.readouterr().out.splitlines()
+    for p in problems:      # each problem also printed on its own line
+        assert any(line.endswith(p.strip()[2:]) for line in printed)
+
+
+def test_missing_run_json(tmp_path):
+    run = make_run(tmp_path, n=N, seed=7)
+    (run.data_dir / "run.json").unlink()
+    with pytest.raises(ValidationFailed, match="run.json: file not found"):
+        run_stage(run)
+
+
+# ---- legal but suspicious, and the allowed fraction --------------------------------------------------
+
+def test_suspicious_values_are_listed_not_fatal(tmp_path):
+    run = make_run(tmp_path, n=N, seed=8, write=False)
+    run.find("responses.jsonl", "q0012", BASE)["sampling_logprob"] = 0.0
+    run.find("logprobs.jsonl", "q0012", BASE)["logprob"] = 0.0
+    run.find("logprobs.jsonl", "q0012", CLONE)["logprob"] = 0.0
+    low = run.find("logprobs.jsonl", "q0013", "pi_bad")
+    low["logprob"] = -11.0 * low["n_tokens"]
+    run.write()
+    run_stage(run)
+    info = strict_json(run.data_dir / "dataset_info.json")
+    sus = info["checks"]["suspicious"]
+    assert sus["zero_logprob"]["count"] == 3
+    assert {(i["file"], i["policy"]) for i in sus["zero_logprob"]["examples"]} == {
+        ("responses.jsonl", BASE), ("logprobs.jsonl", BASE), ("logprobs.jsonl", CLONE)}
+    assert sus["low_per_token_logprob"]["count"] == 1
+    item = sus["low_per_token_logprob"]["examples"][0]
+    assert (item["prompt_id"], item["policy"]) == ("q0013", "pi_bad")
+    assert item["per_token"] == pytest.approx(-11.0)
+    report = (run.data_dir / "report.md").read_text()
+    assert "| logprobs.jsonl |" in report and "q0013" in report and "q0012" in report
+
+
+def test_tf_vs_sampling_within_the_allowed_fraction_passes(tmp_path):
+    run = make_run(tmp_path, n=N, seed=9, write=False,
+                   validation={"tf_vs_sampling_max_fraction": 0.05})
+    tf_disagrees(2)(run)            # 5.0%: not more than the allowed 5%
+    run.write()
+    run_stage(run)
+    info = strict_json(run.data_dir / "dataset_info.json")
+    assert info["checks"]["tf_vs_sampling"]["n_over"] == 2
+    assert any("TF and sampling" in n for n in info["checks"]["notes"])
+
+
+def test_no_clone_policy_skips_the_clone_rule(tmp_path):
+    run = make_run(tmp_path, n=N, seed=10, write=False, clone_policy=None)
+    shift_clone(run)
+    run.write()
+    run_stage(run)
+    assert strict_json(run.data_dir / "dataset_info.json")["checks"]["clone"] is None
+
+
+def test_fingerprint_covers_every_upstream_output_and_validation(tmp_path):
+    run = make_run(tmp_path, n=8, seed=11)
+    config = load_config(run.config_path)
+    ck = checkpoint.load(run.data_dir)["stages"]
+    fp = summarize.fingerprint(config, argparse.Namespace(), ck)
+    for stage in summarize.UPSTREAM:
+        for rel, m in ck[stage]["outputs"].items():
+            assert fp[f"input.{stage}.{rel}"] == m["sha256"]
+    assert fp["validation.clone_tolerance"] == 1e-4
+    assert fp["validation.suspicious_per_token_logprob"] == -10.0
+    assert fp["clone_policy"] == CLONE and fp["base_policy"] == BASE
+
+
+# ---- the numbered script -------------------------------------------------------------------------------
+
+def cli(run, *extra):
+    return subprocess.run([sys.executable, str(SCRIPT), "--config", str(run.config_path), *extra],
+                          capture_output=True, text=True, cwd=PROJECT_DIR, timeout=300)
+
+
+def test_cli_good_run_then_already_complete_then_refuses_changed_config(tmp_path):
+    run = make_run(tmp_path, n=N, seed=12)
+    p = cli(run)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "[summarize] complete" in p.stdout and "all checks passed" in p.stdout
+    for pol in POLICIES:
+        assert f"  {pol} " in p.stdout           # the terminal summary, a line per policy
+    for rel in ["report.md", "dataset_info.json", "cje/logged_data.jsonl", "p0_scored_deterministic.jsonl"]:
+        assert (run.data_dir / rel).is_file()
+    entry = checkpoint.load(run.data_dir)["stages"]["summarize"]
+    assert verify_outputs(run.data_dir, entry["outputs"]) is None
+
+    p = cli(run)
+    assert p.returncode == 0 and "already complete" in p.stdout, p.stdout + p.stderr
+
+    (run.data_dir / "report.md").write_text("edited by hand\n")          # a damaged .md output
+    p = cli(run)
+    assert p.returncode == 0 and "report.md changed since it was written" in p.stdout, p.stdout + p.stderr
+    assert "# OPE dataset report" in (run.data_dir / "report.md").read_text()
+
+    write_config(run.root, run.data_dir, validation={"clone_tolerance": 1e-3})
+    p = cli(run)
+    assert p.returncode != 0 and "validation.clone_tolerance" in p.stderr, p.stdout + p.stderr
+
+
+def test_cli_exits_nonzero_naming_the_problem(tmp_path):
+    run = make_run(tmp_path, n=N, seed=13, write=False)
+    shift_clone(run)
+    run.write()                       # checkpoint re-marked: stages 1-4 verify, stage 5 must object
+    p = cli(run)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "pi_clone log-weights depart from 0" in p.stderr and "q0009" in p.stderr
+    assert "pi_clone log-weights depart from 0" in p.stdout
+    assert not (run.data_dir / "report.md").exists()
+    assert "summarize" not in checkpoint.load(run.data_dir)["stages"]
+
+
+def test_cli_damaged_or_missing_input_after_its_stage_completed(tmp_path):
+    run = make_run(tmp_path, n=N, seed=14)
+    path = run.data_dir / "responses.jsonl"
+    good_bytes = path.read_bytes()
+    path.write_bytes(good_bytes[:-40])                           # cut off mid-line
+    p = cli(run)
+    assert p.returncode != 0 and "responses.jsonl" in p.stderr, p.stdout + p.stderr
+    path.write_bytes(good_bytes)
+    (run.data_dir / "oracle_labels.jsonl").unlink()
+    p = cli(run)
+    assert p.returncode != 0 and "oracle_labels.jsonl is missing" in p.stderr, p.stdout + p.stderr
