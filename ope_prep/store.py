@@ -83,9 +83,8 @@ def read_jsonl(path: Path, cls: type[T] | None = None) -> list:
             for lineno, obj in enumerate(reader, 1):
                 out.append(_to_record(cls, obj, path, lineno) if cls else obj)
         except jsonlines.InvalidLineError as e:
-            raise InputError(f"{path}: line {e.line_number or '?'}: not valid JSON")
-        except UnicodeDecodeError as e:
-            raise InputError(f"{path}: not UTF-8 ({e.reason})")
+            what = "not UTF-8" if "utf-8" in e.message.lower() else "not valid JSON"
+            raise InputError(f"{path}: line {e.lineno}: {what}")
     return out
 
 
@@ -97,6 +96,10 @@ def _to_record(cls, obj, path, lineno):
     return cls(**obj)
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def file_manifest(path: Path) -> dict:
     """sha256 and record count of a final file, for checkpoint verification."""
     data = path.read_bytes()
@@ -104,9 +107,9 @@ def file_manifest(path: Path) -> dict:
         n = 0
         for lineno, line in enumerate(data.splitlines(), 1):
             try:
-                json.loads(line)
+                json.loads(line, parse_constant=_reject_constant)
             except ValueError:
-                raise InputError(f"{path}: line {lineno}: not valid JSON")
+                raise InputError(f"{path}: line {lineno}: not valid JSON (or holds NaN/Infinity)")
             n += 1
         if data and not data.endswith(b"\n"):
             raise InputError(f"{path}: last line is cut off")

@@ -129,7 +129,7 @@ def make_run(root: Path, n: int = 40, seed: int = 0, write: bool = True, **confi
     # Oracle subsets: a seeded quarter of the base responses, a quarter of each target's.
     keep = set()
     for pol in POLICIES:
-        for j in rng.choice(n, size=max(2, n // 4), replace=False):
+        for j in rng.choice(n, size=min(n, max(2, n // 4)), replace=False):
             keep.add((f"q{j:04d}", pol))
     oracle = [o for o in oracle if (o["prompt_id"], o["policy"]) in keep]
     run.rows = {"prompts.jsonl": prompts, "responses.jsonl": responses, "logprobs.jsonl": logprobs,

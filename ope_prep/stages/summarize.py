@@ -220,19 +220,21 @@ def load_and_check(config: Config) -> tuple[Data, dict, list[str]]:
     data = Data()
     data.run = _read_run(problems, data_dir)
     policies = [p.name for p in config.policies]
-    base, clone = config.base_policy, config.clone_policy
-    vcfg = config.validation
+    base = config.base_policy
 
     prompts = _read(problems, data_dir, PROMPTS, Prompt)
     expected = None
     if prompts is not None:
-        ids = Counter(p.prompt_id for p in prompts)
+        problems.rule(PROMPTS, "records have a prompt_id or prompt that is not a string",
+                      [f"line {i}" for i, p in enumerate(prompts, 1)
+                       if not isinstance(p.prompt_id, str) or not isinstance(p.prompt, str)])
+        ids = Counter(p.prompt_id for p in prompts if isinstance(p.prompt_id, str))
         problems.rule(PROMPTS, "prompt_ids appear more than once",
                       [f"{pid!r} x{n}" for pid, n in ids.items() if n > 1])
         if not prompts:
             problems.add(f"{data_dir / PROMPTS}: holds no prompts")
         data.prompts = prompts
-        expected = {(p.prompt_id, pol) for p in prompts for pol in policies}
+        expected = {(p.prompt_id, pol) for p in prompts if isinstance(p.prompt_id, str) for pol in policies}
 
     bad_lp: dict[str, dict[str, list[str]]] = {}
 
@@ -310,7 +312,7 @@ def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
     """The clone and TF-vs-sampling rules, and the suspicious-value lists."""
     vcfg = config.validation
     base, clone = config.base_policy, config.clone_policy
-    pids = [p.prompt_id for p in data.prompts]
+    pids = [p.prompt_id for p in data.prompts if isinstance(p.prompt_id, str)]
     checks: dict = {}
 
     # pi_clone's log-weight must be 0.
