@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -51,12 +52,20 @@ def log_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def check_build() -> None:
+    if b"LLAMAFILE = 1" in llama_cpp.llama_print_system_info():
+        print("warning: llama-cpp-python was built with llamafile's sgemm: teacher-forced and sampling "
+              "log-probabilities will disagree by ~1e-2 nats/token; run setup.sh to rebuild it",
+              file=sys.stderr)
+
+
 class LlamaModel:
     """One GGUF model loaded once, serving every policy that uses it."""
 
     def __init__(self, path: Path | str, n_ctx: int, n_threads: int = 2, n_seq: int = 1,
                  chat_template: Optional[str] = None):
         llama_cpp.llama_backend_init()
+        check_build()
         self.path = str(path)
         self.n_seq = n_seq
         self.n_ctx_per_seq = n_ctx
@@ -70,6 +79,11 @@ class LlamaModel:
         params.kv_unified = False         # each sequence its own n_ctx cells: faster attention
         params.n_threads = params.n_threads_batch = n_threads
         params.no_perf = True
+        # Flash attention's kernel for one query row differs from its kernel for many, so a
+        # token's logits would depend on how many tokens shared its batch; without it (and
+        # with llamafile's sgemm off at build time, see setup.sh) teacher forcing a response
+        # in large batches reproduces the logits of one-token-at-a-time sampling exactly.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
         self.n_batch = params.n_batch
         self.n_vocab = self.model.n_vocab()
