@@ -192,6 +192,7 @@ class WorkFile:
         os.fsync(self._fh.fileno())
         for row in rows:
             self.results[row["key"]] = row
+        _trace(self.path.stem, rows)
 
     def ok_records(self, keys: Iterable[str]) -> Iterator[dict]:
         """The finished records for ``keys``, in that order (the final file's order)."""
@@ -200,6 +201,15 @@ class WorkFile:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def _trace(work_name: str, rows: list[dict]) -> None:
+    """With OPE_PREP_TRACE=<file>, every computed unit is also listed there (one line per unit,
+    appended by whichever process computed it): how the tests count model calls across kills."""
+    trace = os.environ.get("OPE_PREP_TRACE")
+    if trace:
+        with open(trace, "a", encoding="utf-8") as f:
+            f.write("".join(f"{work_name}\t{r['key']}\t{r['status']}\n" for r in rows))
 
 
 def ok_row(key: str, record) -> dict:

@@ -1,0 +1,124 @@
+"""The whole pipeline on the embedded default (made small), with the real models and server:
+a complete run, a rerun that computes nothing, resume after kill -9 inside stages 2 and 3,
+and the refusal of a changed config with the documented way out."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import small_config, write_config
+from pipeline_harness import (comparable, computed_ok, done_keys, kill_group, records, run, start,
+                              wait_for)
+
+N = 3
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run: the outputs every other run must reproduce."""
+    base = tmp_path_factory.mktemp("reference")
+    config = write_config(base / "config.yaml", small_config(base / "data"))
+    trace = base / "trace.tsv"
+    proc = run(config, N, trace)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return base, config, trace, proc
+
+
+def test_complete_run_and_rerun_computes_nothing(reference):
+    base, config, trace, proc = reference
+    data = base / "data"
+    for name in ["report.md", "dataset_info.json", "cje/logged_data.jsonl", "plots/judge_scores.png"]:
+        assert (data / name).is_file(), name
+    assert len(records(data / "responses.jsonl")) == N * 4
+    assert len(records(data / "logprobs.jsonl")) == N * 4
+    assert len(records(data / "judge_scores.jsonl")) == N * 4
+    assert "=== [6/6] summarize" in proc.stdout and "Stage times" in proc.stdout
+    logs = list((data / "logs").glob("run_*.log"))
+    assert logs and "[generate]" in logs[0].read_text()
+    # Every unit was computed exactly once.
+    assert set(computed_ok(trace).values()) == {1}
+    before = sum(computed_ok(trace).values())
+    again = run(config, N, trace)
+    assert again.returncode == 0, again.stdout[-2000:]
+    assert again.stdout.count("already complete") == 6
+    assert sum(computed_ok(trace).values()) == before
+
+
+@pytest.mark.parametrize("stage_work", ["generate", "judge"])
+def test_kill_9_inside_a_stage_then_resume_matches_uninterrupted(reference, tmp_path, stage_work):
+    _, _, _, _ = reference
+    config = write_config(tmp_path / "config.yaml", small_config(tmp_path / "data"))
+    trace = tmp_path / "trace.tsv"
+    work = tmp_path / "data" / "work" / f"{stage_work}.jsonl"
+
+    def some_done():
+        return work.exists() and len(done_keys(tmp_path / "data").get(stage_work, ())) >= 2
+
+    proc = start(config, N, trace, log=tmp_path / "killed.log")
+    assert wait_for(some_done, 600, proc), (tmp_path / "killed.log").read_text()[-3000:]
+    kill_group(proc)
+    durable = done_keys(tmp_path / "data")
+    before = computed_ok(trace)
+    assert durable[stage_work] and len(durable[stage_work]) < N * 4 or stage_work == "generate"
+
+    resumed = run(config, N, trace)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = computed_ok(trace)
+    # No unit that was durable at the kill was computed again.
+    for work_name, keys in durable.items():
+        for key in keys:
+            assert after[(work_name, key)] == before[(work_name, key)] == 1, (work_name, key)
+    # Same outputs as the uninterrupted run.
+    ref = comparable(reference[0] / "data")
+    got = comparable(tmp_path / "data")
+    assert got == ref
+
+
+def test_config_change_is_refused_with_keys_and_force_step_reruns_from_there(reference, tmp_path):
+    src, _, _, _ = reference
+    shutil.copytree(src / "data", tmp_path / "data")
+    cfg = small_config(tmp_path / "data")
+    config = write_config(tmp_path / "config.yaml", cfg)
+    trace = tmp_path / "trace.tsv"
+    same = run(config, N, trace)
+    assert same.returncode == 0 and same.stdout.count("already complete") == 6
+
+    cfg["policies"][0]["temperature"] = 0.9   # p0 and its clone move together
+    cfg["policies"][1]["temperature"] = 0.9
+    write_config(config, cfg)
+    refused = run(config, N, trace)
+    assert refused.returncode == 2
+    assert "policies.p0.temperature: 0.7 -> 0.9" in refused.stdout
+    assert "--force-step generate" in refused.stdout
+
+    forced = run(config, N, trace, "--force-step", "generate")
+    assert forced.returncode == 0, forced.stdout[-3000:]
+    responses = records(tmp_path / "data" / "responses.jsonl")
+    old = records(src / "data" / "responses.jsonl")
+    p0_new = [r for r in responses if r["policy"] == "p0"]
+    p0_old = [r for r in old if r["policy"] == "p0"]
+    assert [r["sampling_logprob"] for r in p0_new] != [r["sampling_logprob"] for r in p0_old]
+    assert (tmp_path / "data" / "superseded").is_dir()
+    # Nothing from the old config survives downstream: the export carries the new p0 logprobs.
+    logged = records(tmp_path / "data" / "cje" / "logged_data.jsonl")
+    new_tf = {r["prompt_id"]: r["logprob"] for r in records(tmp_path / "data" / "logprobs.jsonl")
+              if r["policy"] == "p0"}
+    assert all(abs(r["base_policy_logprob"] - new_tf[r["prompt_id"]]) < 1e-9 for r in logged)
+    assert all(abs(new_tf[r["prompt_id"]] - r["sampling_logprob"]) < 1e-3 * r["n_tokens"] for r in p0_new)
+
+    # Changing only the judge reruns 3 and later, not 2.
+    generated_before = sum(n for (w, _), n in computed_ok(trace).items() if w == "generate")
+    judged_before = sum(n for (w, _), n in computed_ok(trace).items() if w == "judge")
+    cfg["judge"]["max_tokens"] = 2
+    write_config(config, cfg)
+    refused = run(config, N, trace)
+    assert refused.returncode == 2 and "judge.max_tokens: 1 -> 2" in refused.stdout
+    assert "[generate] already complete" in refused.stdout
+    forced = run(config, N, trace, "--force-step", "judge")
+    assert forced.returncode == 0, forced.stdout[-3000:]
+    assert "[generate] already complete" in forced.stdout
+    assert "[logprobs] already complete" in forced.stdout
+    assert sum(n for (w, _), n in computed_ok(trace).items() if w == "generate") == generated_before
+    assert sum(n for (w, _), n in computed_ok(trace).items() if w == "judge") == judged_before + N * 4
