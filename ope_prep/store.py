@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
@@ -50,6 +51,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    if os.environ.get("OPE_PREP_KILL_BEFORE_RENAME") == path.name:
+        # Fault injection for the tests: a real kill -9 at the worst moment, between the
+        # temporary file being complete and its rename.
+        os.kill(os.getpid(), signal.SIGKILL)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

@@ -66,3 +66,21 @@ def tmp_config(tmp_path):
     def make(name: str = "config.yaml", **overrides) -> Path:
         return write_config(tmp_path / name, small_config(tmp_path / "data", **overrides))
     return make
+
+
+N = 3                                   # prompts in the small end-to-end runs
+SECRET_MARKER = "sk-test-MARKER-9f3e1c"  # must never appear in any file a run writes
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """An uninterrupted run: the outputs every other run must reproduce."""
+    from pipeline_harness import run
+    base = tmp_path_factory.mktemp("reference")
+    config = write_config(base / "config.yaml", small_config(base / "data"))
+    trace = base / "trace.tsv"
+    proc = run(config, N, trace, env={"OPENAI_API_KEY": SECRET_MARKER})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return base, config, trace, proc
+
+

@@ -17,18 +17,23 @@ FINAL_FILES = ["prompts.jsonl", "responses.jsonl", "logprobs.jsonl", "judge_scor
                "oracle_labels.jsonl", "cje/logged_data.jsonl"]
 
 
-def start(config: Path, n: int, trace: Path, *extra: str, log: Path | None = None) -> subprocess.Popen:
+def _cmd(config: Path, n: int, extra) -> list[str]:
+    return [sys.executable, str(ROOT / "run_pipeline.py"), str(n), "--config", str(config), *extra]
+
+
+def start(config: Path, n: int, trace: Path, *extra: str, log: Path | None = None,
+          env: dict | None = None) -> subprocess.Popen:
+    """The runner in its own process group, so that kill_group kills it and every stage."""
     out = open(log, "ab") if log else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, str(ROOT / "run_pipeline.py"), str(n), "--config", str(config), *extra],
-                            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "OPE_PREP_TRACE": str(trace)})
+    return subprocess.Popen(_cmd(config, n, extra), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                            env={**os.environ, "OPE_PREP_TRACE": str(trace), **(env or {})})
 
 
-def run(config: Path, n: int, trace: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), str(n), "--config", str(config), *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OPE_PREP_TRACE": str(trace)})
-    return proc
+def run(config: Path, n: int, trace: Path, *extra: str, timeout: float = 900,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(config, n, extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OPE_PREP_TRACE": str(trace), **(env or {})})
 
 
 def kill_group(proc: subprocess.Popen) -> None:

@@ -8,22 +8,9 @@ import shutil
 
 import pytest
 
-from conftest import small_config, write_config
+from conftest import N, small_config, write_config
 from pipeline_harness import (comparable, computed_ok, done_keys, kill_group, records, run, start,
                               wait_for)
-
-N = 3
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted run: the outputs every other run must reproduce."""
-    base = tmp_path_factory.mktemp("reference")
-    config = write_config(base / "config.yaml", small_config(base / "data"))
-    trace = base / "trace.tsv"
-    proc = run(config, N, trace)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return base, config, trace, proc
 
 
 def test_complete_run_and_rerun_computes_nothing(reference):

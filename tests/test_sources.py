@@ -100,3 +100,22 @@ def test_prepare_stage_writes_prompts_and_run_params(tmp_config):
     assert json.loads((data / "run.json").read_text())["seed"] == 3
     again = run_script("01_prepare_data.py", "--samples", "4", "--seed", "3", "--config", str(cfg), check=True)
     assert "already complete" in again.stdout
+
+
+def test_production_config_loads_arena_prompts_from_local_files(tmp_path, arena_parquet):
+    """configs/arena_10k.yaml as shipped, with only what this machine lacks swapped for local
+    stand-ins: the GGUF file, the hub (local parquet in the same schema), the API key."""
+    import yaml
+    from conftest import ROOT
+    cfg = yaml.safe_load((ROOT / "configs" / "arena_10k.yaml").read_text())
+    cfg["paths"]["data_dir"] = str(tmp_path / "data")
+    cfg["models"]["llama32_3b"]["path"] = str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    cfg["source"]["data_files"] = [str(arena_parquet)]
+    path = write_config(tmp_path / "arena.yaml", cfg)
+    missing_key = run_script("01_prepare_data.py", "--samples", "3", "--config", str(path),
+                             env={"OPENAI_API_KEY": ""})
+    assert missing_key.returncode == 2 and "OPENAI_API_KEY is not set" in missing_key.stderr
+    proc = run_script("01_prepare_data.py", "--samples", "3", "--config", str(path),
+                      env={"OPENAI_API_KEY": "sk-local-test"}, check=True)
+    prompts = [json.loads(l) for l in (tmp_path / "data" / "prompts.jsonl").read_text().splitlines()]
+    assert len(prompts) == 3 and all(p["source_id"].startswith("q") for p in prompts)
