@@ -10,8 +10,9 @@ on (log-probabilities need it), ``n_ctx`` comes from the config, ``n_threads`` f
 ``generation.n_threads``. A model whose config sets ``chat_template`` gets that template through
 llama_cpp's ``hf-tokenizer-config`` chat format (the GGUF file may carry none, and llama_cpp
 would then fall back to Llama-2's format). The server is waited on until ``/v1/models`` answers
-and is stopped on exit, also on an error or Ctrl-C (SIGTERM to its group, then SIGKILL); on Linux
-it also gets SIGTERM if the stage process dies without cleaning up.
+and is stopped on exit, also on an error or Ctrl-C (SIGTERM to its group, then SIGKILL); on Linux,
+when started from the main thread, it also gets SIGTERM if the stage process dies without
+cleaning up (kill -9).
 
 Its log goes to ``<data_dir>/logs/server_<stage>.log``; the JSON config written beside it holds
 no secret (the local server needs no key).
@@ -20,22 +21,24 @@ no secret (the local server needs no key).
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections import deque
-from pathlib import Path
 
 from ..config import Config
 from ..errors import EXIT_UNITS_FAILED, PipelineError
 
 STARTUP_TIMEOUT_S = 300.0
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # never through HTTP_PROXY
 STOP_TIMEOUT_S = 10.0
 
 # Put first in a model's template: llama_cpp's hf-tokenizer-config formatter appends an empty
@@ -59,8 +62,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _special_token_texts(model_path: Path) -> tuple[str, str]:
-    """BOS and EOS token texts of a GGUF file (vocabulary only, no weights loaded)."""
+@functools.lru_cache(maxsize=8)
+def vocab_texts(model_path: str) -> tuple[str, str, frozenset[str]]:
+    """BOS text, EOS text and the control-token texts (<|im_end|>, <start_of_turn>, ...) of a
+    GGUF file, read from its vocabulary only (no weights loaded)."""
     import llama_cpp
     from llama_cpp import _internals
 
@@ -71,7 +76,11 @@ def _special_token_texts(model_path: Path) -> tuple[str, str]:
     try:
         def piece(tok: int) -> str:
             return model.token_to_piece(tok, special=True).rstrip(b"\0").decode("utf-8", "replace")
-        return piece(model.token_bos()), piece(model.token_eos())
+        control = frozenset(
+            t for t in (piece(i) for i in range(model.n_vocab())
+                        if llama_cpp.llama_vocab_get_attr(model.vocab, i) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL)
+            if t)
+        return piece(model.token_bos()), piece(model.token_eos()), control
     finally:
         model.close()
 
@@ -129,7 +138,7 @@ class LlamaServer:
                  "n_threads_batch": self.config.generation.n_threads,
                  "n_batch": 512, "verbose": False}
         if m.chat_template:
-            bos, eos = _special_token_texts(path)
+            bos, eos, _ = vocab_texts(str(path))
             tok_cfg = self.log_dir / f"server_{self.stage}_{key}_tokenizer_config.json"
             tok_cfg.write_text(json.dumps({"chat_template": _GENERATION_PROMPT_SHIM + m.chat_template,
                                            "bos_token": bos, "eos_token": eos}), encoding="utf-8")
@@ -154,7 +163,10 @@ class LlamaServer:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "llama_cpp.server", "--config_file", str(self.config_path)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env=_server_env(), start_new_session=True, preexec_fn=_die_with_parent)
+                    env=_server_env(), start_new_session=True,
+                    # the death signal follows the *thread* that started the server: only the
+                    # main thread lives as long as the stage
+                    preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None)
             try:
                 self._wait_ready()
                 return self
@@ -183,7 +195,7 @@ class LlamaServer:
                     f"llama_cpp.server for {', '.join(self.model_keys)} exited with code {code} while "
                     f"starting; last lines of {self.log_path}:\n{self._log_tail()}")
             try:
-                with urllib.request.urlopen(url, timeout=5) as r:
+                with _DIRECT.open(url, timeout=5) as r:
                     served = {m["id"] for m in json.load(r)["data"]}
                 if set(self.model_keys) <= served:
                     return

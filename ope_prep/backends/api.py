@@ -1,0 +1,433 @@
+"""One small client for any OpenAI-compatible chat endpoint (OpenAI, Fireworks, vLLM, llama.cpp).
+
+What it adds around the `openai` package:
+
+* retries with tenacity: exponential backoff with jitter, ``Retry-After`` honoured on 429,
+  retried on 408/429/500/502/503/504, connection errors and timeouts, up to ``max_attempts``;
+  the package's own retries are off (``max_retries=0``) so that this is the only retry loop;
+* concurrency: ``concurrency`` worker threads, under a rate limit of ``requests_per_minute``
+  (every attempt counts);
+* a request cache: the sha256 of the request JSON (plus the endpoint's identity) -> the reply,
+  appended to ``<data_dir>/cache/<stage>_api_cache.jsonl`` (a store.WorkFile: fsynced, a torn
+  last line is cut off) as soon as it arrives, so a rerun or a resumed run pays nothing twice.
+  A reply the caller cannot use (``accept`` returns False) is written too, for the spend
+  ledger, but is never served from the cache: that unit is asked again on the next run;
+* usage and money: calls, cache hits, tokens, dollars from the per-1k prices; every paid reply
+  is in the cache file, so the spend over all runs in this data dir is known on start. Before
+  each request, its worst-case cost is reserved against ``budget_usd``; a request that could
+  exceed the budget is not sent (BudgetExceeded), and the stage ends cleanly.
+
+The API key is read only from ``os.environ[api_key_env]`` (a dummy for the local server), is
+never logged or stored, and is scrubbed from error texts before they are shown or recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import openai
+import tenacity
+
+from ..config import ApiConfig
+from ..errors import EXIT_UNITS_FAILED, PipelineError
+from ..records import UsageTotals
+from ..store import WorkFile, failed_row, ok_row
+
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+FATAL_STATUS = {401, 403, 404}            # a wrong key, no access, no such model: stop the stage
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 30.0
+MAX_RETRY_AFTER_S = 120.0
+LOCAL_DUMMY_KEY = "sk-local-no-key"
+CACHE_VERSION = "api-cache-v1"
+# Worst-case prompt tokens per UTF-8 byte before any reply has told us the real ratio
+# (English is about 0.25); the largest ratio seen so far is used afterwards, with a margin.
+_INITIAL_TOKENS_PER_BYTE = 0.5
+_MESSAGE_OVERHEAD_TOKENS = 8
+
+
+class BudgetExceeded(PipelineError):
+    exit_code = EXIT_UNITS_FAILED
+
+
+class FatalApiError(PipelineError):
+    """Every further request would fail the same way (bad key, no access, unknown model)."""
+
+    exit_code = EXIT_UNITS_FAILED
+
+
+class RequestFailed(Exception):
+    """One request failed for good (after its retries, or not retryable); the unit fails."""
+
+
+class _Stopped(Exception):
+    pass
+
+
+@dataclass
+class Reply:
+    """The parts of a chat completion that the stages use (compact, JSON-ready)."""
+
+    content: Optional[str]
+    finish_reason: Optional[str]
+    logprobs: Optional[list[dict]]      # [{"token", "logprob", "top": [[token, logprob], ...]}]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model: Optional[str] = None
+    cached: bool = False
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("cached")
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict, cached: bool = False) -> "Reply":
+        return cls(**d, cached=cached)
+
+
+def _compact(completion) -> Reply:
+    usage = completion.usage
+    if not completion.choices:
+        return Reply(content=None, finish_reason=None, logprobs=None, model=completion.model,
+                     prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0))
+    choice = completion.choices[0]
+    lps = None
+    if choice.logprobs is not None and choice.logprobs.content is not None:
+        lps = [{"token": t.token, "logprob": t.logprob,
+                "top": [[x.token, x.logprob] for x in (t.top_logprobs or [])]}
+               for t in choice.logprobs.content]
+    return Reply(content=choice.message.content, finish_reason=choice.finish_reason, logprobs=lps,
+                 prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                 completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+                 model=completion.model)
+
+
+@dataclass
+class _Counters:
+    calls: int = 0            # HTTP requests sent (every attempt)
+    cached: int = 0           # requests answered from the cache
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usd: float = 0.0
+    retries: int = 0          # attempts after a retryable error
+    unusable: int = 0         # replies the caller could not use
+
+
+class ApiClient:
+    """Chat completions through the `openai` client, with retries, rate limit, cache and budget.
+
+    ``connect`` gives the base URL; it is called on the first request that is not in the cache
+    (so a local server is started only when something has to be asked). ``identity`` is what,
+    besides the request, decides the reply (for a local server: the model file); it is part of
+    the cache key.
+    """
+
+    def __init__(self, api: ApiConfig, which: str, stage: str, data_dir: Path,
+                 connect: Callable[[], Optional[str]], identity: dict):
+        self.api = api
+        self.which = which
+        self.stage = stage
+        self.identity = identity
+        self._connect = connect
+        self._client: Optional[openai.OpenAI] = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()      # interrupted: no retries, no new requests
+        self._halted = threading.Event()    # budget or fatal error: no new requests
+        self.counters = _Counters()
+        if api.provider == "local_server":
+            self._key = LOCAL_DUMMY_KEY
+        else:
+            key = os.environ.get(api.api_key_env)
+            if not key:
+                raise PipelineError(f"{which}.api_key_env: environment variable {api.api_key_env} "
+                                    "is not set (the API key is read only from there)")
+            self._key = key
+        self.cache_path = data_dir / "cache" / f"{stage}_api_cache.jsonl"
+        self._cache = WorkFile(self.cache_path, {"cache": CACHE_VERSION, "stage": stage})
+        if self._cache.repaired_bytes:
+            print(f"[{stage}] cut a torn last line ({self._cache.repaired_bytes} bytes) from {self.cache_path}")
+        self.spent_before = self._ledger_total()   # dollars paid by earlier runs in this data dir
+        self._reserved = 0.0
+        self._tokens_per_byte: Optional[float] = None   # the largest ratio seen in a reply
+        self._next_slot = 0.0
+        self._interval = 60.0 / api.requests_per_minute
+
+    # ---- requests and the cache ------------------------------------------------------
+    def request(self, messages: list[dict]) -> dict:
+        """The request body: temperature 0, one short answer, log-probabilities of its tokens."""
+        body = {"model": self.api.model, "messages": messages, "temperature": 0,
+                "max_tokens": self.api.max_tokens, "logprobs": True,
+                "top_logprobs": self.api.top_logprobs}
+        if self.api.grammar:
+            # llama.cpp's own request field: for the local server, or an "openai" provider whose
+            # base_url is a llama.cpp server; OpenAI's API itself would reject it.
+            if self.api.provider != "local_server" and not self.api.base_url:
+                raise PipelineError(f"{self.which}.grammar: OpenAI's API takes no grammar; set it "
+                                    "only for a llama.cpp server (local_server, or a base_url)")
+            body["grammar"] = "root ::= [0-9]"
+        return body
+
+    def cache_key(self, body: dict) -> str:
+        blob = json.dumps({"identity": self.identity, "request": body}, sort_keys=True,
+                          ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def cached(self, body: dict) -> Optional[Reply]:
+        with self._lock:
+            row = self._cache.results.get(self.cache_key(body))
+        if row is not None and row["status"] == "ok":
+            return Reply.from_json(row["record"]["reply"], cached=True)
+        return None
+
+    def _ledger_total(self) -> float:
+        total = 0.0
+        for line in self.cache_path.read_text(encoding="utf-8").splitlines()[1:]:
+            row = json.loads(line)
+            total += float(row.get("usd", 0.0) if row["status"] != "ok" else row["record"].get("usd", 0.0))
+        return total
+
+    # ---- money ---------------------------------------------------------------------
+    def _usd(self, input_tokens: float, output_tokens: float) -> float:
+        return (input_tokens * self.api.usd_per_1k_input_tokens
+                + output_tokens * self.api.usd_per_1k_output_tokens) / 1000.0
+
+    def _estimate_usd(self, body: dict) -> tuple[float, int]:
+        nbytes = sum(len(json.dumps(m["content"], ensure_ascii=False).encode()) for m in body["messages"])
+        ratio = self._tokens_per_byte * 1.25 if self._tokens_per_byte else _INITIAL_TOKENS_PER_BYTE
+        tokens = nbytes * ratio + _MESSAGE_OVERHEAD_TOKENS * (len(body["messages"]) + 1)
+        return self._usd(tokens, body["max_tokens"]), nbytes
+
+    @property
+    def spent_total(self) -> float:
+        return self.spent_before + self.counters.usd
+
+    def _reserve(self, est: float) -> None:
+        with self._lock:
+            if est > 0 and self.spent_total + self._reserved + est > self.api.budget_usd:
+                raise BudgetExceeded(
+                    f"{self.which}.budget_usd ${self.api.budget_usd:.4f} would be exceeded by the next "
+                    f"request (spent ${self.spent_total:.4f} over all runs in this data dir, "
+                    f"${self._reserved:.4f} in flight, next request up to ${est:.4f}); no new requests "
+                    f"were sent")
+            self._reserved += est
+
+    def _release(self, est: float) -> None:
+        with self._lock:
+            self._reserved -= est
+
+    # ---- sending -------------------------------------------------------------------
+    def _openai(self) -> openai.OpenAI:
+        with self._lock:
+            if self._client is None:
+                base_url = self._connect()
+                # a server on this machine is reached directly, whatever HTTP(S)_PROXY says
+                local = self.api.provider == "local_server"
+                self._client = openai.OpenAI(
+                    base_url=base_url, api_key=self._key, max_retries=0, timeout=self.api.timeout_s,
+                    http_client=openai.DefaultHttpxClient(trust_env=False) if local else None)
+            return self._client
+
+    def connect(self) -> None:
+        """Connect now (for a local server: start it) rather than on the first request, which
+        may come from a worker thread; the stages call this from the main thread."""
+        self._openai()
+
+    def _rate_limit(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next_slot)
+            self._next_slot = slot + self._interval
+        if slot > now and self._stop.wait(slot - now):
+            raise _Stopped()
+
+    def _send(self, body: dict) -> Reply:
+        if self._stop.is_set() or self._halted.is_set():
+            raise _Stopped()
+        client = self._openai()
+        est, nbytes = self._estimate_usd(body)
+        self._reserve(est)
+        try:
+            self._rate_limit()
+            params = {k: v for k, v in body.items() if k != "grammar"}
+            extra = {"grammar": body["grammar"]} if "grammar" in body else None
+            with self._lock:
+                self.counters.calls += 1
+            reply = _compact(client.chat.completions.create(**params, extra_body=extra))
+        except BaseException:
+            self._release(est)
+            raise
+        with self._lock:   # the reservation becomes the real cost in one step
+            self._reserved -= est
+            if reply.prompt_tokens and nbytes:
+                self._tokens_per_byte = max(self._tokens_per_byte or 0.0, reply.prompt_tokens / nbytes)
+            self.counters.input_tokens += reply.prompt_tokens
+            self.counters.output_tokens += reply.completion_tokens
+            self.counters.usd += self._usd(reply.prompt_tokens, reply.completion_tokens)
+        return reply
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception()
+        retry_after = _retry_after(exc)
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), MAX_RETRY_AFTER_S)
+        return tenacity.wait_exponential_jitter(initial=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S,
+                                                jitter=BACKOFF_INITIAL_S)(state)
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stop.wait(seconds):
+            raise _Stopped()
+
+    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+        with self._lock:
+            self.counters.retries += 1
+
+    def call(self, body: dict, accept: Callable[[Reply], bool] = lambda r: True) -> Reply:
+        """The reply to ``body``: from the cache, or asked (with retries) and then cached.
+
+        Raises RequestFailed when the request failed for good, BudgetExceeded or FatalApiError
+        when the stage must stop.
+        """
+        hit = self.cached(body)
+        if hit is not None:
+            with self._lock:
+                self.counters.cached += 1
+            return hit
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.api.max_attempts),
+            wait=self._wait, sleep=self._sleep, before_sleep=self._before_sleep,
+            retry=tenacity.retry_if_exception(_retryable), reraise=True)
+        try:
+            reply = retrying(self._send, body)
+        except _Stopped:
+            raise
+        except BudgetExceeded:
+            self._halted.set()
+            raise
+        except openai.APIStatusError as e:
+            msg = self.redact(_describe(e))
+            if e.status_code in FATAL_STATUS:
+                self._halted.set()
+                raise FatalApiError(f"{self.which}: {msg}; stopping (every request would fail the same way)")
+            attempts = f" after {self.api.max_attempts} attempts" if e.status_code in RETRY_STATUS else ""
+            raise RequestFailed(f"{msg}{attempts}")
+        except openai.APIConnectionError as e:
+            raise RequestFailed(f"{self.redact(_describe(e))} after {self.api.max_attempts} attempts")
+        except openai.OpenAIError as e:
+            raise RequestFailed(self.redact(_describe(e)))
+        usable = accept(reply)
+        usd = self._usd(reply.prompt_tokens, reply.completion_tokens)
+        key = self.cache_key(body)
+        with self._lock:
+            if usable:
+                row = ok_row(key, {"reply": reply.to_json(), "usd": usd})
+            else:
+                self.counters.unusable += 1
+                row = failed_row(key, "unusable reply", reply=reply.to_json(), usd=usd)
+            if not self._cache.done(key):
+                self._cache.append([row])
+        return reply
+
+    def redact(self, text: str) -> str:
+        """An error text without the API key (also without key-like strings an API may echo)."""
+        if self._key and self._key != LOCAL_DUMMY_KEY:
+            text = text.replace(self._key, "<redacted>")
+        return re.sub(r"\b(sk|key|fw)[-_][A-Za-z0-9_\-*]{6,}", r"\1-<redacted>", text)
+
+    # ---- many requests ---------------------------------------------------------------
+    def run_all(self, items: Iterable, fn: Callable) -> Iterator[tuple[object, object]]:
+        """``fn(item)`` for every item on ``concurrency`` threads; yields (item, result or the
+        exception it raised) as they finish. BudgetExceeded or FatalApiError from any item stops
+        new submissions; the ones in flight finish and are yielded, then the error is raised."""
+        items = iter(items)
+        halt: Optional[BaseException] = None
+        pool = ThreadPoolExecutor(max_workers=self.api.concurrency, thread_name_prefix=f"{self.stage}-api")
+        inflight: dict[Future, object] = {}
+        try:
+            while True:
+                while halt is None and len(inflight) < 2 * self.api.concurrency:
+                    item = next(items, _END)
+                    if item is _END:
+                        break
+                    inflight[pool.submit(fn, item)] = item
+                if not inflight:
+                    break
+                finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    item = inflight.pop(fut)
+                    exc = fut.exception()
+                    if isinstance(exc, (BudgetExceeded, FatalApiError)):
+                        halt = halt or exc
+                        continue
+                    if isinstance(exc, _Stopped):
+                        continue
+                    yield item, (exc if exc is not None else fut.result())
+            if halt is not None:
+                raise halt
+        finally:
+            if inflight:           # interrupted: no retries, no new requests, do not wait long
+                self._stop.set()
+                pool.shutdown(wait=False, cancel_futures=True)
+            else:
+                pool.shutdown(wait=True)
+
+    def usage(self, failures: int) -> UsageTotals:
+        c = self.counters
+        notes = (f"provider {self.api.provider}, model {self.api.model}; this run: {c.calls} HTTP requests "
+                 f"({c.retries} retries), {c.cached} answered from the cache, {c.unusable} unusable "
+                 f"replies; spent over all runs in this data dir: ${self.spent_total:.6f} of budget "
+                 f"${self.api.budget_usd:.4f}")
+        return UsageTotals(calls=c.calls, cached=c.cached, input_tokens=c.input_tokens,
+                           output_tokens=c.output_tokens, usd=round(c.usd, 8), failures=failures,
+                           notes=notes)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            client, self._client = self._client, None
+            self._cache.close()
+        if client is not None:
+            client.close()
+
+
+_END = object()
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIConnectionError):      # includes APITimeoutError
+        return True
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in RETRY_STATUS
+
+
+def _retry_after(exc: BaseException) -> Optional[float]:
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    headers = exc.response.headers
+    ms = headers.get("retry-after-ms")
+    try:
+        if ms is not None:
+            return float(ms) / 1000.0
+        value = headers.get("retry-after")
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code}: {str(exc.message)[:300]}"
+    if isinstance(exc, openai.APITimeoutError):
+        return "request timed out"
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__
+        return f"connection error ({type(cause).__name__ if cause else 'no detail'})"
+    return f"{type(exc).__name__}: {str(exc)[:300]}"

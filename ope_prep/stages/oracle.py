@@ -1,0 +1,129 @@
+"""Stage 4: oracle labels on a seeded subset: P0's responses (calibration) and the targets' (validation).
+
+The oracle is a stronger model behind the same kind of client as the judge (the embedded
+default: Gemma 3 270M behind a managed llama_cpp.server; in production an API model), asked
+the judge's question with the judge's prompt and read by the judge's code
+(``judge.parse_judgement``).
+
+The label is the oracle's deterministic answer: the digit it answers at temperature 0, / 9, on
+[0, 1] (not the expected value under its digit distribution). A label is what an oracle *says*,
+as a human rater would; and it does not depend on the provider returning log-probabilities.
+
+Which units get a label is decided by the run seed (``run.json``) alone, so a resumed or repeated
+run picks exactly the same ones:
+
+* calibration: the prompts that have a base-policy response, ordered by
+  ``unit_seed(run_seed, "oracle-calibration", prompt_id)``; the first
+  ``max(1, round(calibration_fraction * n))`` of them;
+* validation: for each target policy separately (so that every target gets the same share),
+  its prompts ordered by ``unit_seed(run_seed, "oracle-validation", policy, prompt_id)``; the first
+  ``max(1, round(validation_fraction * n))``.
+
+The two splits have their own work files and their own unit keys (``calibration/<prompt>/<policy>``,
+``validation/<prompt>/<policy>``), so neither pass can ever take the other's work for its own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from itertools import chain
+
+from ..backends.api import BudgetExceeded, FatalApiError
+from ..config import Config, api_keys
+from ..errors import UnitsFailedError
+from ..records import OracleLabel, Response
+from ..stage_cli import work_path
+from ..store import WorkFile, read_jsonl, write_json, write_jsonl
+from .judge import (TEMPLATE_DIGEST, Judgement, ScoringUnit, Tally, api_client, report, score_units,
+                    stage_inputs, stopped)
+from .units import RESPONSES, load_prompts, unit_seed
+
+ORACLE_LABELS = "oracle_labels.jsonl"
+ORACLE_USAGE = "oracle_usage.json"
+OUTPUTS = [ORACLE_LABELS, ORACLE_USAGE]
+SPLITS = ("calibration", "validation")
+
+
+def fingerprint(config: Config, args, ck: dict) -> dict:
+    return {**stage_inputs(ck), "input.run": ck["prepare"]["outputs"]["run.json"]["sha256"],
+            **api_keys(config, "oracle"), "oracle.template": TEMPLATE_DIGEST}
+
+
+def read_run_seed(data_dir) -> int:
+    return int(json.loads((data_dir / "run.json").read_text(encoding="utf-8"))["seed"])
+
+
+def _take(fraction: float, n: int) -> int:
+    return min(n, max(1, round(fraction * n))) if n else 0
+
+
+def select_units(config: Config, responses: list[Response], run_seed: int) -> dict[str, list[Response]]:
+    """The responses to label, per split, in the order of responses.jsonl (prompt order)."""
+    base = config.base_policy
+    cal_pool = [r for r in responses if r.policy == base]
+    ranked = sorted(cal_pool, key=lambda r: unit_seed(run_seed, "oracle-calibration", r.prompt_id))
+    chosen = {id(r) for r in ranked[:_take(config.oracle.calibration_fraction, len(ranked))]}
+    for policy in config.target_policies:
+        pool = [r for r in responses if r.policy == policy]
+        ranked = sorted(pool, key=lambda r: unit_seed(run_seed, "oracle-validation", policy, r.prompt_id))
+        chosen |= {id(r) for r in ranked[:_take(config.oracle.validation_fraction, len(ranked))]}
+    return {"calibration": [r for r in responses if r.policy == base and id(r) in chosen],
+            "validation": [r for r in responses if r.policy != base and id(r) in chosen]}
+
+
+def split_key(split: str, r: Response) -> str:
+    return f"{split}/{r.prompt_id}/{r.policy}"
+
+
+def run(config: Config, args, fp: dict) -> dict:
+    data_dir = config.data_dir
+    prompts = {p.prompt_id: p.prompt for p in load_prompts(data_dir)}
+    responses = read_jsonl(data_dir / RESPONSES, Response)
+    selected = select_units(config, responses, read_run_seed(data_dir))
+    keys = {s: [split_key(s, r) for r in selected[s]] for s in SPLITS}
+    works = {s: WorkFile(work_path(data_dir, f"oracle_{s}"), fp) for s in SPLITS}
+    try:
+        for s, w in works.items():
+            if w.repaired_bytes:
+                print(f"[oracle] cut a torn last line ({w.repaired_bytes} bytes) from {w.path}")
+        todo = {s: [ScoringUnit(k, r.prompt_id, r.policy, prompts[r.prompt_id], r.response)
+                    for k, r in zip(keys[s], selected[s]) if not works[s].done(k)] for s in SPLITS}
+        print(f"[oracle] {len(keys['calibration'])} calibration labels ({config.base_policy}), "
+              f"{len(keys['validation'])} validation labels ({', '.join(config.target_policies)}); "
+              f"{sum(len(keys[s]) - len(todo[s]) for s in SPLITS)} already done; oracle: "
+              f"{config.oracle.provider} {config.oracle.model}")
+
+        def labeller(split: str):
+            def record(u: ScoringUnit, j: Judgement) -> OracleLabel:
+                return OracleLabel(prompt_id=u.prompt_id, policy=u.policy, split=split, label=j.score, raw=j.raw)
+            return record
+
+        started = time.monotonic()
+        tally = Tally()
+        with api_client(config, "oracle", "oracle") as (client, specials):
+            try:
+                for s in SPLITS:
+                    score_units("oracle", client, specials, works[s], todo[s], labeller(s),
+                                need_distribution=False, tally=tally, desc=s)
+            except (BudgetExceeded, FatalApiError) as e:
+                raise stopped("oracle", e, *chain.from_iterable((works[s], keys[s]) for s in SPLITS))
+            finally:
+                report("oracle", client, sum(len(t) for t in todo.values()), tally, time.monotonic() - started)
+                usage = write_json(data_dir / ORACLE_USAGE, asdict(client.usage(tally.failed)))
+
+        missing = [(s, k) for s in SPLITS for k in keys[s] if not works[s].done(k)]
+        if missing:
+            failures = {**works["calibration"].failures(), **works["validation"].failures()}
+            sample = "; ".join(f"{k}: {failures[k]['error']}" for _, k in missing[:3] if k in failures)
+            raise UnitsFailedError(
+                f"stage oracle: {len(missing)} of {sum(len(k) for k in keys.values())} units not done "
+                f"({sample or 'not run'}); rerun to retry only those (their records are in "
+                f"{works['calibration'].path} and {works['validation'].path})")
+        labels = write_jsonl(data_dir / ORACLE_LABELS,
+                             chain.from_iterable(works[s].ok_records(keys[s]) for s in SPLITS))
+        return {ORACLE_LABELS: labels, ORACLE_USAGE: usage}
+    finally:
+        for w in works.values():
+            w.close()
