@@ -78,7 +78,8 @@ class ApiConfig(_Strict):
     model: str                       # local_server: a key of `models`; openai: the API model name
     base_url: Optional[str] = None   # openai: None means api.openai.com
     api_key_env: str = "OPENAI_API_KEY"
-    grammar: bool = False            # local_server only: constrain the answer to one digit
+    grammar: bool = False            # llama.cpp servers only (local_server, or openai with a base_url
+                                     # that is a llama.cpp server): the answer is one digit
     max_tokens: int = Field(4, ge=1)
     top_logprobs: int = Field(20, ge=1, le=20)
     concurrency: int = Field(2, ge=1)
