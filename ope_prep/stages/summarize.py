@@ -65,7 +65,11 @@ def fingerprint(config: Config, args, ck: dict) -> dict:
     fp: dict[str, object] = {}
     for stage in UPSTREAM:
         for rel, manifest in sorted(ck[stage]["outputs"].items()):
-            fp[f"input.{stage}.{rel}"] = manifest["sha256"]
+            # Usage counts describe one run of a stage, not its data: a judge stage redone for
+            # one torn unit writes the same scores and other counts, and must not make the
+            # summary look out of date.
+            if not rel.endswith("_usage.json"):
+                fp[f"input.{stage}.{rel}"] = manifest["sha256"]
     # Which policy is the base and which is the clone changes the checks and the export.
     fp["base_policy"] = config.base_policy
     fp["clone_policy"] = config.clone_policy
