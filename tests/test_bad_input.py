@@ -34,6 +34,12 @@ def _mutate(case: str, cfg: dict, tmp_path) -> str | None:
     elif case == "non-UTF-8 source":
         (tmp_path / "bad.json").write_bytes(b'[{"id": "a_0", "conversations": [{"from": "human", "value": "caf\xe9"}]}]')
         cfg["source"]["path"] = str(tmp_path / "bad.json")
+    elif case == "unknown source type":
+        cfg["source"]["type"] = "csv"
+    elif case == "zero batch size":
+        cfg["generation"]["batch_size"] = 0
+    elif case == "oracle fraction above 1":
+        cfg["oracle"]["calibration_fraction"] = 1.5
     elif case == "invalid YAML":
         return "paths:\n  data_dir: [unclosed\n"
     elif case == "config not a mapping":
@@ -53,6 +59,9 @@ CASES = {
     "unknown policy model": ("policies.1.model", 3),
     "base policy missing": ("base_policy", 3),
     "missing api key": ("OPE_TEST_NO_SUCH_KEY is not set", 3),
+    "unknown source type": ("source.type", 3),
+    "zero batch size": ("generation.batch_size", 3),
+    "oracle fraction above 1": ("oracle.calibration_fraction", 3),
     "invalid YAML": ("invalid YAML", 3),
     "config not a mapping": ("must be a YAML mapping", 3),
     "non-UTF-8 config": ("not UTF-8", 3),
