@@ -5,16 +5,34 @@ the high-level sampler applies top-k/top-p/min-p unless told otherwise, echo log
 are shifted by one position for models without BOS, and the call is about half as fast as
 driving `llama_decode` directly. Here every log-probability is computed from the raw logits as
 log softmax(logits / T), and sampling draws from exactly that distribution.
+
+Speed (see benchmarks/bench_llama.py):
+
+* generation decodes up to `n_seq` sequences per `llama_decode` call, refilling a slot as soon
+  as its sequence ends; a prompt that shares a prefix with a running sequence's prompt (p0 and
+  pi_clone render the same prompt) copies that sequence's KV cells instead of decoding them
+  again; sampling touches the vocabulary with one exp and per-block sums, not a full cumsum.
+* teacher forcing packs several sequences (distinct sequence ids) into each `llama_decode`
+  batch of up to `n_batch` tokens, with logits only at response positions; identical
+  (prompt, response) pairs are decoded once and scored at each requested temperature, and
+  sequences whose prompts share a prefix decode it once, as tokens belonging to all of them.
+
+Exactness: flash attention is off and llama-cpp-python is built without llamafile's sgemm
+(setup.sh), so a token's logits do not depend on how many tokens or sequences share its batch:
+teacher-forced log-probabilities reproduce the one-token-at-a-time sampling log-probabilities,
+and a sequence's sampled tokens depend only on its prompt, temperature and seed.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import sys
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import jinja2.sandbox
 import llama_cpp
@@ -34,6 +52,29 @@ _ASSISTANT_MARK = "\ue000ASSISTANT\ue001"
 # 32M floats = 128 MB (SmolLM2: ~650 rows, Gemma 3: 128 rows).
 _MAX_OUTPUT_FLOATS = 32 * 1024 * 1024
 
+# Sampling finds the drawn token block by block: block sums, then one block's running sum.
+_BLOCK = 1024
+
+# Rows per numpy pass when scoring logits, so temporaries stay small (Gemma 3: 16 MB).
+_ROWS_PER_PASS = 16
+
+# A shared prompt prefix shorter than this is decoded again rather than shared (sharing
+# copies a sequence's whole cache, ~50 MB at n_ctx 2048: about the time of 2-3 tokens).
+_MIN_SHARED = 8
+
+# For some weight types (Gemma 3's Q4_K_M here; not SmolLM2's Q4_1) a token's logits depend
+# on its batch, by up to ~1 in this llama.cpp (measured):
+# * ggml computes a batch of fewer than 8 tokens with other kernels than a larger one;
+# * with repacked weights (see LlamaModel), rows are computed in groups of 4 or 8 counted
+#   from the batch's first token, and a row's result depends on its group.
+# The last layer runs only on the rows whose logits are wanted, so their number counts too.
+# Hence a generation step decodes at most _GRAIN - 1 tokens per llama_decode call, however
+# many sequences run; teacher forcing splits a sequence only at positions that are multiples
+# of _GRAIN, into parts of at least _GRAIN tokens (each sequence in a ubatch of its own) with
+# no logits rows or at least _GRAIN: it reproduces llama.cpp's own evaluation of the whole
+# sequence in one batch (logits_all) to float noise, whatever else shares its batches.
+_GRAIN = 8
+
 
 @dataclass
 class Generation:
@@ -52,6 +93,28 @@ def log_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def token_logprobs(rows: np.ndarray, targets: Sequence[int], temperature: float) -> np.ndarray:
+    """log softmax(rows / T)[i, targets[i]] for float32 logits rows (n, V), as float64.
+
+    The sum of exponentials runs in float32 over (x - max) / T (relative error ~1e-7, so
+    ~1e-7 nats), the target's own term in float64. Sampling uses the same arithmetic.
+    """
+    rows = np.asarray(rows)
+    targets = np.asarray(targets, dtype=np.intp)
+    out = np.empty(len(targets), dtype=np.float64)
+    t32 = np.float32(temperature)
+    for a in range(0, len(targets), _ROWS_PER_PASS):
+        r = rows[a:a + _ROWS_PER_PASS]
+        m = r.max(axis=1, keepdims=True)
+        e = r - m
+        e /= t32
+        np.exp(e, out=e)
+        s = e.sum(axis=1, dtype=np.float64)
+        x = r[np.arange(len(r)), targets[a:a + _ROWS_PER_PASS]].astype(np.float64)
+        out[a:a + len(r)] = (x - m[:, 0].astype(np.float64)) / temperature - np.log(s)
+    return out
+
+
 def check_build() -> None:
     if b"LLAMAFILE = 1" in llama_cpp.llama_print_system_info():
         print("warning: llama-cpp-python was built with llamafile's sgemm: teacher-forced and sampling "
@@ -59,24 +122,95 @@ def check_build() -> None:
               file=sys.stderr)
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class _GenState:
+    job: int
+    prompt: list[int]
+    temperature: float
+    rng: np.random.Generator
+    pos: int = 0                                   # next position to decode
+    tokens: list[int] = field(default_factory=list)
+    logprob: float = 0.0
+
+
+@dataclass
+class _TFSeq:
+    """One distinct (prompt, response) token sequence to teacher-force."""
+    tokens: list[int]
+    n_prompt: int
+    requests: list[tuple[int, float]] = field(default_factory=list)   # (item index, temperature)
+    values: dict[float, np.ndarray] = field(default_factory=dict)     # temperature -> per token
+
+    @property
+    def end(self) -> int:
+        # Every token is decoded, the last too (its logits predict nothing): the batches then
+        # end where a whole-sequence evaluation's does, which repacked weights need (see _GRAIN).
+        return len(self.tokens)
+
+    @property
+    def first_out(self) -> int:    # the logits at this position predict the first response token
+        return self.n_prompt - 1
+
+    @property
+    def stop_out(self) -> int:     # logits are wanted at positions [first_out, stop_out)
+        return len(self.tokens) - 1
+
+    def outputs(self, start: int, stop: int) -> int:
+        """How many of positions [start, stop) want logits."""
+        return max(0, min(stop, self.stop_out) - max(start, self.first_out))
+
+
+@dataclass
+class _TFStream:
+    """Positions [cursor, end) of one sequence still to decode into cache/sequence id `seq`."""
+    seq: int
+    seq_data: _TFSeq
+    cursor: int
+    end: int
+
+
 class LlamaModel:
-    """One GGUF model loaded once, serving every policy that uses it."""
+    """One GGUF model loaded once, serving every policy that uses it.
+
+    Up to n_seq sequences are in flight at once, each with its own cache of n_ctx cells
+    (kv_unified off). Attention then runs over a sequence's own tokens only, and a token's
+    logits do not depend on where its cells lie. With one unified cache they do, in this
+    llama.cpp (0.3.36): a sequence decoded in cells after another sequence's got logits up to
+    ~0.9 off, so the unified cache is not used.
+
+    repack_weights: ggml's repacked weight layouts (llama.cpp's default, "extra buffer types")
+    compute several batch rows together, so with them a token's logits depend on the tokens
+    around it in its batch (for Gemma 3's Q4_K_M: a generated token's would depend on the
+    other sequences in the step). Teacher forcing keeps them, with aligned batches, and so
+    reproduces llama.cpp's own evaluation of a sequence; generation turns them off, so that a
+    sequence's tokens depend only on its own prompt, temperature and seed. SmolLM2's Q4_1 is
+    the same either way.
+    """
 
     def __init__(self, path: Path | str, n_ctx: int, n_threads: int = 2, n_seq: int = 1,
-                 chat_template: Optional[str] = None):
+                 chat_template: Optional[str] = None, repack_weights: bool = True):
         llama_cpp.llama_backend_init()
         check_build()
         self.path = str(path)
         self.n_seq = n_seq
         self.n_ctx_per_seq = n_ctx
-        self.model = _internals.LlamaModel(path_model=self.path,
-                                           params=llama_cpp.llama_model_default_params(),
-                                           verbose=False)
+        self.repack_weights = repack_weights
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.use_extra_bufts = repack_weights
+        self.model = _internals.LlamaModel(path_model=self.path, params=mparams, verbose=False)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx * n_seq
         params.n_batch = params.n_ubatch = 512
         params.n_seq_max = n_seq
-        params.kv_unified = False         # each sequence its own n_ctx cells: faster attention
+        params.kv_unified = False         # each sequence its own n_ctx cells (see above)
         params.n_threads = params.n_threads_batch = n_threads
         params.no_perf = True
         # Flash attention's kernel for one query row differs from its kernel for many, so a
@@ -88,7 +222,13 @@ class LlamaModel:
         self.n_batch = params.n_batch
         self.n_vocab = self.model.n_vocab()
         self.max_outputs = max(1, min(self.n_batch, _MAX_OUTPUT_FLOATS // self.n_vocab))
-        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, max(1, n_seq))
+        self._b_token = np.ctypeslib.as_array(self.batch.token, shape=(self.n_batch,))
+        self._b_pos = np.ctypeslib.as_array(self.batch.pos, shape=(self.n_batch,))
+        self._b_nseq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(self.n_batch,))
+        self._b_logits = np.ctypeslib.as_array(self.batch.logits, shape=(self.n_batch,))
+        n_blocks = -(-self.n_vocab // _BLOCK)
+        self._sample_buf = np.zeros(n_blocks * _BLOCK, dtype=np.float32)   # tail stays 0
         self.vocab = self.model.vocab
         template = chat_template or self.model.metadata().get("tokenizer.chat_template")
         if not template:
@@ -171,111 +311,388 @@ class LlamaModel:
         return tokens + [self.end_of_turn] if stopped else tokens
 
     # ---- decoding -------------------------------------------------------------------
-    def _clear(self, seq: int = -1) -> None:
-        llama_cpp.llama_memory_seq_rm(self.ctx.memory, seq, -1, -1)
+    @property
+    def _memory(self):
+        return self.ctx.memory
 
-    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
-        """entries: (token, position, sequence id, want logits)."""
+    def _clear(self, seq: int = -1) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+
+    def _decode(self, entries: list[tuple[int, int, Union[int, tuple[int, ...]], bool]]) -> None:
+        """entries: (token, position, sequence id or ids, want logits)."""
         b = self.batch
-        for i, (tok, pos, seq, want) in enumerate(entries):
-            b.token[i] = tok
-            b.pos[i] = pos
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq
-            b.logits[i] = want
-        b.n_tokens = len(entries)
+        n = len(entries)
+        if not 0 < n <= self.n_batch:
+            raise ValueError(f"a decode batch of {n} tokens (1..{self.n_batch} allowed)")
+        toks, poss, seqs, wants = zip(*entries)
+        self._b_token[:n] = toks
+        self._b_pos[:n] = poss
+        self._b_logits[:n] = wants
+        seq_id = b.seq_id
+        for i, s in enumerate(seqs):
+            if isinstance(s, int):
+                seq_id[i][0] = s
+                self._b_nseq[i] = 1
+            else:
+                for k, sk in enumerate(s):
+                    seq_id[i][k] = sk
+                self._b_nseq[i] = len(s)
+        b.n_tokens = n
         rc = llama_cpp.llama_decode(self.ctx.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
 
-    def _logits(self, i: int) -> np.ndarray:
+    def _row(self, i: int) -> np.ndarray:
+        """The logits of batch entry i (-1: the last), a view valid until the next decode."""
         ptr = llama_cpp.llama_get_logits_ith(self.ctx.ctx, i)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        if not ptr:
+            raise RuntimeError(f"no logits for batch entry {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def _rows(self, first: int, n: int) -> np.ndarray:
+        """The logits of batch entries first..first+n-1 (all requested), as one (n, V) array."""
+        p0 = ctypes.cast(llama_cpp.llama_get_logits_ith(self.ctx.ctx, first), ctypes.c_void_p).value
+        p1 = ctypes.cast(llama_cpp.llama_get_logits_ith(self.ctx.ctx, first + n - 1), ctypes.c_void_p).value
+        if p0 and p1 == p0 + (n - 1) * self.n_vocab * 4:       # contiguous: a view, no copy
+            return np.ctypeslib.as_array(ctypes.cast(p0, ctypes.POINTER(ctypes.c_float)),
+                                         shape=(n, self.n_vocab))
+        return np.stack([self._row(first + k) for k in range(n)])
+
+    def _logits(self, i: int) -> np.ndarray:
+        return self._row(i).copy()
 
     def _prefill(self, tokens: list[int], seq: int, start: int = 0) -> np.ndarray:
-        """Decode tokens[start:] into `seq`; returns the logits after the last token."""
-        for i in range(start, len(tokens), self.n_batch):
-            chunk = tokens[i:i + self.n_batch]
-            last = i + len(chunk) == len(tokens)
-            self._decode([(t, i + j, seq, last and j == len(chunk) - 1) for j, t in enumerate(chunk)])
-        return self._logits(-1)
+        """Decode tokens[start:] into `seq` (start a multiple of _GRAIN) in batches of up to
+        n_batch tokens, the last at least _GRAIN; returns the logits after the last token
+        (a view, valid until the next decode)."""
+        pos, end = start, len(tokens)
+        while pos < end:
+            stop = min(pos + self.n_batch, end)
+            if 0 < end - stop < _GRAIN:
+                stop = end - _GRAIN
+                stop -= stop % _GRAIN
+            self._decode([(tokens[p], p, seq, p == end - 1) for p in range(pos, stop)])
+            pos = stop
+        return self._row(-1)
 
-    def generate(self, jobs: list[tuple[list[int], float, int]], max_tokens: int) -> list[Generation]:
-        """Sample one response per (prompt_tokens, temperature, seed), several sequences at once.
+    def _share_prefix(self, src: int, dst: int, n: int) -> None:
+        """Give sequence dst the cells of src's positions [0, n) (dst is empty)."""
+        # Between per-sequence caches llama.cpp copies whole caches (at the next decode, before
+        # it runs); the copy's positions from n on are then dropped.
+        llama_cpp.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self._memory, dst, n, -1)
 
-        Each job's randomness comes only from its own seed, and each token is drawn from
-        softmax(logits / T) with nothing else applied, so the recorded log-probability is the
-        true sampling probability.
+    # ---- sampling -------------------------------------------------------------------
+    def _sample(self, row: np.ndarray, temperature: float, u: float) -> tuple[int, float]:
+        """Draw from softmax(row / T) with the uniform u; returns (token, its log-probability).
+
+        Inverse CDF, searched per block of _BLOCK tokens (block sums, then one block's running
+        sum), so the vocabulary is touched once by exp and a sum instead of a full cumsum.
         """
+        buf = self._sample_buf
+        e = buf[:self.n_vocab]
+        m = row.max()
+        np.subtract(row, m, out=e)
+        e /= np.float32(temperature)
+        np.exp(e, out=e)
+        block_sums = buf.reshape(-1, _BLOCK).sum(axis=1, dtype=np.float64)
+        cum = np.cumsum(block_sums)
+        total = float(cum[-1])
+        target = u * total
+        b = min(int(np.searchsorted(cum, target, side="right")), len(cum) - 1)
+        base = float(cum[b - 1]) if b else 0.0
+        within = base + np.cumsum(buf[b * _BLOCK:(b + 1) * _BLOCK], dtype=np.float64)
+        tok = b * _BLOCK + min(int(np.searchsorted(within, target, side="right")), _BLOCK - 1)
+        while tok >= self.n_vocab or buf[tok] == 0.0:   # rounding at a block's end: step back to mass
+            tok -= 1
+        s = float(e.sum(dtype=np.float64))               # as token_logprobs computes it
+        return tok, (float(row[tok]) - float(m)) / temperature - math.log(s)
+
+    # ---- generation -----------------------------------------------------------------
+    def generate(self, jobs: list[tuple[list[int], float, int]], max_tokens: int) -> list[Generation]:
+        """Sample one response per (prompt_tokens, temperature, seed); see generate_iter.
+        A job that cannot run (too long for the context) is refused before any runs."""
+        for job in jobs:
+            self._check_job(job, max_tokens)
         results: list[Optional[Generation]] = [None] * len(jobs)
-        pending = list(range(len(jobs)))
-        active: dict[int, dict] = {}   # seq id -> state
-        free_seqs = list(range(self.n_seq))
-        self._clear()
-        while pending or active:
-            while pending and free_seqs:
-                j = pending.pop(0)
-                prompt, temp, seed = jobs[j]
-                if len(prompt) + max_tokens > self.n_ctx_per_seq:
-                    raise PromptTooLong(f"prompt of {len(prompt)} tokens + max_tokens {max_tokens} "
-                                        f"exceeds the context of {self.n_ctx_per_seq}")
-                seq = free_seqs.pop(0)
-                logits = self._prefill(prompt, seq)
-                active[seq] = {"job": j, "pos": len(prompt), "temp": temp, "logits": logits,
-                               "rng": np.random.default_rng(seed), "tokens": [], "logprob": 0.0}
-            step = []
-            for seq, st in list(active.items()):
-                lp = log_softmax(st["logits"], st["temp"])
-                probs = np.exp(lp)
-                tok = int(np.searchsorted(np.cumsum(probs), st["rng"].random() * probs.sum(), side="right"))
-                tok = min(tok, self.n_vocab - 1)
-                st["tokens"].append(tok)
-                st["logprob"] += float(lp[tok])
-                done = None
-                if self.is_end_of_generation(tok):
-                    done = "stop"
-                elif len(st["tokens"]) >= max_tokens:
-                    done = "length"
-                if done:
-                    results[st["job"]] = Generation(st["tokens"], st["logprob"], done)
-                    del active[seq]
-                    self._clear(seq)
-                    free_seqs.append(seq)
-                else:
-                    step.append(seq)
-            if step:
-                self._decode([(active[s]["tokens"][-1], active[s]["pos"], s, True) for s in step])
-                for i, s in enumerate(step):
-                    active[s]["pos"] += 1
-                    active[s]["logits"] = self._logits(i)
+        for j, gen in self.generate_iter(jobs, max_tokens):
+            results[j] = gen
         return results  # type: ignore[return-value]
 
+    def _check_job(self, job: tuple[list[int], float, int], max_tokens: int) -> None:
+        prompt, temp, _ = job
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) + max_tokens > self.n_ctx_per_seq:
+            raise PromptTooLong(f"prompt of {len(prompt)} tokens + max_tokens {max_tokens} "
+                                f"exceeds the context of {self.n_ctx_per_seq}")
+        if not temp > 0:
+            raise ValueError(f"temperature must be positive (got {temp})")
+
+    def generate_iter(self, jobs: Iterable[tuple[list[int], float, int]],
+                      max_tokens: int) -> Iterator[tuple[int, Generation]]:
+        """Yield (job index, Generation) as each job finishes, up to n_seq jobs decoding at
+        once; a job is taken from `jobs` (which may be lazy) when a sequence slot frees up.
+
+        Each job's randomness comes only from its own seed (one uniform per token), and each
+        token is drawn from softmax(logits / T) with nothing else applied, so the recorded
+        log-probability is the true sampling probability, and the result does not depend on
+        which other jobs ran alongside.
+        """
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        pending = enumerate(jobs)
+        exhausted = False
+        active: dict[int, _GenState] = {}     # sequence id -> state
+        free = list(range(self.n_seq))
+        self._clear()
+        try:
+            while not exhausted or active:
+                while not exhausted and free:
+                    nxt = next(pending, None)
+                    if nxt is None:
+                        exhausted = True
+                        break
+                    j, job = nxt
+                    self._check_job(job, max_tokens)
+                    seq = min(free)
+                    free.remove(seq)
+                    prompt, temp, seed = job
+                    st = _GenState(j, list(prompt), float(temp), np.random.default_rng(seed))
+                    done = self._advance(st, self._start(st, seq, active), max_tokens)
+                    if done is None:
+                        active[seq] = st
+                    else:
+                        self._clear(seq)
+                        free.append(seq)
+                        yield j, done
+                if exhausted:
+                    self._compact(active, free)
+                if not active:
+                    continue
+                order = sorted(active)   # ascending ids: llama.cpp puts them in one ubatch
+                finished = []
+                for a in range(0, len(order), _GRAIN - 1):
+                    step = order[a:a + _GRAIN - 1]
+                    self._decode([(active[s].tokens[-1], active[s].pos, s, True) for s in step])
+                    for i, s in enumerate(step):
+                        st = active[s]
+                        st.pos += 1
+                        done = self._advance(st, self._row(i), max_tokens)
+                        if done is not None:
+                            finished.append((s, done))
+                for s, done in finished:
+                    job = active.pop(s).job
+                    self._clear(s)
+                    free.append(s)
+                    yield job, done
+        finally:
+            self._clear()
+
+    def _compact(self, active: dict[int, _GenState], free: list[int]) -> None:
+        """With nothing left to start, move the highest running sequences into lower free
+        slots: llama.cpp decodes only consecutive sequence ids as one ubatch (per-sequence
+        caches), so a step over ids 0, 2, 3 would take two. A move copies the whole cache
+        (at the next decode, before it runs); the values are the same bits."""
+        while free and active and min(free) < max(active):
+            hi, lo = max(active), min(free)
+            llama_cpp.llama_memory_seq_cp(self._memory, hi, lo, -1, -1)
+            self._clear(hi)
+            active[lo] = active.pop(hi)
+            free.remove(lo)
+            free.append(hi)
+
+    def _start(self, st: _GenState, seq: int, active: dict[int, _GenState]) -> np.ndarray:
+        """Prefill st's prompt into `seq`, reusing the cells of a running sequence's prompt
+        where the prompts share a prefix; returns the logits after the prompt."""
+        shared, src = 0, -1
+        for s, other in active.items():
+            k = _common_prefix(other.prompt, st.prompt, len(st.prompt) - _GRAIN)
+            if self.repack_weights:
+                k -= k % _GRAIN
+            if k > shared:
+                shared, src = k, s
+        if shared >= _MIN_SHARED:
+            self._share_prefix(src, seq, shared)
+        else:
+            shared = 0
+        st.pos = len(st.prompt)
+        return self._prefill(st.prompt, seq, start=shared)
+
+    def _advance(self, st: _GenState, row: np.ndarray, max_tokens: int) -> Optional[Generation]:
+        tok, lp = self._sample(row, st.temperature, st.rng.random())
+        st.tokens.append(tok)
+        st.logprob += lp
+        if self.is_end_of_generation(tok):
+            return Generation(st.tokens, st.logprob, "stop")
+        if len(st.tokens) >= max_tokens:
+            return Generation(st.tokens, st.logprob, "length")
+        return None
+
+    # ---- teacher forcing ------------------------------------------------------------
     def teacher_force(self, prompt: list[int], response: list[int], temperature: float) -> list[float]:
         """Per-token log softmax(logits / T) of `response` after `prompt`, from raw logits."""
-        if not response:
-            return []
-        if len(prompt) + len(response) > self.n_ctx_per_seq:
-            raise PromptTooLong(f"prompt + response of {len(prompt) + len(response)} tokens exceed "
-                                f"the context of {self.n_ctx_per_seq}")
+        result = self.teacher_force_many([(prompt, response, temperature)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def teacher_force_many(self, items: Sequence[tuple[Sequence[int], Sequence[int], float]]
+                           ) -> list[Union[list[float], ValueError]]:
+        """Per-token log softmax(logits / T) of each (prompt, response, temperature) item's
+        response after its prompt, from raw logits; or, for an item that cannot be scored
+        (too long for the context, empty prompt), the ValueError saying why.
+
+        Items with identical prompt and response tokens are decoded once and scored at each of
+        their temperatures: equal inputs give equal logits, and anything that differs (the
+        rendered prompt, the response, the temperature) is computed on its own.
+        """
+        results: list = [None] * len(items)
+        distinct: dict[tuple, _TFSeq] = {}
+        for i, (prompt, response, temp) in enumerate(items):
+            prompt, response = list(prompt), list(response)
+            if not temp > 0:
+                results[i] = ValueError(f"temperature must be positive (got {temp})")
+            elif not response:
+                results[i] = []
+            elif not prompt:
+                results[i] = ValueError("empty prompt")
+            elif len(prompt) + len(response) > self.n_ctx_per_seq:
+                results[i] = PromptTooLong(f"prompt + response of {len(prompt) + len(response)} "
+                                           f"tokens exceed the context of {self.n_ctx_per_seq}")
+            else:
+                key = (tuple(prompt), tuple(response))
+                sq = distinct.get(key)
+                if sq is None:
+                    sq = distinct[key] = _TFSeq(prompt + response, len(prompt))
+                sq.requests.append((i, float(temp)))
+        seqs = list(distinct.values())
+        for sq in seqs:
+            for _, temp in sq.requests:
+                sq.values.setdefault(temp, np.empty(len(sq.tokens) - sq.n_prompt))
+        if seqs:
+            self._teacher_force_packed(seqs)
+        for sq in seqs:
+            for i, temp in sq.requests:
+                results[i] = sq.values[temp].tolist()
+        return results
+
+    def _groups(self, seqs: list[_TFSeq]) -> list[tuple[list[_TFSeq], int]]:
+        """Runs of consecutive sequences whose prompts share a prefix of >= _MIN_SHARED tokens
+        before any scored position (and >= _GRAIN positions before their end), with the length
+        they all share, a multiple of _GRAIN."""
+        groups: list[tuple[list[_TFSeq], int]] = []
+        for sq in seqs:
+            if groups and len(groups[-1][0]) < self.n_seq:
+                members, shared = groups[-1]
+                lead = members[0]
+                k = _common_prefix(lead.tokens, sq.tokens,
+                                   min(lead.first_out, sq.first_out, sq.end - _GRAIN))
+                k -= k % _GRAIN
+                if k >= _MIN_SHARED:
+                    groups[-1] = (members + [sq], min(shared, k) if len(members) > 1 else k)
+                    continue
+            groups.append(([sq], 0))
+        return groups
+
+    def _teacher_force_packed(self, seqs: list[_TFSeq]) -> None:
+        """Decode the sequences, several per llama_decode call (up to n_batch tokens, each
+        sequence its own id and cache), requesting logits only where they predict a response
+        token.
+
+        Entries go in descending sequence id, so llama.cpp computes each sequence's part as
+        a ubatch of its own, and a sequence is split only at multiples of _GRAIN, into parts
+        of at least _GRAIN tokens: each sequence is computed as in one batch on its own.
+        A group of sequences sharing a prompt prefix decodes it once, in its first sequence;
+        the others then copy that sequence's cache cells and decode only their own rest.
+        """
+        groups = deque(self._groups(seqs))
+        free = list(range(self.n_seq))
+        active: list[_TFStream] = []
+        waiting: list[tuple[_TFStream, _TFStream, int]] = []   # (lead, member, shared length)
         self._clear()
-        tokens = prompt + response
-        # Positions whose logits predict a response token: len(prompt)-1 .. len(tokens)-2.
-        first_out = len(prompt) - 1
-        self._prefill_no_logits(tokens[:first_out])
-        out: list[float] = []
-        pos = first_out
-        while pos < len(tokens) - 1:
-            n = min(self.max_outputs, len(tokens) - 1 - pos)
-            self._decode([(tokens[pos + j], pos + j, 0, True) for j in range(n)])
-            rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx.ctx), shape=(n, self.n_vocab))
-            lp = log_softmax(rows, temperature)
-            targets = tokens[pos + 1:pos + 1 + n]
-            out.extend(float(x) for x in lp[np.arange(n), targets])
-            pos += n
-        return out
+        try:
+            while groups or active or waiting:
+                while groups and len(free) >= len(groups[0][0]):
+                    members, shared = groups.popleft()
+                    streams = [_TFStream(free.pop(0), sq, shared, sq.end) for sq in members]
+                    streams[0].cursor = 0
+                    active.append(streams[0])
+                    waiting.extend((streams[0], st, shared) for st in streams[1:])
+                entries: list[tuple] = []
+                plan: list[tuple[_TFStream, int, int, int]] = []  # stream, entry index, pos, n outputs
+                n_tok, n_out = self.n_batch, self.max_outputs
+                for st in sorted(active, key=lambda st: -st.seq):
+                    n = self._chunk(st, n_tok, n_out, first=not entries)
+                    if n == 0:
+                        continue
+                    sq = st.seq_data
+                    o0, o1 = self._output_rows(sq, st.cursor, st.cursor + n)
+                    plan.append((st, len(entries) + o0 - st.cursor, o0, o1 - o0))
+                    entries.extend((sq.tokens[p], p, st.seq, o0 <= p < o1)
+                                   for p in range(st.cursor, st.cursor + n))
+                    st.cursor += n
+                    n_tok -= n
+                    n_out -= o1 - o0
+                if not entries:
+                    raise RuntimeError("teacher forcing made no progress")
+                self._decode(entries)
+                for st, first, pos, rows in plan:
+                    if rows:
+                        self._score(st.seq_data, first, pos, rows)
+                # Members whose shared prefix is now in their lead's cache start from a copy of it
+                # (before a finished lead's cells are released).
+                for lead, member, shared in [w for w in waiting if w[0].cursor >= w[2]]:
+                    self._share_prefix(lead.seq, member.seq, shared)
+                    active.append(member)
+                waiting = [w for w in waiting if w[0].cursor < w[2]]
+                for st in [st for st in active if st.cursor == st.end]:
+                    self._clear(st.seq)
+                    free.append(st.seq)
+                active = [st for st in active if st.cursor < st.end]
+                free.sort()
+        finally:
+            self._clear()
 
-    def _prefill_no_logits(self, tokens: list[int]) -> None:
-        for i in range(0, len(tokens), self.n_batch):
-            chunk = tokens[i:i + self.n_batch]
-            self._decode([(t, i + j, 0, False) for j, t in enumerate(chunk)])
+    @staticmethod
+    def _output_rows(sq: _TFSeq, start: int, stop: int) -> tuple[int, int]:
+        """The positions [o0, o1) of part [start, stop) that get logits rows: the scored ones,
+        widened to _GRAIN rows (extra rows are not used) when there are fewer but some."""
+        o0, o1 = max(start, sq.first_out), min(stop, sq.stop_out)
+        if o0 >= o1:
+            return start, start
+        if o1 - o0 < _GRAIN:
+            o0 = max(start, o1 - _GRAIN)
+            o1 = min(stop, o0 + _GRAIN)
+        return o0, o1
 
+    def _chunk(self, st: _TFStream, n_tok: int, n_out: int, first: bool) -> int:
+        """How many of st's next positions go in a batch with n_tok tokens and n_out logits
+        rows left (0: none). A part that does not finish the sequence ends at a multiple of
+        _GRAIN and leaves at least _GRAIN; every part has at least _GRAIN tokens."""
+        sq = st.seq_data
+        left = st.end - st.cursor
+        fits = min(left, n_tok, max(0, sq.first_out - st.cursor) + n_out)
+        if st.cursor + fits == sq.stop_out and fits < n_tok:
+            fits += 1    # the last token wants no logits
+        n = fits
+        if n < left:
+            stop = min(st.cursor + n, st.end - _GRAIN)
+            n = stop - stop % _GRAIN - st.cursor
+        if n >= min(left, _GRAIN):
+            o0, o1 = self._output_rows(sq, st.cursor, st.cursor + n)
+            if o1 - o0 <= n_out:
+                return n
+        # Only a vocabulary so large that fewer than _GRAIN rows fit in the output buffer
+        # gets here with an empty batch: then take what fits.
+        return max(1, fits) if first else 0
+
+    def _score(self, sq: _TFSeq, first_entry: int, pos: int, n: int) -> None:
+        """Log-probabilities of the response tokens predicted by the logits rows of batch
+        entries first_entry.. (positions pos..pos+n-1; rows outside the response unused)."""
+        rows = self._rows(first_entry, n)
+        a, b = max(pos, sq.first_out), min(pos + n, sq.stop_out)
+        targets = sq.tokens[a + 1:b + 1]
+        k = a - sq.first_out
+        for temp, values in sq.values.items():
+            values[k:k + b - a] = token_logprobs(rows[a - pos:b - pos], targets, temp)

@@ -1,8 +1,15 @@
-"""Stage 2: one response per (prompt, policy), sampled with the policy's temperature only."""
+"""Stage 2: one response per (prompt, policy), sampled with the policy's temperature only.
+
+Each model's units stream through `LlamaModel.generate_iter`: up to generation.batch_size
+sequences decode together, a finished sequence's slot takes the next unit at once, and units
+sharing a rendered prompt (p0 and pi_clone) share its prefill. Finished units are appended
+to the work file and fsynced every batch_size units; a unit's result depends only on its own
+seed, so a resumed run produces exactly what an uninterrupted one would.
+"""
 
 from __future__ import annotations
 
-from ..backends.llama import LlamaModel, PromptTooLong
+from ..backends.llama import LlamaModel
 from ..config import Config, model_identity, policies_keys
 from ..records import Response
 from ..stage_cli import work_path
@@ -19,10 +26,11 @@ def fingerprint(config: Config, args, ck: dict) -> dict:
             **policies_keys(config)}
 
 
-def load_model(config: Config, model_key: str, n_seq: int) -> LlamaModel:
+def load_model(config: Config, model_key: str, n_seq: int, repack_weights: bool) -> LlamaModel:
     m = config.models[model_key]
     return LlamaModel(config.model_path(model_key), n_ctx=m.n_ctx, n_seq=n_seq,
-                      n_threads=config.generation.n_threads, chat_template=m.chat_template)
+                      n_threads=config.generation.n_threads, chat_template=m.chat_template,
+                      repack_weights=repack_weights)
 
 
 def run(config: Config, args, fp: dict) -> dict:
@@ -36,6 +44,7 @@ def run(config: Config, args, fp: dict) -> dict:
     todo_total = sum(not work.done(k) for k in keys)
     print(f"[generate] {len(keys)} responses, {len(keys) - todo_total} already done")
     max_tokens = config.generation.max_tokens
+    flush_every = config.generation.batch_size
     bar = progress("generate", todo_total, "resp")
     for model_key in dict.fromkeys(p.model for p in config.policies):
         todo = [(p, pol) for p in prompts for pol in config.policies
@@ -43,30 +52,41 @@ def run(config: Config, args, fp: dict) -> dict:
         if not todo:
             continue
         bar.set_description(f"[generate] {model_key}")
-        model = load_model(config, model_key, config.generation.batch_size)
+        # No repacked weights: a sequence's tokens must not depend on the others in its steps.
+        model = load_model(config, model_key, config.generation.batch_size, repack_weights=False)
+        rows: list[dict] = []
+        units: list[tuple] = []     # job index -> (prompt, policy, seed)
+
+        def jobs():
+            """Units as jobs, rendered when a slot frees; one too long for the context is
+            recorded as failed instead."""
+            for p, pol in todo:
+                prompt = model.prompt_tokens(pol.system_prompt, p.prompt)
+                if len(prompt) + max_tokens > model.n_ctx_per_seq:
+                    rows.append(failed_row(unit_key(p.prompt_id, pol.name),
+                                f"prompt is {len(prompt)} tokens; with max_tokens {max_tokens} it "
+                                f"exceeds models.{model_key}.n_ctx {model.n_ctx_per_seq}"))
+                    continue
+                seed = unit_seed(run_seed, p.prompt_id, pol.name)
+                units.append((p, pol, seed))
+                yield prompt, pol.temperature, seed
+
+        def flush():
+            work.append(rows)
+            bar.update(len(rows))
+            rows.clear()
+
         try:
-            for i in range(0, len(todo), config.generation.batch_size):
-                batch, jobs, rows = todo[i:i + config.generation.batch_size], [], []
-                for p, pol in batch:
-                    jobs.append((model.prompt_tokens(pol.system_prompt, p.prompt), pol.temperature,
-                                 unit_seed(run_seed, p.prompt_id, pol.name)))
-                runnable = []
-                for (p, pol), job in zip(batch, jobs):
-                    if len(job[0]) + max_tokens > model.n_ctx_per_seq:
-                        rows.append(failed_row(unit_key(p.prompt_id, pol.name),
-                                    f"prompt is {len(job[0])} tokens; with max_tokens {max_tokens} it "
-                                    f"exceeds models.{model_key}.n_ctx {model.n_ctx_per_seq}"))
-                    else:
-                        runnable.append(((p, pol), job))
-                gens = model.generate([job for _, job in runnable], max_tokens) if runnable else []
-                for ((p, pol), job), g in zip(runnable, gens):
-                    text_ids = g.token_ids[:-1] if g.finish_reason == "stop" else g.token_ids
-                    rows.append(ok_row(unit_key(p.prompt_id, pol.name), Response(
-                        prompt_id=p.prompt_id, policy=pol.name, response=model.detokenize(text_ids),
-                        token_ids=g.token_ids, sampling_logprob=g.logprob, n_tokens=len(g.token_ids),
-                        finish_reason=g.finish_reason, seed=job[2])))
-                work.append(rows)
-                bar.update(len(batch))
+            for j, g in model.generate_iter(jobs(), max_tokens):
+                p, pol, seed = units[j]
+                text_ids = g.token_ids[:-1] if g.finish_reason == "stop" else g.token_ids
+                rows.append(ok_row(unit_key(p.prompt_id, pol.name), Response(
+                    prompt_id=p.prompt_id, policy=pol.name, response=model.detokenize(text_ids),
+                    token_ids=g.token_ids, sampling_logprob=g.logprob, n_tokens=len(g.token_ids),
+                    finish_reason=g.finish_reason, seed=seed)))
+                if len(rows) >= flush_every:
+                    flush()
+            flush()
         finally:
             model.close()
     bar.close()

@@ -6,6 +6,12 @@ system prompt exactly as at generation. Under the base policy's own model the st
 ids are scored as they were sampled; under another tokenizer the response text is tokenized
 as the continuation of the rendered prompt, checked by round trip, and followed by that
 model's end-of-turn token when the response ended by itself.
+
+Each model scores PROMPTS_PER_CALL prompts' units per `LlamaModel.teacher_force_many` call:
+sequences are packed several per llama_decode batch, logits are computed only at response
+positions, and units with the same rendered prompt and response (p0 and pi_clone) are
+decoded once and scored at each unit's own temperature. The call's units are then appended
+to the work file and fsynced.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from .units import RESPONSES, finish, load_prompts, progress, unit_key
 
 LOGPROBS = "logprobs.jsonl"
 OUTPUTS = [LOGPROBS]
+
+PROMPTS_PER_CALL = 16   # prompts whose units are scored (and made durable) together
+TF_SEQUENCES = 4        # sequences in flight per model; each has the model's n_ctx cells
 
 
 def fingerprint(config: Config, args, ck: dict) -> dict:
@@ -44,24 +53,33 @@ def run(config: Config, args, fp: dict) -> dict:
         if not todo:
             continue
         bar.set_description(f"[logprobs] {model_key}")
-        model = load_model(config, model_key, n_seq=1)
+        model = load_model(config, model_key, n_seq=TF_SEQUENCES, repack_weights=True)
         try:
-            for p in todo:
-                resp = base_responses[p.prompt_id]
-                rows = []
-                for pol in policies:
-                    key = unit_key(p.prompt_id, pol.name)
-                    if work.done(key):
-                        continue
+            for i in range(0, len(todo), PROMPTS_PER_CALL):
+                rows, items, units = [], [], []
+                for p in todo[i:i + PROMPTS_PER_CALL]:
+                    resp = base_responses[p.prompt_id]
                     try:
                         if model_key == base_model:
                             tokens = resp.token_ids
                         else:
                             tokens = model.response_tokens(resp.response, resp.finish_reason == "stop")
-                        values = model.teacher_force(model.prompt_tokens(pol.system_prompt, p.prompt),
-                                                     tokens, pol.temperature)
-                    except ValueError as e:   # too long for the context, tokenizer round trip
-                        rows.append(failed_row(key, str(e)))
+                        error = None
+                    except ValueError as e:   # the tokenizer round trip
+                        tokens, error = None, str(e)
+                    for pol in policies:
+                        key = unit_key(p.prompt_id, pol.name)
+                        if work.done(key):
+                            continue
+                        if error is not None:
+                            rows.append(failed_row(key, error))
+                            continue
+                        items.append((model.prompt_tokens(pol.system_prompt, p.prompt), tokens,
+                                      pol.temperature))
+                        units.append((p, pol, tokens, key))
+                for (p, pol, tokens, key), values in zip(units, model.teacher_force_many(items)):
+                    if isinstance(values, Exception):   # too long for the context
+                        rows.append(failed_row(key, str(values)))
                         continue
                     total = math.fsum(values)
                     if not math.isfinite(total) or any(v > 0 for v in values):

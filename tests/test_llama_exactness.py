@@ -206,7 +206,11 @@ def test_peak_rss_of_a_2b_like_run_with_both_models_loaded(tmp_path):
             items = [(m.prompt_tokens(s, "How do I make a tomato sauce? " * k), resp, 0.7)
                      for k in (1, 8, 30) for s in ("You are a helpful assistant.", "Be terse.")]
             assert all(isinstance(v, list) for v in m.teacher_force_many(items))
-        print(json.dumps({{"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
+        # VmHWM: this process's own peak. (ru_maxrss would also count the pytest process it
+        # was forked from: Linux carries the peak over exec.)
+        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+        kb = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({{"maxrss_kb": kb}}))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,260 @@
+"""Stage 2 and 2b speed, measured side by side with the same model, threads and inputs.
+
+    python benchmarks/bench_llama.py [--model smollm2_135m] [--prompts 24] [--rounds 3]
+
+Inputs are built here: real prompts sampled from the configured source (ShareGPT in the
+embedded default), rendered with the policy's system prompt, and real responses (this
+generator's own, at the policy's temperature, up to --max-tokens).
+
+Pairs of paths, each pair run alternately --rounds times (the order flips every round), and
+the medians compared:
+
+* teacher forcing (`LlamaModel.teacher_force_many`, all pairs in one call) against a raw
+  replay of the very `llama_decode` calls it made (same token batches, positions, sequence
+  ids, logits flags and cache operations; batches built before the clock starts), and against
+  the same replay with logits only at each batch's last token (pure prefill);
+* teacher forcing against `Llama(logits_all=True).create_completion(prompt + response,
+  echo=True, logprobs=1, max_tokens=1)` over the same (prompt, response) pairs (the first
+  --echo-pairs of them: that path runs at ~20 tokens/s);
+* generation (`LlamaModel.generate`, --batch-size sequences at once) against
+  `Llama.create_chat_completion` one prompt at a time, same prompts, messages, temperature
+  and max_tokens, with top_k=0, top_p=1, min_p=0.
+
+Throughputs: teacher forcing, prefill and echo count prompt + response tokens processed;
+generation and chat count generated tokens (completion_tokens), prefill time included.
+The last line is exactly: tf_vs_prefill=<x> tf_vs_echo=<y> gen_vs_chat=<z>
+(ratios of median throughputs; tf_vs_prefill against the replay of the same batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import llama_cpp  # noqa: E402
+from llama_cpp import Llama  # noqa: E402
+
+from ope_prep.backends.llama import LlamaModel  # noqa: E402
+from ope_prep.config import load_config  # noqa: E402
+from ope_prep.sources import sample_prompts  # noqa: E402
+from ope_prep.stages.logprobs import TF_SEQUENCES  # noqa: E402
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "config.yaml"))
+    ap.add_argument("--model", default=None, help="a key of models (default: the base policy's)")
+    ap.add_argument("--prompts", type=int, default=24)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=None, help="default: generation.max_tokens")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: generation.batch_size")
+    ap.add_argument("--echo-pairs", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=7)
+    return ap.parse_args()
+
+
+class Replay:
+    """Records the llama_decode calls and cache operations of a LlamaModel run, then replays
+    them through llama.cpp directly, with every batch built beforehand."""
+
+    def __init__(self, model: LlamaModel):
+        self.model, self.ops = model, []
+        self._orig = (model._decode, model._clear, model._share_prefix)
+
+    def __enter__(self):
+        m = self.model
+        m._decode = lambda entries: (self.ops.append(("decode", list(entries))), self._orig[0](entries))[1]
+        m._clear = lambda seq=-1: (self.ops.append(("clear", seq)), self._orig[1](seq))[1]
+        m._share_prefix = lambda a, b, n: (self.ops.append(("share", a, b, n)), self._orig[2](a, b, n))[1]
+        return self
+
+    def __exit__(self, *exc):
+        del self.model._decode, self.model._clear, self.model._share_prefix
+
+    def build(self, logits: str) -> list:
+        """logits: "same" (as recorded) or "last" (only each batch's last token: prefill)."""
+        built = []
+        for op in self.ops:
+            if op[0] != "decode":
+                built.append(op)
+                continue
+            entries = op[1]
+            b = llama_cpp.llama_batch_init(len(entries), 0, 1)
+            for i, (tok, pos, seq, want) in enumerate(entries):
+                b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
+                b.seq_id[i][0] = seq if isinstance(seq, int) else seq[0]
+                b.logits[i] = want if logits == "same" else i == len(entries) - 1
+            b.n_tokens = len(entries)
+            built.append(("decode", b))
+        return built
+
+    def run(self, built: list) -> float:
+        ctx, mem = self.model.ctx.ctx, self.model.ctx.memory
+        t = time.perf_counter()
+        for op in built:
+            if op[0] == "decode":
+                if llama_cpp.llama_decode(ctx, op[1]) != 0:
+                    raise RuntimeError("llama_decode failed")
+            elif op[0] == "clear":
+                llama_cpp.llama_memory_seq_rm(mem, op[1], -1, -1)
+            else:
+                llama_cpp.llama_memory_seq_cp(mem, op[1], op[2], -1, -1)
+                llama_cpp.llama_memory_seq_rm(mem, op[2], op[3], -1)
+        return time.perf_counter() - t
+
+    @staticmethod
+    def free(built: list) -> None:
+        for op in built:
+            if op[0] == "decode":
+                llama_cpp.llama_batch_free(op[1])
+
+
+def alternate(rounds: int, *fns) -> list[list[float]]:
+    """Run the fns (each returns a throughput) in turn, `rounds` times, the order rotating
+    every round; the throughputs per fn."""
+    out: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        order = list(range(len(fns)))
+        order = order[r % len(fns):] + order[:r % len(fns)]
+        for i in order:
+            out[i].append(fns[i]())
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    config = load_config(args.config)
+    model_key = args.model or config.policy(config.base_policy).model
+    policy = next(p for p in config.policies if p.model == model_key)
+    mcfg = config.models[model_key]
+    path = str(config.model_path(model_key))
+    threads = config.generation.n_threads
+    max_tokens = args.max_tokens or config.generation.max_tokens
+    batch_size = args.batch_size or config.generation.batch_size
+    system, temp = policy.system_prompt, policy.temperature
+    t_start = time.perf_counter()
+
+    gen = LlamaModel(path, n_ctx=mcfg.n_ctx, n_seq=batch_size, n_threads=threads,
+                     chat_template=mcfg.chat_template, repack_weights=False)      # as stage 2
+    tf = LlamaModel(path, n_ctx=mcfg.n_ctx, n_seq=TF_SEQUENCES, n_threads=threads,
+                    chat_template=mcfg.chat_template, repack_weights=True)       # as stage 2b
+    chat = Llama(path, n_ctx=mcfg.n_ctx, n_threads=threads, verbose=False, chat_format=None)
+    chat_handler = None
+    if mcfg.chat_template:   # the GGUF has none: give the high-level call the same template
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        chat_handler = Jinja2ChatFormatter(mcfg.chat_template, eos_token=gen.eos_text,
+                                           bos_token=gen.bos_text).to_chat_handler()
+        chat.chat_handler = chat_handler
+
+    prompts = []
+    for p in sample_prompts(config, args.prompts * 3, args.seed)[0]:
+        if len(gen.prompt_tokens(system, p.prompt)) + max_tokens <= min(mcfg.n_ctx, 512):
+            prompts.append(p.prompt)   # the echo reference evaluates a pair in one batch
+        if len(prompts) == args.prompts:
+            break
+    jobs = [(gen.prompt_tokens(system, p), temp, 1000 + i) for i, p in enumerate(prompts)]
+    messages = [[{"role": "system", "content": system}, {"role": "user", "content": p}] for p in prompts]
+    print(f"model {model_key} ({Path(path).name}), {threads} threads, {len(prompts)} ShareGPT prompts, "
+          f"max_tokens {max_tokens}, temperature {temp}, generation batch {batch_size}, "
+          f"teacher-forcing sequences {TF_SEQUENCES}", flush=True)
+
+    # ---- generation vs create_chat_completion -----------------------------------------
+    responses = {}
+
+    def run_gen():
+        t = time.perf_counter()
+        gens = gen.generate(jobs, max_tokens)
+        dt = time.perf_counter() - t
+        responses.setdefault("pairs", [(job[0], g.token_ids) for job, g in zip(jobs, gens)])
+        return sum(len(g.token_ids) for g in gens) / dt
+
+    def run_chat():
+        n, t = 0, time.perf_counter()
+        for i, msgs in enumerate(messages):
+            out = chat.create_chat_completion(messages=msgs, max_tokens=max_tokens, temperature=temp,
+                                              top_k=0, top_p=1.0, min_p=0.0, seed=1000 + i)
+            n += out["usage"]["completion_tokens"]
+        return n / (time.perf_counter() - t)
+
+    gen_tps, chat_tps = alternate(args.rounds, run_gen, run_chat)
+    print(f"  generation: ours {[round(x) for x in gen_tps]}, chat {[round(x) for x in chat_tps]} tokens/s",
+          flush=True)
+
+    # ---- teacher forcing vs the raw replay of its llama_decode calls ------------------
+    pairs = responses["pairs"]
+    items = [(prompt, resp, temp) for prompt, resp in pairs]
+    n_tokens = sum(len(p) + len(r) for p, r in pairs)
+    with Replay(tf) as rec:
+        tf.teacher_force_many(items)
+    same, last = rec.build("same"), rec.build("last")
+    n_calls = sum(op[0] == "decode" for op in rec.ops)
+
+    def run_tf(sub=items, n=n_tokens):
+        t = time.perf_counter()
+        tf.teacher_force_many(sub)
+        return n / (time.perf_counter() - t)
+
+    tf_tps, raw_tps, prefill_tps = alternate(args.rounds, run_tf, lambda: n_tokens / rec.run(same),
+                                             lambda: n_tokens / rec.run(last))
+    Replay.free(same)
+    Replay.free(last)
+    print(f"  teacher forcing: ours {[round(x) for x in tf_tps]}, same batches raw {[round(x) for x in raw_tps]}, "
+          f"raw prefill {[round(x) for x in prefill_tps]} tokens/s ({n_tokens} tokens, {n_calls} llama_decode calls)",
+          flush=True)
+
+    # ---- teacher forcing vs create_completion(echo=True, logprobs=1) ------------------
+    echo = Llama(path, n_ctx=mcfg.n_ctx, n_threads=threads, logits_all=True, verbose=False)
+    sub_pairs = pairs[:args.echo_pairs]
+    sub_items = items[:args.echo_pairs]
+    sub_tokens = sum(len(p) + len(r) for p, r in sub_pairs)
+    # A token-list prompt with echo=True fails in llama-cpp-python 0.3.36 (it concatenates the
+    # list to the text), so the echo path gets the text that tokenizes back to those tokens.
+    texts = [echo.detokenize(p + r, special=True).decode("utf-8", errors="replace") for p, r in sub_pairs]
+    round_trip = sum(echo.tokenize(t.encode(), add_bos=False, special=True) == p + r
+                     for t, (p, r) in zip(texts, sub_pairs))
+
+    def run_echo():
+        n, t = 0, time.perf_counter()
+        for text in texts:
+            out = echo.create_completion(prompt=text, echo=True, logprobs=1, max_tokens=1, temperature=temp,
+                                         top_k=0, top_p=1.0, min_p=0.0)
+            n += out["usage"]["prompt_tokens"]
+        return n / (time.perf_counter() - t)
+
+    tf_sub_tps, echo_tps = alternate(args.rounds, lambda: run_tf(sub_items, sub_tokens), run_echo)
+    echo.close()
+    print(f"  teacher forcing (first {len(sub_pairs)} pairs, {sub_tokens} tokens, {round_trip} exact text "
+          f"round trips): ours {[round(x) for x in tf_sub_tps]}, echo {[round(x) for x in echo_tps]} tokens/s",
+          flush=True)
+
+    med = statistics.median
+    rows = [("generation, ours (LlamaModel.generate, %d sequences)" % batch_size, med(gen_tps)),
+            ("generation, create_chat_completion (one stream)", med(chat_tps)),
+            ("teacher forcing, ours (teacher_force_many)", med(tf_tps)),
+            ("llama_decode replay of the same batches", med(raw_tps)),
+            ("llama_decode replay, logits at each batch's last token only", med(prefill_tps)),
+            ("teacher forcing, ours, on the echo subset", med(tf_sub_tps)),
+            ("create_completion(echo=True, logprobs=1), echo subset", med(echo_tps))]
+    print("\n| path | tokens/s (median of %d) |\n|---|---|" % args.rounds)
+    for name, v in rows:
+        print(f"| {name} | {v:.0f} |")
+    tf_vs_prefill = med(tf_tps) / med(raw_tps)
+    tf_vs_echo = med(tf_sub_tps) / med(echo_tps)
+    gen_vs_chat = med(gen_tps) / med(chat_tps)
+    print(f"\nteacher forcing vs pure prefill (logits only at each batch's last token): "
+          f"{med(tf_tps) / med(prefill_tps):.2f}; total time {time.perf_counter() - t_start:.0f} s")
+    gen.close()
+    tf.close()
+    chat.close()
+    print(f"tf_vs_prefill={tf_vs_prefill:.2f} tf_vs_echo={tf_vs_echo:.2f} gen_vs_chat={gen_vs_chat:.2f}")
+
+
+if __name__ == "__main__":
+    main()
