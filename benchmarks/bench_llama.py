@@ -29,7 +29,6 @@ The last line is exactly: tf_vs_prefill=<x> tf_vs_echo=<y> gen_vs_chat=<z>
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
 import time

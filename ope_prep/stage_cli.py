@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import importlib
-import os
 import shutil
 import sys
 import time

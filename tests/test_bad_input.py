@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import yaml
 
-from conftest import ROOT, run_script, small_config, write_config
+from conftest import run_script, small_config, write_config
 
 
 def _mutate(case: str, cfg: dict, tmp_path) -> str | None:

@@ -4,22 +4,16 @@ tampered checkpoint, and secrets in the environment. Nothing may be lost or comp
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
 import random
 import re
 import shutil
-import subprocess
-import sys
 import time
-from collections import Counter
 
-import pytest
 
-from conftest import N, ROOT, SECRET_MARKER, run_script, small_config, write_config
+from conftest import N, SECRET_MARKER, run_script, small_config, write_config
 from ope_prep.stages import STAGE_NAMES
-from pipeline_harness import (comparable, computed_ok, done_keys, kill_group, records, run, start,
+from pipeline_harness import (comparable, computed_ok, kill_group, records, run, start,
                               wait_for)
 
 HEADER = re.compile(r"=== \[\d/6\] (\w+):")

@@ -115,7 +115,7 @@ def test_production_config_loads_arena_prompts_from_local_files(tmp_path, arena_
     missing_key = run_script("01_prepare_data.py", "--samples", "3", "--config", str(path),
                              env={"OPENAI_API_KEY": ""})
     assert missing_key.returncode == 2 and "OPENAI_API_KEY is not set" in missing_key.stderr
-    proc = run_script("01_prepare_data.py", "--samples", "3", "--config", str(path),
+    run_script("01_prepare_data.py", "--samples", "3", "--config", str(path),
                       env={"OPENAI_API_KEY": "sk-local-test"}, check=True)
     prompts = [json.loads(l) for l in (tmp_path / "data" / "prompts.jsonl").read_text().splitlines()]
     assert len(prompts) == 3 and all(p["source_id"].startswith("q") for p in prompts)

@@ -10,18 +10,18 @@ seed, so a resumed run produces exactly what an uninterrupted one would.
 from __future__ import annotations
 
 from ..backends.llama import LlamaModel
-from ..config import Config, model_identity, policies_keys
+from ..config import Config, policies_keys
 from ..records import Response
 from ..stage_cli import work_path
-from ..store import WorkFile, failed_row, ok_row, read_jsonl
-from .units import RESPONSES, load_prompts, progress, unit_key, unit_seed, finish
+from ..store import WorkFile, failed_row, ok_row
+from .units import RESPONSES, RUN_PARAMS, finish, load_prompts, progress, read_run_seed, unit_key, unit_seed
 
 OUTPUTS = [RESPONSES]
 
 
 def fingerprint(config: Config, args, ck: dict) -> dict:
     return {"input.prompts": ck["prepare"]["outputs"]["prompts.jsonl"]["sha256"],
-            "input.run": ck["prepare"]["outputs"]["run.json"]["sha256"],
+            "input.run": ck["prepare"]["outputs"][RUN_PARAMS]["sha256"],
             "generation.max_tokens": config.generation.max_tokens,
             **policies_keys(config)}
 
@@ -36,7 +36,7 @@ def load_model(config: Config, model_key: str, n_seq: int, repack_weights: bool)
 def run(config: Config, args, fp: dict) -> dict:
     data_dir = config.data_dir
     prompts = load_prompts(data_dir)
-    run_seed = read_jsonl_seed(data_dir)
+    run_seed = read_run_seed(data_dir)
     keys = [unit_key(p.prompt_id, pol.name) for p in prompts for pol in config.policies]
     work = WorkFile(work_path(data_dir, "generate"), fp)
     if work.repaired_bytes:
@@ -91,8 +91,3 @@ def run(config: Config, args, fp: dict) -> dict:
             model.close()
     bar.close()
     return {RESPONSES: finish("generate", work, keys, data_dir / RESPONSES)}
-
-
-def read_jsonl_seed(data_dir) -> int:
-    import json
-    return int(json.loads((data_dir / "run.json").read_text())["seed"])

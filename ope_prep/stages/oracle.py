@@ -25,7 +25,6 @@ The two splits have their own work files and their own unit keys (``calibration/
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from itertools import chain
@@ -38,7 +37,7 @@ from ..stage_cli import work_path
 from ..store import WorkFile, read_jsonl, write_json, write_jsonl
 from .judge import (TEMPLATE_DIGEST, Judgement, ScoringUnit, Tally, api_client, report, score_units,
                     stage_inputs, stopped)
-from .units import RESPONSES, load_prompts, unit_seed
+from .units import RESPONSES, RUN_PARAMS, load_prompts, read_run_seed, unit_seed
 
 ORACLE_LABELS = "oracle_labels.jsonl"
 ORACLE_USAGE = "oracle_usage.json"
@@ -47,12 +46,8 @@ SPLITS = ("calibration", "validation")
 
 
 def fingerprint(config: Config, args, ck: dict) -> dict:
-    return {**stage_inputs(ck), "input.run": ck["prepare"]["outputs"]["run.json"]["sha256"],
+    return {**stage_inputs(ck), "input.run": ck["prepare"]["outputs"][RUN_PARAMS]["sha256"],
             **api_keys(config, "oracle"), "oracle.template": TEMPLATE_DIGEST}
-
-
-def read_run_seed(data_dir) -> int:
-    return int(json.loads((data_dir / "run.json").read_text(encoding="utf-8"))["seed"])
 
 
 def _take(fraction: float, n: int) -> int:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from ..config import Config, flatten
 from ..sources import sample_prompts
 from ..store import write_json, write_jsonl
+from .units import PROMPTS, RUN_PARAMS
 
-PROMPTS = "prompts.jsonl"
-RUN_PARAMS = "run.json"     # the run's samples and seed, read by the later stages
 OUTPUTS = [PROMPTS, RUN_PARAMS]
 
 

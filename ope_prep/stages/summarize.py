@@ -37,9 +37,8 @@ from ..config import Config, flatten
 from ..errors import InputError, ValidationFailed
 from ..records import JudgeScore, OracleLabel, Prompt, Response, TeacherForced
 from ..store import read_jsonl, write_json
-from .units import PROMPTS, RESPONSES
+from .units import PROMPTS, RESPONSES, RUN_PARAMS
 
-RUN_PARAMS = "run.json"
 LOGPROBS = "logprobs.jsonl"
 JUDGE = "judge_scores.jsonl"
 ORACLE = "oracle_labels.jsonl"
@@ -422,7 +421,8 @@ def weight_diagnostics(log_w: np.ndarray, judge_base: np.ndarray | None = None) 
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
-    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
+    # Constant inputs have no correlation; np.std of five copies of 1/9 is ~1e-17, not 0.
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
     return float(np.corrcoef(x, y)[0, 1])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from ..records import Prompt
 from ..store import WorkFile, read_jsonl, write_jsonl
 
 PROMPTS = "prompts.jsonl"
+RUN_PARAMS = "run.json"     # the run's samples and seed (stage 1), read by the later stages
 RESPONSES = "responses.jsonl"
 
 
@@ -25,6 +27,11 @@ def unit_seed(run_seed: int, *parts: str) -> int:
     exactly what an uninterrupted one would, whatever order the units run in."""
     h = hashlib.sha256("/".join([str(run_seed), *parts]).encode()).digest()
     return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
+def read_run_seed(data_dir: Path) -> int:
+    """The run seed stage 1 recorded (stage 5 checks the file itself and reports damage)."""
+    return int(json.loads((data_dir / RUN_PARAMS).read_text(encoding="utf-8"))["seed"])
 
 
 def load_prompts(data_dir: Path) -> list[Prompt]:
