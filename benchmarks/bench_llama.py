@@ -22,8 +22,12 @@ the medians compared:
 
 Throughputs: teacher forcing, prefill and echo count prompt + response tokens processed;
 generation and chat count generated tokens (completion_tokens), prefill time included.
+Also measured, to show where generation's ceiling is: `LlamaModel.generate` one sequence at
+a time (what batching gains over a single stream on this machine).
+
 The last line is exactly: tf_vs_prefill=<x> tf_vs_echo=<y> gen_vs_chat=<z>
-(ratios of median throughputs; tf_vs_prefill against the replay of the same batches).
+(ratios of median throughputs; tf_vs_prefill against the pure-prefill replay of the same
+token batches, the stricter of the two replays).
 """
 
 from __future__ import annotations
@@ -142,6 +146,8 @@ def main() -> None:
 
     gen = LlamaModel(path, n_ctx=mcfg.n_ctx, n_seq=batch_size, n_threads=threads,
                      chat_template=mcfg.chat_template, repack_weights=False)      # as stage 2
+    single = LlamaModel(path, n_ctx=mcfg.n_ctx, n_seq=1, n_threads=threads,
+                        chat_template=mcfg.chat_template, repack_weights=False)
     tf = LlamaModel(path, n_ctx=mcfg.n_ctx, n_seq=TF_SEQUENCES, n_threads=threads,
                     chat_template=mcfg.chat_template, repack_weights=True)       # as stage 2b
     chat = Llama(path, n_ctx=mcfg.n_ctx, n_threads=threads, verbose=False, chat_format=None)
@@ -182,9 +188,15 @@ def main() -> None:
             n += out["usage"]["completion_tokens"]
         return n / (time.perf_counter() - t)
 
-    gen_tps, chat_tps = alternate(args.rounds, run_gen, run_chat)
-    print(f"  generation: ours {[round(x) for x in gen_tps]}, chat {[round(x) for x in chat_tps]} tokens/s",
-          flush=True)
+    def run_single():
+        t = time.perf_counter()
+        gens = single.generate(jobs, max_tokens)
+        return sum(len(g.token_ids) for g in gens) / (time.perf_counter() - t)
+
+    gen_tps, chat_tps, single_tps = alternate(args.rounds, run_gen, run_chat, run_single)
+    single.close()
+    print(f"  generation: ours {[round(x) for x in gen_tps]}, chat {[round(x) for x in chat_tps]}, "
+          f"ours one sequence at a time {[round(x) for x in single_tps]} tokens/s", flush=True)
 
     # ---- teacher forcing vs the raw replay of its llama_decode calls ------------------
     pairs = responses["pairs"]
@@ -236,6 +248,7 @@ def main() -> None:
     med = statistics.median
     rows = [("generation, ours (LlamaModel.generate, %d sequences)" % batch_size, med(gen_tps)),
             ("generation, create_chat_completion (one stream)", med(chat_tps)),
+            ("generation, ours one sequence at a time", med(single_tps)),
             ("teacher forcing, ours (teacher_force_many)", med(tf_tps)),
             ("llama_decode replay of the same batches", med(raw_tps)),
             ("llama_decode replay, logits at each batch's last token only", med(prefill_tps)),
@@ -244,11 +257,12 @@ def main() -> None:
     print("\n| path | tokens/s (median of %d) |\n|---|---|" % args.rounds)
     for name, v in rows:
         print(f"| {name} | {v:.0f} |")
-    tf_vs_prefill = med(tf_tps) / med(raw_tps)
+    tf_vs_prefill = med(tf_tps) / med(prefill_tps)
     tf_vs_echo = med(tf_sub_tps) / med(echo_tps)
     gen_vs_chat = med(gen_tps) / med(chat_tps)
-    print(f"\nteacher forcing vs pure prefill (logits only at each batch's last token): "
-          f"{med(tf_tps) / med(prefill_tps):.2f}; total time {time.perf_counter() - t_start:.0f} s")
+    print(f"\nteacher forcing vs the replay of the same batches (same logits rows): "
+          f"{med(tf_tps) / med(raw_tps):.2f}; generation batched vs one sequence at a time: "
+          f"{med(gen_tps) / med(single_tps):.2f}; total time {time.perf_counter() - t_start:.0f} s")
     gen.close()
     tf.close()
     chat.close()

@@ -68,7 +68,7 @@ class PolicyConfig(_Strict):
 class GenerationConfig(_Strict):
     max_tokens: int = Field(128, ge=1)
     n_threads: int = Field(2, ge=1)
-    batch_size: int = Field(4, ge=1, le=64)   # sequences decoded together
+    batch_size: int = Field(7, ge=1, le=64)   # sequences decoded together (7: one llama_decode call per step)
 
 
 class ApiConfig(_Strict):
