@@ -335,6 +335,10 @@ FAILURES = [
      ["q0003/p0 variance=-0.1"]),
     ("oracle label below 0", lambda run: run.rows["oracle_labels.jsonl"][0].__setitem__("label", -0.2),
      ["oracle_labels.jsonl: 1 oracle labels are outside [0, 1]", "label=-0.2"]),
+    ("response n_tokens off by one", set_value("responses.jsonl", "q0005", "pi_bad", "n_tokens", 999),
+     ["responses.jsonl: 1 records are malformed (response text, token_ids", "q0005/pi_bad"]),
+    ("TF token_ids disagree with n_tokens", set_value("logprobs.jsonl", "q0004", "pi_clone", "n_tokens", 999),
+     ["logprobs.jsonl: 1 records are malformed (n_tokens, token_ids)", "q0004/pi_clone"]),
     ("oracle label in wrong split", wrong_split, ["oracle labels are in the wrong split", "want 'validation'"]),
     ("record with an unknown field", extra_field, ["judge_scores.jsonl: line", "not a JudgeScore record"]),
 ]

@@ -244,33 +244,33 @@ def load_and_check(config: Config) -> tuple[Data, dict, list[str]]:
     def lp_rules(name: str) -> dict[str, list[str]]:
         return bad_lp.setdefault(name, {"not a number": [], "NaN": [], "infinite": [], "positive": []})
 
+    def check_logprob_records(name: str, records: list, logprob, malformed, fields: str) -> None:
+        rules, shape = lp_rules(name), []
+        for lineno, r in enumerate(records, 1):
+            where = f"line {lineno} {r.prompt_id}/{r.policy}"
+            _check_logprob(rules, where, logprob(r))
+            if malformed(r):
+                shape.append(where)
+        problems.rule(name, f"records are malformed ({fields})", shape)
+
     responses = _read(problems, data_dir, RESPONSES, Response)
     if responses is not None:
         data.responses = _index(problems, data, RESPONSES, responses, expected)
-        rules = lp_rules(RESPONSES)
-        shape = []
-        for lineno, r in enumerate(responses, 1):
-            where = f"line {lineno} {r.prompt_id}/{r.policy}"
-            _check_logprob(rules, where, r.sampling_logprob)
-            if (not isinstance(r.token_ids, list) or not isinstance(r.n_tokens, int)
-                    or r.n_tokens != len(r.token_ids) or not isinstance(r.response, str)
-                    or r.finish_reason not in ("stop", "length")):
-                shape.append(where)
-        problems.rule(RESPONSES, "records are malformed (response text, token_ids, n_tokens "
-                      "= len(token_ids), finish_reason stop/length)", shape)
+        check_logprob_records(
+            RESPONSES, responses, lambda r: r.sampling_logprob,
+            lambda r: (not isinstance(r.token_ids, list) or not isinstance(r.n_tokens, int)
+                       or r.n_tokens != len(r.token_ids) or not isinstance(r.response, str)
+                       or r.finish_reason not in ("stop", "length")),
+            "response text, token_ids, n_tokens = len(token_ids), finish_reason stop/length")
 
     logprobs = _read(problems, data_dir, LOGPROBS, TeacherForced)
     if logprobs is not None:
         data.logprobs = _index(problems, data, LOGPROBS, logprobs, expected)
-        rules = lp_rules(LOGPROBS)
-        shape = []
-        for lineno, r in enumerate(logprobs, 1):
-            where = f"line {lineno} {r.prompt_id}/{r.policy}"
-            _check_logprob(rules, where, r.logprob)
-            if (not isinstance(r.n_tokens, int) or r.n_tokens < 0 or not isinstance(r.token_ids, list)
-                    or (r.token_ids and len(r.token_ids) != r.n_tokens)):
-                shape.append(where)
-        problems.rule(LOGPROBS, "records are malformed (n_tokens, token_ids)", shape)
+        check_logprob_records(
+            LOGPROBS, logprobs, lambda r: r.logprob,
+            lambda r: (not isinstance(r.n_tokens, int) or r.n_tokens < 0 or not isinstance(r.token_ids, list)
+                       or (r.token_ids and len(r.token_ids) != r.n_tokens)),
+            "n_tokens, token_ids")
 
     for name, rules in bad_lp.items():
         for what, items in rules.items():
