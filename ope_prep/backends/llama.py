@@ -358,9 +358,6 @@ class LlamaModel:
                                          shape=(n, self.n_vocab))
         return np.stack([self._row(first + k) for k in range(n)])
 
-    def _logits(self, i: int) -> np.ndarray:
-        return self._row(i).copy()
-
     def _prefill(self, tokens: list[int], seq: int, start: int = 0) -> np.ndarray:
         """Decode tokens[start:] into `seq` (start a multiple of _GRAIN) in batches of up to
         n_batch tokens, the last at least _GRAIN; returns the logits after the last token
