@@ -163,10 +163,6 @@ class _TFSeq:
     def stop_out(self) -> int:     # logits are wanted at positions [first_out, stop_out)
         return len(self.tokens) - 1
 
-    def outputs(self, start: int, stop: int) -> int:
-        """How many of positions [start, stop) want logits."""
-        return max(0, min(stop, self.stop_out) - max(start, self.first_out))
-
 
 @dataclass
 class _TFStream:
@@ -174,7 +170,10 @@ class _TFStream:
     seq: int
     seq_data: _TFSeq
     cursor: int
-    end: int
+
+    @property
+    def end(self) -> int:
+        return self.seq_data.end
 
 
 class LlamaModel:
@@ -612,7 +611,7 @@ class LlamaModel:
             while groups or active or waiting:
                 while groups and len(free) >= len(groups[0][0]):
                     members, shared = groups.popleft()
-                    streams = [_TFStream(free.pop(0), sq, shared, sq.end) for sq in members]
+                    streams = [_TFStream(free.pop(0), sq, shared) for sq in members]
                     streams[0].cursor = 0
                     active.append(streams[0])
                     waiting.extend((streams[0], st, shared) for st in streams[1:])
