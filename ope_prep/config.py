@@ -7,8 +7,6 @@ working directory.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Literal, Optional
@@ -98,8 +96,9 @@ class OracleConfig(ApiConfig):
 
 class ValidationConfig(_Strict):
     clone_tolerance: float = Field(1e-4, gt=0)
-    tf_vs_sampling_tolerance_per_token: float = Field(1e-3, gt=0)
-    tf_vs_sampling_max_fraction: float = Field(0.01, ge=0, le=1)
+    # Any token on any checked record farther than this from its sampling log-probability fails
+    # the run: with one numeric path the two are equal to ~1e-12 (float noise).
+    tf_vs_sampling_tolerance_per_token: float = Field(1e-6, gt=0)
     suspicious_per_token_logprob: float = -10.0
 
 
@@ -208,57 +207,3 @@ def _check_files(config: Config, path: Path) -> None:
     for f in config.source.data_files or []:
         if not any(config.resolve(f).parent.glob(Path(f).name)):
             raise ConfigError(f"{path}: source.data_files: no file matches {f}")
-
-
-# ---- fingerprints ------------------------------------------------------------------
-
-def flatten(obj, prefix: str = "") -> dict[str, object]:
-    """Nested dicts/lists -> {"a.b.0.c": value}, the form in which changed keys are listed."""
-    if isinstance(obj, dict):
-        out: dict[str, object] = {}
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    if isinstance(obj, list):
-        out = {}
-        for i, v in enumerate(obj):
-            out.update(flatten(v, f"{prefix}{i}."))
-        return out
-    return {prefix.rstrip("."): obj}
-
-
-def digest_of(keys: dict[str, object]) -> str:
-    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def diff_keys(old: dict[str, object], new: dict[str, object]) -> list[str]:
-    lines = []
-    for k in sorted(set(old) | set(new)):
-        if old.get(k, "<unset>") != new.get(k, "<unset>"):
-            lines.append(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}")
-    return lines
-
-
-def model_identity(config: Config, model_key: str) -> dict[str, object]:
-    """What identifies a model file cheaply: its name and size (hashing GBs on each start is not)."""
-    p = config.model_path(model_key)
-    return {"file": p.name, "bytes": p.stat().st_size, "n_ctx": config.models[model_key].n_ctx}
-
-
-def policies_keys(config: Config) -> dict[str, object]:
-    out: dict[str, object] = {"base_policy": config.base_policy}
-    for p in config.policies:
-        out.update(flatten(p.model_dump(), f"policies.{p.name}."))
-        out.update(flatten(model_identity(config, p.model), f"policies.{p.name}.model_file."))
-    return out
-
-
-def api_keys(config: Config, which: str) -> dict[str, object]:
-    api: ApiConfig = getattr(config, which)
-    # Throughput, timeouts and money do not change results; everything else does.
-    ignore = {"concurrency", "requests_per_minute", "timeout_s", "max_attempts", "budget_usd",
-              "usd_per_1k_input_tokens", "usd_per_1k_output_tokens", "api_key_env"}
-    out = {f"{which}.{k}": v for k, v in api.model_dump().items() if k not in ignore}
-    if api.provider == "local_server":
-        out.update(flatten(model_identity(config, api.model), f"{which}.model_file."))
-    return out

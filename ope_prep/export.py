@@ -88,7 +88,10 @@ def logged_records(config: Config, data) -> list[dict]:
             meta["oracle_label"] = o.label
         meta.update({"judge_mean": j.mean, "judge_variance": j.variance,
                      "base_policy_sampling_logprob": r.sampling_logprob,
-                     "n_tokens": r.n_tokens, "finish_reason": r.finish_reason})
+                     "n_tokens": r.n_tokens, "finish_reason": r.finish_reason,
+                     # How much of the response the log-probabilities score (see stages/logprobs.py).
+                     "scored_bytes": data.logprobs[(pid, base)].scored_bytes,
+                     "scored_complete": data.logprobs[(pid, base)].complete})
         rec["metadata"] = meta
         out.append(rec)
     return out

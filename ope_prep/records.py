@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 
@@ -19,21 +19,42 @@ class Prompt:
 class Response:
     prompt_id: str
     policy: str
-    response: str
+    response: str             # exactly the bytes of the sampled tokens (see text_bytes_hex)
     token_ids: list[int]
-    sampling_logprob: float   # sum of log softmax(logits / T) over token_ids (+ end-of-turn if stopped)
+    token_logprobs: list[float]   # log softmax(logits / T) of each token, as the sampler drew it
+    sampling_logprob: float   # their sum (the end-of-turn token's included when it stopped)
     n_tokens: int             # len(token_ids)
     finish_reason: str        # "stop" (end-of-turn was sampled, and is in the logprob) or "length"
     seed: int
+    # Set only when the tokens' bytes are not valid UTF-8 (a character cut at max_tokens, stray
+    # byte tokens): the exact bytes in hex; `response` then shows U+FFFD where they do not decode.
+    text_bytes_hex: Optional[str] = None
 
 
 @dataclass
 class TeacherForced:
+    """The base policy's response scored under one policy. Every policy scores the same event:
+    the whole response (and the end of turn, when it stopped by itself), or, when the policies'
+    tokenizers differ and the whole response is not the same event for all of them (a cut at
+    max_tokens, a control token, bytes that are not UTF-8), its first `scored_bytes` bytes, up
+    to a token boundary that every tokenizer shares (see stages/logprobs.py)."""
     prompt_id: str
     policy: str               # the policy under which the base policy's response is scored
-    logprob: float
-    n_tokens: int             # tokens scored, end-of-turn included when the response stopped by itself
-    token_ids: list[int] = field(default_factory=list)   # the response under this policy's tokenizer
+    logprob: float            # sum of token_logprobs
+    n_tokens: int             # len(token_ids)
+    token_ids: list[int]      # the scored response under this policy's tokenizer
+    token_logprobs: list[float]
+    scored_bytes: int         # bytes of the response text scored
+    complete: bool            # the whole response was scored (with its end of turn if it stopped)
+
+
+@dataclass
+class SelfCheck:
+    """A policy's own response teacher-forced under itself, in a pass of its own: each value
+    must equal the sampler's log-probability for that token (stage 5 checks it)."""
+    prompt_id: str
+    policy: str
+    token_logprobs: list[float]
 
 
 @dataclass

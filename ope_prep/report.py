@@ -152,14 +152,20 @@ def render_report(config: Config, info: dict) -> str:
         out += [f"- **{c['policy']}** log-weight: max |log w| = {_f(c['max_abs_log_weight'], '.3g')} over "
                 f"{c['n']} prompts (tolerance {c['tolerance']:g}).", ""]
     t = checks["tf_vs_sampling"]
-    out += [f"- **{base}** teacher-forced vs sampling log-probability, |difference| per token over "
-            f"{t['n']} responses: {t['n_over']} ({_pct(t['fraction_over'])}) above "
-            f"{t['tolerance_per_token']:g} nats/token (allowed: {_pct(t['max_fraction'])}); "
-            f"token-count mismatches: {t['token_count_mismatches']}.", ""]
-    q = t["abs_diff_per_token"]
-    if q:
-        out += [_table(["mean", "median", "q90", "q99", "max"],
-                       [[_f(q[k], ".3g") for k in ("mean", "q50", "q90", "q99", "max")]]), ""]
+    out += [f"- **{base}** teacher-forced vs sampling log-probability of each token of its own "
+            f"responses (logprobs.jsonl): worst token {_f(t['max'], '.3g')} nats over {t['n']} responses "
+            f"(tolerance {t['tolerance_per_token']:g}, any token above it fails the run).", ""]
+    if t["n_partial"]:
+        out += [f"- {t['n_partial']} of {base}'s responses were scored on a prefix (mean "
+                f"{_pct(t['mean_scored_fraction'])} of the text, to a token boundary every policy's "
+                "tokenizer shares: the response was cut at max_tokens or is not plain text). "
+                "Every policy scores the same prefix.", ""]
+    out += ["**Self-consistency**: each policy's own responses teacher-forced under itself, in a "
+            "pass of its own (self_consistency.jsonl), against the log-probabilities the sampler drew "
+            "them with; |difference| per token, each response's worst token:", ""]
+    out += [_table(["policy", "responses checked", "max", "q99"],
+                   [[n, str(c["n"]), _f(c["max"], ".3g"), _f(c["q99"], ".3g")]
+                    for n, c in checks["self_consistency"].items()]), ""]
 
     out += ["## Policies", "", "Judge score: the deterministic score on each policy's own responses "
             "(mean ± standard error). Oracle agreement on the labeled set: the calibration set for "
@@ -192,9 +198,8 @@ def render_report(config: Config, info: dict) -> str:
 
     out += ["## Suspicious values", "", "Legal but worth a look; they do not stop the pipeline.", ""]
     s = checks["suspicious"]
-    for key, title in (("zero_logprob", "Exact 0.0 log-probability on a non-empty response"),
-                       ("low_per_token_logprob",
-                        f"Per-token log-probability below {s['low_per_token_logprob']['threshold']:g}")):
+    for key, title in (("low_per_token_logprob",
+                        f"Per-token log-probability below {s['low_per_token_logprob']['threshold']:g}"),):
         items = s[key]["examples"]
         out += [f"**{title}**: {s[key]['count']}", ""]
         if items:
@@ -227,7 +232,9 @@ def terminal_summary(config: Config, info: dict) -> str:
     run, checks = info["run"], info["checks"]
     t = checks["tf_vs_sampling"]
     lines = [f"[summarize] {run['n_prompts']} prompts, seed {run['seed']}: all checks passed "
-             f"(TF vs sampling: {t['n_over']}/{t['n']} over {t['tolerance_per_token']:g} nats/token"
+             f"(TF vs sampling, worst token: {_f(t['max'], '.2g')} nats over {t['n']} {run['base_policy']} "
+             f"responses; self-consistency: "
+             + ", ".join(f"{n} {_f(c['max'], '.2g')}" for n, c in checks["self_consistency"].items())
              + (f"; {checks['clone']['policy']} max |log w| {_f(checks['clone']['max_abs_log_weight'], '.2g')}"
                 if checks["clone"] else "") + ")"]
     width = max(len(n) for n in info["policies"])

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import checkpoint
-from .config import diff_keys, load_config
+from .config import load_config
+from .fingerprint import diff_keys
 from .errors import EXIT_OK, InputError, PipelineError, RefusedError
 from .stages import STAGE_NAMES
 from .store import file_manifest

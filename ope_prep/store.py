@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, TypeVar
 import jsonlines
 
 from .errors import InputError, RefusedError
-from .config import diff_keys
+from .fingerprint import diff_keys
 
 T = TypeVar("T")
 

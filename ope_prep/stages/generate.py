@@ -9,8 +9,9 @@ seed, so a resumed run produces exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-from ..backends.llama import LlamaModel
-from ..config import Config, policies_keys
+from ..backends.llama import LlamaModel, response_text
+from ..config import Config
+from ..fingerprint import policies_keys
 from ..records import Response
 from ..stage_cli import work_path
 from ..store import WorkFile, failed_row, ok_row
@@ -26,11 +27,10 @@ def fingerprint(config: Config, args, ck: dict) -> dict:
             **policies_keys(config)}
 
 
-def load_model(config: Config, model_key: str, n_seq: int, repack_weights: bool) -> LlamaModel:
+def load_model(config: Config, model_key: str, n_seq: int) -> LlamaModel:
     m = config.models[model_key]
     return LlamaModel(config.model_path(model_key), n_ctx=m.n_ctx, n_seq=n_seq,
-                      n_threads=config.generation.n_threads, chat_template=m.chat_template,
-                      repack_weights=repack_weights)
+                      n_threads=config.generation.n_threads, chat_template=m.chat_template)
 
 
 def run(config: Config, args, fp: dict) -> dict:
@@ -52,8 +52,7 @@ def run(config: Config, args, fp: dict) -> dict:
         if not todo:
             continue
         bar.set_description(f"[generate] {model_key}")
-        # No repacked weights: a sequence's tokens must not depend on the others in its steps.
-        model = load_model(config, model_key, config.generation.batch_size, repack_weights=False)
+        model = load_model(config, model_key, config.generation.batch_size)
         rows: list[dict] = []
         units: list[tuple] = []     # job index -> (prompt, policy, seed)
 
@@ -61,7 +60,7 @@ def run(config: Config, args, fp: dict) -> dict:
             """Units as jobs, rendered when a slot frees; one too long for the context is
             recorded as failed instead."""
             for p, pol in todo:
-                prompt = model.prompt_tokens(pol.system_prompt, p.prompt)
+                prompt = model.chat.prompt_tokens(pol.system_prompt, p.prompt)
                 if len(prompt) + max_tokens > model.n_ctx_per_seq:
                     rows.append(failed_row(unit_key(p.prompt_id, pol.name),
                                 f"prompt is {len(prompt)} tokens; with max_tokens {max_tokens} it "
@@ -80,14 +79,16 @@ def run(config: Config, args, fp: dict) -> dict:
             for j, g in model.generate_iter(jobs(), max_tokens):
                 p, pol, seed = units[j]
                 text_ids = g.token_ids[:-1] if g.finish_reason == "stop" else g.token_ids
+                text, text_bytes_hex = response_text(model.chat, text_ids)
                 rows.append(ok_row(unit_key(p.prompt_id, pol.name), Response(
-                    prompt_id=p.prompt_id, policy=pol.name, response=model.detokenize(text_ids),
-                    token_ids=g.token_ids, sampling_logprob=g.logprob, n_tokens=len(g.token_ids),
-                    finish_reason=g.finish_reason, seed=seed)))
+                    prompt_id=p.prompt_id, policy=pol.name, response=text, token_ids=g.token_ids,
+                    token_logprobs=g.token_logprobs, sampling_logprob=g.logprob,
+                    n_tokens=len(g.token_ids), finish_reason=g.finish_reason, seed=seed,
+                    text_bytes_hex=text_bytes_hex)))
                 if len(rows) >= flush_every:
                     flush()
             flush()
         finally:
             model.close()
     bar.close()
-    return {RESPONSES: finish("generate", work, keys, data_dir / RESPONSES)}
+    return finish("generate", work, {data_dir / RESPONSES: keys})

@@ -40,7 +40,8 @@ from typing import Callable, Iterator, Optional
 
 from ..backends.api import ApiClient, BudgetExceeded, FatalApiError, Reply, RequestFailed
 from ..backends.server import LlamaServer, vocab_texts
-from ..config import Config, api_keys, model_identity
+from ..config import Config
+from ..fingerprint import api_keys, model_identity
 from ..errors import PipelineError
 from ..records import JudgeScore, Response
 from ..stage_cli import work_path
@@ -309,6 +310,6 @@ def run(config: Config, args, fp: dict) -> dict:
             finally:
                 report("judge", client, len(todo), tally, time.monotonic() - started)
                 usage = write_json(data_dir / JUDGE_USAGE, asdict(client.usage(tally.failed)))
-        return {JUDGE_SCORES: finish("judge", work, keys, data_dir / JUDGE_SCORES), JUDGE_USAGE: usage}
+        return {**finish("judge", work, {data_dir / JUDGE_SCORES: keys}), JUDGE_USAGE: usage}
     finally:
         work.close()

@@ -1,32 +1,48 @@
-"""Stage 2b: the base policy's response teacher-forced under every policy (itself too).
+"""Stage 2b: the base policy's response teacher-forced under every policy (itself too), and
+each policy's own responses teacher-forced under itself as a check on its propensities.
 
 log p(response | prompt) under a policy = the sum over the response's tokens of
 log softmax(logits / T_policy), the prompt rendered with that policy's chat template and
-system prompt exactly as at generation. Under the base policy's own model the stored token
-ids are scored as they were sampled; under another tokenizer the response text is tokenized
-as the continuation of the rendered prompt, checked by round trip, and followed by that
-model's end-of-turn token when the response ended by itself.
+system prompt exactly as at generation.
 
-Each model scores PROMPTS_PER_CALL prompts' units per `LlamaModel.teacher_force_many` call:
-sequences are packed several per llama_decode batch, logits are computed only at response
-positions, and units with the same rendered prompt and response (p0 and pi_clone) are
-decoded once and scored at each unit's own temperature. The call's units are then appended
-to the work file and fsynced.
+The same event for every policy. A weight's numerator and denominator must be probabilities
+of the same event. Under a model with the base model's tokenizer the stored token ids are
+scored as sampled. When some policy's tokenizer differs:
+
+* a response that stopped by itself, whose text every tokenizer spells exactly: the whole text
+  plus each model's end-of-turn token ("the response is this text, and ends");
+* otherwise (cut at max_tokens, a control token sampled mid-response, bytes that are not
+  UTF-8): "the response starts with these bytes", for the longest prefix that ends strictly
+  before the first unrepresentable byte (or before the end of a cut response: the cut may
+  fall inside another tokenizer's token, "photos" | "ynthesis") at a position where every
+  tokenizer's tokens of the text have a boundary. Every policy, the base included, scores that
+  prefix, so one base log-probability serves every target. The records say how many bytes
+  were scored (`scored_bytes`, `complete`).
+
+Passes of their own. Units are scored PROMPTS_PER_CALL prompts per `teacher_force_many` call
+(packed sequences, shared prompt prefixes, logits at response positions only). The clone
+policy's units go in a call of their own, so its log-weight of 0 is computed, not copied from
+the base policy's decode; the self-checks (SELF_CONSISTENCY: the chosen prompts' responses of
+each policy under itself, see units.self_check_prompts) go in another.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
-from ..config import Config, policies_keys
-from ..records import Response, TeacherForced
+from ..backends.llama import ChatTokenizer, LlamaModel, load_tokenizer
+from ..config import Config
+from ..fingerprint import policies_keys
+from ..records import Response, SelfCheck, TeacherForced
 from ..stage_cli import work_path
 from ..store import WorkFile, failed_row, ok_row, read_jsonl
 from .generate import load_model
-from .units import RESPONSES, finish, load_prompts, progress, unit_key
+from .units import (LOGPROBS, RESPONSES, SELF_CONSISTENCY, finish, load_prompts, progress, read_run_seed,
+                    self_check_prompts, unit_key)
 
-LOGPROBS = "logprobs.jsonl"
-OUTPUTS = [LOGPROBS]
+OUTPUTS = [LOGPROBS, SELF_CONSISTENCY]
 
 PROMPTS_PER_CALL = 16   # prompts whose units are scored (and made durable) together
 TF_SEQUENCES = 4        # sequences in flight per model; each has the model's n_ctx cells
@@ -36,61 +52,172 @@ def fingerprint(config: Config, args, ck: dict) -> dict:
     return {"input.responses": ck["generate"]["outputs"][RESPONSES]["sha256"], **policies_keys(config)}
 
 
+def self_key(prompt_id: str, policy: str) -> str:
+    return unit_key(prompt_id, policy) + "/self"
+
+
+# ---- the event every policy scores -------------------------------------------------------
+
+@dataclass
+class ScoredEvent:
+    tokens: dict[str, list[int]]   # model key -> the tokens that model scores
+    scored_bytes: int
+    complete: bool
+
+
+def _offsets(tok: ChatTokenizer, tokens: list[int]) -> list[int]:
+    """Byte offsets of the token boundaries: 0, end of the first token, ..."""
+    out = [0]
+    for t in tokens:
+        out.append(out[-1] + len(tok.piece_bytes(t)))
+    return out
+
+
+def _utf8_prefix(raw: bytes) -> int:
+    """Length of the longest prefix of raw that is valid UTF-8."""
+    try:
+        raw.decode("utf-8")
+        return len(raw)
+    except UnicodeDecodeError as e:
+        return e.start
+
+
+def _common_length(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def scored_event(resp: Response, base_model: str, tokenizers: dict[str, ChatTokenizer],
+                 vocab: dict[str, str]) -> ScoredEvent:
+    """What every policy scores of the base response `resp` (see the module docstring).
+    tokenizers: model key -> its tokenizer; vocab: model key -> its vocab_digest."""
+    stopped = resp.finish_reason == "stop"
+    same = [k for k in tokenizers if vocab[k] == vocab[base_model]]
+    others = [k for k in tokenizers if vocab[k] != vocab[base_model]]
+    base = tokenizers[base_model]
+    text_ids = list(resp.token_ids[:-1] if stopped else resp.token_ids)
+    raw = base.token_bytes(text_ids)
+    if not others:
+        return ScoredEvent({k: list(resp.token_ids) for k in same}, len(raw), True)
+
+    base_offsets = _offsets(base, text_ids)
+    # Representable: up to the first control token, and valid UTF-8.
+    limit = len(raw)
+    for i, t in enumerate(text_ids):
+        if not base.is_text_token(t):
+            limit = base_offsets[i]
+            break
+    limit = _utf8_prefix(raw[:limit])
+    text = raw[:limit].decode("utf-8")
+    common = {o for o in base_offsets if o <= limit}
+    other_tokens: dict[str, tuple[list[int], list[int]]] = {}
+    by_vocab: dict[str, tuple[list[int], list[int]]] = {}
+    for k in others:
+        if vocab[k] not in by_vocab:
+            toks = tokenizers[k].tokenize_text(text)
+            offs = _offsets(tokenizers[k], toks)
+            agree = _common_length(tokenizers[k].token_bytes(toks), raw[:limit])
+            common &= {o for o in offs if o <= agree}
+            limit = min(limit, agree)    # past `agree` this tokenizer does not spell the text
+            by_vocab[vocab[k]] = (toks, offs)
+        other_tokens[k] = by_vocab[vocab[k]]
+    complete = stopped and limit == len(raw)
+    cut = len(raw) if complete else max((o for o in common if o < limit), default=0)
+
+    def prefix(toks: list[int], offs: list[int]) -> list[int]:
+        return toks[:offs.index(cut)]
+
+    tokens = {k: prefix(text_ids, base_offsets) + ([resp.token_ids[-1]] if complete else []) for k in same}
+    for k, (toks, offs) in other_tokens.items():
+        tokens[k] = prefix(toks, offs) + ([tokenizers[k].end_of_turn] if complete else [])
+    return ScoredEvent(tokens, cut, complete)
+
+
+# ---- the stage ------------------------------------------------------------------------------
+
 def run(config: Config, args, fp: dict) -> dict:
     data_dir = config.data_dir
     prompts = load_prompts(data_dir)
+    run_seed = read_run_seed(data_dir)
     base = config.base_policy
     base_model = config.policy(base).model
-    base_responses = {r.prompt_id: r for r in read_jsonl(data_dir / RESPONSES, Response) if r.policy == base}
-    keys = [unit_key(p.prompt_id, pol.name) for p in prompts for pol in config.policies]
+    responses = {(r.prompt_id, r.policy): r for r in read_jsonl(data_dir / RESPONSES, Response)}
+    pids = [p.prompt_id for p in prompts]
+    checked = {pol.name: set(self_check_prompts(run_seed, pids, pol.name)) for pol in config.policies}
+    tf_keys = [unit_key(pid, pol.name) for pid in pids for pol in config.policies]
+    self_keys = [self_key(pid, pol.name) for pid in pids for pol in config.policies if pid in checked[pol.name]]
     work = WorkFile(work_path(data_dir, "logprobs"), fp)
-    todo_total = sum(not work.done(k) for k in keys)
-    print(f"[logprobs] {len(keys)} teacher-forced log-probabilities, {len(keys) - todo_total} already done")
+    todo_total = sum(not work.done(k) for k in tf_keys + self_keys)
+    print(f"[logprobs] {len(tf_keys)} teacher-forced log-probabilities and {len(self_keys)} self-checks, "
+          f"{len(tf_keys) + len(self_keys) - todo_total} already done")
+
+    model_keys = list(dict.fromkeys(p.model for p in config.policies))
+    tokenizers = {k: load_tokenizer(str(config.model_path(k)), config.models[k].chat_template) for k in model_keys}
+    vocab = {k: t.vocab_digest() for k, t in tokenizers.items()}
+    events: dict[str, ScoredEvent] = {}
+
+    def event(pid: str) -> ScoredEvent:
+        if pid not in events:
+            events[pid] = scored_event(responses[(pid, base)], base_model, tokenizers, vocab)
+        return events[pid]
+
     bar = progress("logprobs", todo_total, "seq")
-    for model_key in dict.fromkeys(p.model for p in config.policies):
+    wanted = set(tf_keys) | set(self_keys)
+    for model_key in model_keys:
         policies = [pol for pol in config.policies if pol.model == model_key]
-        todo = [p for p in prompts if any(not work.done(unit_key(p.prompt_id, pol.name)) for pol in policies)]
+        todo = [p for p in prompts if any(k in wanted and not work.done(k) for pol in policies
+                                          for k in (unit_key(p.prompt_id, pol.name), self_key(p.prompt_id, pol.name)))]
         if not todo:
             continue
         bar.set_description(f"[logprobs] {model_key}")
-        model = load_model(config, model_key, n_seq=TF_SEQUENCES, repack_weights=True)
+        model = load_model(config, model_key, n_seq=TF_SEQUENCES)
         try:
             for i in range(0, len(todo), PROMPTS_PER_CALL):
-                rows, items, units = [], [], []
-                for p in todo[i:i + PROMPTS_PER_CALL]:
-                    resp = base_responses[p.prompt_id]
-                    try:
-                        if model_key == base_model:
-                            tokens = resp.token_ids
-                        else:
-                            tokens = model.response_tokens(resp.response, resp.finish_reason == "stop")
-                        error = None
-                    except ValueError as e:   # the tokenizer round trip
-                        tokens, error = None, str(e)
-                    for pol in policies:
-                        key = unit_key(p.prompt_id, pol.name)
-                        if work.done(key):
-                            continue
-                        if error is not None:
-                            rows.append(failed_row(key, error))
-                            continue
-                        items.append((model.prompt_tokens(pol.system_prompt, p.prompt), tokens,
-                                      pol.temperature))
-                        units.append((p, pol, tokens, key))
-                for (p, pol, tokens, key), values in zip(units, model.teacher_force_many(items)):
-                    if isinstance(values, Exception):   # too long for the context
-                        rows.append(failed_row(key, str(values)))
-                        continue
-                    total = math.fsum(values)
-                    if not math.isfinite(total) or any(v > 0 for v in values):
-                        rows.append(failed_row(key, f"invalid log-probability {total!r} (positive or NaN)"))
-                        continue
-                    rows.append(ok_row(key, TeacherForced(prompt_id=p.prompt_id, policy=pol.name,
-                                                          logprob=total, n_tokens=len(tokens),
-                                                          token_ids=list(tokens))))
+                rows = _score_prompts(config, model, model_key, todo[i:i + PROMPTS_PER_CALL], policies,
+                                      responses, event, checked, work)
                 work.append(rows)
                 bar.update(len(rows))
         finally:
             model.close()
     bar.close()
-    return {LOGPROBS: finish("logprobs", work, keys, data_dir / LOGPROBS)}
+    return finish("logprobs", work, {data_dir / LOGPROBS: tf_keys, data_dir / SELF_CONSISTENCY: self_keys})
+
+
+def _score_prompts(config: Config, model: LlamaModel, model_key: str, prompts: list, policies: list,
+                   responses: dict, event, checked: dict, work: WorkFile) -> list[dict]:
+    """One call's units of one model: rows for the work file (ok or failed)."""
+    rows: list[dict] = []
+    calls: dict[str, list[tuple]] = {"targets": [], "clone": [], "self": []}   # -> (item, unit)
+    for p in prompts:
+        ev: Optional[ScoredEvent] = None
+        for pol in policies:
+            prompt = model.chat.prompt_tokens(pol.system_prompt, p.prompt)
+            key = unit_key(p.prompt_id, pol.name)
+            if not work.done(key):
+                ev = ev or event(p.prompt_id)
+                call = "clone" if pol.name == config.clone_policy else "targets"
+                calls[call].append(((prompt, ev.tokens[model_key], pol.temperature), (key, p, pol, ev)))
+            skey = self_key(p.prompt_id, pol.name)
+            if p.prompt_id in checked[pol.name] and not work.done(skey):
+                own = responses[(p.prompt_id, pol.name)]
+                calls["self"].append(((prompt, own.token_ids, pol.temperature), (skey, p, pol, None)))
+    for pairs in calls.values():
+        if not pairs:
+            continue
+        results = model.teacher_force_many([item for item, _ in pairs])
+        for ((_, tokens, _), (key, p, pol, ev)), values in zip(pairs, results):
+            if isinstance(values, Exception):   # too long for the context
+                rows.append(failed_row(key, str(values)))
+                continue
+            total = math.fsum(values)
+            if not math.isfinite(total) or any(v > 0 for v in values):
+                rows.append(failed_row(key, f"invalid log-probability {total!r} (positive or NaN)"))
+                continue
+            if ev is None:
+                record = SelfCheck(prompt_id=p.prompt_id, policy=pol.name, token_logprobs=list(values))
+            else:
+                record = TeacherForced(prompt_id=p.prompt_id, policy=pol.name, logprob=total,
+                                       n_tokens=len(tokens), token_ids=list(tokens), token_logprobs=list(values),
+                                       scored_bytes=ev.scored_bytes, complete=ev.complete)
+            rows.append(ok_row(key, record))
+    return rows

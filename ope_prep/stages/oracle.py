@@ -30,7 +30,8 @@ from dataclasses import asdict
 from itertools import chain
 
 from ..backends.api import BudgetExceeded, FatalApiError
-from ..config import Config, api_keys
+from ..config import Config
+from ..fingerprint import api_keys
 from ..errors import UnitsFailedError
 from ..records import OracleLabel, Response
 from ..stage_cli import work_path

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..config import Config, flatten
+from ..config import Config
+from ..fingerprint import flatten
 from ..sources import sample_prompts
 from ..store import write_json, write_jsonl
 from .units import PROMPTS, RUN_PARAMS

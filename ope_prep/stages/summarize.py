@@ -8,15 +8,19 @@ everything that is wrong. What the checks stop:
 * a missing, duplicated or unknown (prompt, policy) record in responses, logprobs or judge scores;
   an oracle label for an unknown pair, twice for one pair, or in the wrong split;
 * a log-probability that is positive, NaN, infinite or not a number;
-* pi_clone's log-weight (teacher-forced logprob under pi_clone minus under the base policy)
-  departing from 0 by more than ``validation.clone_tolerance``;
-* the base policy's teacher-forced and sampling log-probabilities disagreeing by more than
-  ``validation.tf_vs_sampling_tolerance_per_token`` nats per token on more than
-  ``validation.tf_vs_sampling_max_fraction`` of prompts;
+* a record whose per-token log-probabilities do not match its token ids or do not sum to its
+  log-probability; an exact 0.0 log-probability on a non-empty response (a computed 0 is a bug);
+* pi_clone's log-weight (teacher-forced logprob under pi_clone minus under the base policy, each
+  from a pass of its own in stage 2b) departing from 0 by more than ``validation.clone_tolerance``;
+* on any record, any token whose teacher-forced log-probability differs from the log-probability
+  the sampler drew it with by more than ``validation.tf_vs_sampling_tolerance_per_token``: the
+  base policy's response under itself (logprobs.jsonl), and every policy's own responses under
+  itself (self_consistency.jsonl: all of them up to 200 prompts, a seeded 200 beyond); scored
+  tokens that are not the response's own, or fewer of them than a complete record says;
 * a judge score, judge mean or oracle label outside [0, 1] (or a judge variance outside [0, 1/4]).
 
-Suspicious but legal values (an exact 0.0 log-probability on a non-empty response, a per-token
-log-probability below ``validation.suspicious_per_token_logprob``) are listed in the report.
+Suspicious but legal values (a per-token log-probability below
+``validation.suspicious_per_token_logprob``) are listed in the report.
 
 The base policy's log-probability used everywhere here (weights, export) is its teacher-forced
 one from logprobs.jsonl, computed by the same code path as every target's, so a shared error
@@ -33,13 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Config, flatten
+from ..config import Config
+from ..fingerprint import flatten
 from ..errors import InputError, ValidationFailed
-from ..records import JudgeScore, OracleLabel, Prompt, Response, TeacherForced
+from ..records import JudgeScore, OracleLabel, Prompt, Response, SelfCheck, TeacherForced
 from ..store import read_jsonl, write_json
-from .units import PROMPTS, RESPONSES, RUN_PARAMS
+from .units import LOGPROBS, PROMPTS, RESPONSES, RUN_PARAMS, SELF_CONSISTENCY, self_check_prompts
 
-LOGPROBS = "logprobs.jsonl"
 JUDGE = "judge_scores.jsonl"
 ORACLE = "oracle_labels.jsonl"
 UPSTREAM = ["prepare", "generate", "logprobs", "judge", "oracle"]
@@ -94,6 +98,7 @@ class Data:
     prompts: list[Prompt] = field(default_factory=list)
     responses: dict[tuple[str, str], Response] = field(default_factory=dict)
     logprobs: dict[tuple[str, str], TeacherForced] = field(default_factory=dict)
+    self_checks: dict[tuple[str, str], SelfCheck] = field(default_factory=dict)
     judge: dict[tuple[str, str], JudgeScore] = field(default_factory=dict)
     oracle: dict[tuple[str, str], OracleLabel] = field(default_factory=dict)
     lines: dict[tuple[str, str, str], int] = field(default_factory=dict)   # (file, pid, pol) -> line
@@ -212,6 +217,17 @@ def _check_logprob(bad: dict[str, list[str]], where: str, lp) -> bool:
     return False
 
 
+def _nums(xs) -> list:
+    return [x for x in xs if _is_num(x)] if isinstance(xs, list) else []
+
+
+def _token_logprobs_match(values, n_tokens, total) -> bool:
+    """values is one finite log-probability <= 0 per token, and they sum to total."""
+    return (isinstance(values, list) and isinstance(n_tokens, int) and len(values) == n_tokens
+            and all(_is_num(v) and math.isfinite(v) and v <= 0 for v in values)
+            and _is_num(total) and abs(math.fsum(values) - total) <= 1e-9 * max(1.0, abs(total)))
+
+
 def _in_unit(x, hi: float = 1.0) -> bool:
     return _is_num(x) and math.isfinite(x) and 0.0 <= x <= hi
 
@@ -260,17 +276,36 @@ def load_and_check(config: Config) -> tuple[Data, dict, list[str]]:
             RESPONSES, responses, lambda r: r.sampling_logprob,
             lambda r: (not isinstance(r.token_ids, list) or not isinstance(r.n_tokens, int)
                        or r.n_tokens != len(r.token_ids) or not isinstance(r.response, str)
-                       or r.finish_reason not in ("stop", "length")),
-            "response text, token_ids, n_tokens = len(token_ids), finish_reason stop/length")
+                       or r.finish_reason not in ("stop", "length")
+                       or not _token_logprobs_match(r.token_logprobs, r.n_tokens, r.sampling_logprob)),
+            "response text, token_ids, n_tokens = len(token_ids), finish_reason stop/length, "
+            "token_logprobs: one finite value <= 0 per token, summing to sampling_logprob")
 
     logprobs = _read(problems, data_dir, LOGPROBS, TeacherForced)
     if logprobs is not None:
         data.logprobs = _index(problems, data, LOGPROBS, logprobs, expected)
         check_logprob_records(
             LOGPROBS, logprobs, lambda r: r.logprob,
-            lambda r: (not isinstance(r.n_tokens, int) or r.n_tokens < 0 or not isinstance(r.token_ids, list)
-                       or (r.token_ids and len(r.token_ids) != r.n_tokens)),
-            "n_tokens, token_ids")
+            lambda r: (not isinstance(r.n_tokens, int) or not isinstance(r.token_ids, list)
+                       or len(r.token_ids) != r.n_tokens or not isinstance(r.complete, bool)
+                       or not isinstance(r.scored_bytes, int) or isinstance(r.scored_bytes, bool)
+                       or r.scored_bytes < 0
+                       or not _token_logprobs_match(r.token_logprobs, r.n_tokens, r.logprob)),
+            "n_tokens = len(token_ids), scored_bytes, complete, token_logprobs: one finite value "
+            "<= 0 per token, summing to logprob")
+
+    self_checks = _read(problems, data_dir, SELF_CONSISTENCY, SelfCheck)
+    if self_checks is not None:
+        seed = data.run.get("seed")
+        wanted = None
+        if expected is not None and seed is not None:
+            ids = [p.prompt_id for p in data.prompts if isinstance(p.prompt_id, str)]
+            wanted = {(pid, pol) for pol in policies for pid in self_check_prompts(seed, ids, pol)}
+        data.self_checks = _index(problems, data, SELF_CONSISTENCY, self_checks, wanted)
+        problems.rule(SELF_CONSISTENCY, "records are malformed (token_logprobs: finite values <= 0)",
+                      [f"line {i} {r.prompt_id}/{r.policy}" for i, r in enumerate(self_checks, 1)
+                       if not isinstance(r.token_logprobs, list) or not _token_logprobs_match(
+                           r.token_logprobs, len(r.token_logprobs), math.fsum(_nums(r.token_logprobs)))])
 
     for name, rules in bad_lp.items():
         for what, items in rules.items():
@@ -311,14 +346,34 @@ def _lp_ok(x) -> bool:
     return _is_num(x) and math.isfinite(x) and x <= 0
 
 
+def _shape_ok(r, logprob_attr: str) -> bool:
+    return _lp_ok(getattr(r, logprob_attr)) and _token_logprobs_match(
+        r.token_logprobs, r.n_tokens, getattr(r, logprob_attr))
+
+
+def _worst_token(a: list[float], b: list[float]) -> float:
+    """The largest per-token |difference| (0 for no tokens)."""
+    return max((abs(x - y) for x, y in zip(a, b)), default=0.0)
+
+
+def _spread(diffs: list[float]) -> dict:
+    d = np.asarray(diffs, dtype=float)
+    return {"n": len(d), "max": float(d.max()) if len(d) else None,
+            "q99": float(np.quantile(d, 0.99)) if len(d) else None}
+
+
 def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
-    """The clone and TF-vs-sampling rules, and the suspicious-value lists."""
+    """The clone, TF-vs-sampling and self-consistency rules; the zero and suspicious values."""
     vcfg = config.validation
+    tol = vcfg.tf_vs_sampling_tolerance_per_token
     base, clone = config.base_policy, config.clone_policy
     pids = [p.prompt_id for p in data.prompts if isinstance(p.prompt_id, str)]
     checks: dict = {}
 
-    # pi_clone's log-weight must be 0.
+    def where(name: str, pid: str, pol: str) -> str:
+        return f"line {data.lines.get((name, pid, pol))} {pid}/{pol}"
+
+    # pi_clone's log-weight must be 0, over the very same tokens.
     if clone is not None:
         lws, off = [], []
         for pid in pids:
@@ -327,8 +382,9 @@ def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
                 continue
             lw = a.logprob - b.logprob
             lws.append(abs(lw))
-            if abs(lw) > vcfg.clone_tolerance:
-                off.append((abs(lw), f"{pid}: log-weight {lw:+.3g}"))
+            if abs(lw) > vcfg.clone_tolerance or a.token_ids != b.token_ids:
+                off.append((abs(lw), f"{where(LOGPROBS, pid, clone)}: log-weight {lw:+.3g}"
+                                      + ("" if a.token_ids == b.token_ids else ", other tokens")))
         off.sort(key=lambda t: -t[0])
         problems.rule(LOGPROBS, f"{clone} log-weights depart from 0 by more than clone_tolerance "
                       f"{vcfg.clone_tolerance:g} ({clone} is meant to be identical to {base}; largest first)",
@@ -338,39 +394,61 @@ def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
     else:
         checks["clone"] = None
 
-    # The base policy's teacher-forced and sampling log-probabilities must agree.
-    diffs, over = [], []
+    # The base policy's response, teacher-forced under itself, token by token against the sampler.
+    diffs, over, mismatch, partial, fractions = [], [], [], 0, []
     for pid in pids:
         r, t = data.responses.get((pid, base)), data.logprobs.get((pid, base))
-        if r is None or t is None or not _lp_ok(r.sampling_logprob) or not _lp_ok(t.logprob):
+        if r is None or t is None or not _shape_ok(r, "sampling_logprob") or not _shape_ok(t, "logprob"):
             continue
-        n = r.n_tokens if isinstance(r.n_tokens, int) and r.n_tokens > 0 else 1
-        d = abs(t.logprob - r.sampling_logprob) / n
+        if t.token_ids != r.token_ids[:t.n_tokens] or (t.complete and t.n_tokens != r.n_tokens):
+            mismatch.append(f"{where(LOGPROBS, pid, base)}: {t.n_tokens} tokens scored"
+                            f"{' (complete)' if t.complete else ''}, not the first of the response's {r.n_tokens}")
+            continue
+        partial += not t.complete
+        text_bytes = len(bytes.fromhex(r.text_bytes_hex)) if r.text_bytes_hex else len(r.response.encode())
+        fractions.append(t.scored_bytes / text_bytes if text_bytes else 1.0)
+        d = _worst_token(t.token_logprobs, r.token_logprobs)
         diffs.append(d)
-        if d > vcfg.tf_vs_sampling_tolerance_per_token:
-            over.append((d, f"{pid}: TF {t.logprob:.6g} vs sampling {r.sampling_logprob:.6g} "
-                            f"({d:.3g} nats/token over {n} tokens)"))
-    frac = len(over) / len(diffs) if diffs else 0.0
-    if frac > vcfg.tf_vs_sampling_max_fraction:
-        over.sort(key=lambda t: -t[0])
-        problems.rule(LOGPROBS, f"of {len(diffs)} {base} records ({frac:.1%}, more than "
-                      f"tf_vs_sampling_max_fraction {vcfg.tf_vs_sampling_max_fraction:.1%}) have "
-                      f"teacher-forced and sampling log-probabilities more than "
-                      f"{vcfg.tf_vs_sampling_tolerance_per_token:g} nats/token apart (largest first)",
-                      [s for _, s in over])
-    d = np.asarray(diffs, dtype=float)
+        if d > tol:
+            over.append((d, f"{where(LOGPROBS, pid, base)}: a token {d:.3g} nats off"))
+    over.sort(key=lambda t: -t[0])
+    problems.rule(LOGPROBS, f"{base} records score other tokens than {base}'s response", mismatch)
+    problems.rule(LOGPROBS, f"{base} records have a token whose teacher-forced log-probability differs "
+                  f"from its sampling log-probability by more than {tol:g} nats (largest first)",
+                  [s for _, s in over])
     checks["tf_vs_sampling"] = {
-        "policy": base, "tolerance_per_token": vcfg.tf_vs_sampling_tolerance_per_token,
-        "max_fraction": vcfg.tf_vs_sampling_max_fraction, "n": len(diffs), "n_over": len(over),
-        "fraction_over": frac,
-        "abs_diff_per_token": _quantiles(d) if len(d) else None,
-        "token_count_mismatches": sum(
-            1 for pid in pids
-            if (pid, base) in data.responses and (pid, base) in data.logprobs
-            and data.responses[(pid, base)].n_tokens != data.logprobs[(pid, base)].n_tokens),
+        "policy": base, "tolerance_per_token": tol, **_spread(diffs), "n_over": len(over),
+        "token_count_mismatches": len(mismatch),
+        # Scored prefixes (another tokenizer, and a response that was cut or is not plain text)
+        "n_partial": partial, "mean_scored_fraction": float(np.mean(fractions)) if fractions else None,
     }
 
-    # Suspicious but legal values.
+    # Every policy's own responses under itself, computed in a pass of its own by stage 2b.
+    consistency, over, mismatch = {}, [], []
+    for pol in config.policies:
+        ds = []
+        for (pid, name), sc in data.self_checks.items():
+            r = data.responses.get((pid, name))
+            if name != pol.name or r is None or not _shape_ok(r, "sampling_logprob"):
+                continue
+            if not isinstance(sc.token_logprobs, list) or len(sc.token_logprobs) != r.n_tokens:
+                mismatch.append(f"{where(SELF_CONSISTENCY, pid, name)}: "
+                                f"{len(sc.token_logprobs) if isinstance(sc.token_logprobs, list) else '?'} "
+                                f"values for {r.n_tokens} tokens")
+                continue
+            d = _worst_token(sc.token_logprobs, r.token_logprobs)
+            ds.append(d)
+            if d > tol:
+                over.append((d, f"{where(SELF_CONSISTENCY, pid, name)}: a token {d:.3g} nats off"))
+        consistency[pol.name] = _spread(ds)
+    over.sort(key=lambda t: -t[0])
+    problems.rule(SELF_CONSISTENCY, "records do not have one value per token of their response", mismatch)
+    problems.rule(SELF_CONSISTENCY, f"responses have a token whose teacher-forced log-probability "
+                  f"differs from its sampling log-probability by more than {tol:g} nats (largest first)",
+                  [s for _, s in over])
+    checks["self_consistency"] = consistency
+
+    # An exact 0.0 on a non-empty response is a bug, not a certainty; very low values are listed.
     zero, low = [], []
     for name, recs, attr in ((RESPONSES, data.responses, "sampling_logprob"),
                              (LOGPROBS, data.logprobs, "logprob")):
@@ -378,15 +456,15 @@ def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
             lp, n = getattr(r, attr), r.n_tokens
             if not _lp_ok(lp) or not isinstance(n, int) or n <= 0:
                 continue
-            item = {"file": name, "line": data.lines.get((name, pid, pol)), "prompt_id": pid,
-                    "policy": pol, "logprob": lp, "n_tokens": n, "per_token": lp / n}
             if lp == 0.0:
-                zero.append(item)
+                zero.append(where(name, pid, pol))
             elif lp / n < vcfg.suspicious_per_token_logprob:
-                low.append(item)
+                low.append({"file": name, "line": data.lines.get((name, pid, pol)), "prompt_id": pid,
+                            "policy": pol, "logprob": lp, "n_tokens": n, "per_token": lp / n})
+    problems.rule("responses.jsonl/logprobs.jsonl", "records have a log-probability of exactly 0.0 "
+                  "on a non-empty response", zero)
     low.sort(key=lambda it: it["per_token"])
     checks["suspicious"] = {
-        "zero_logprob": {"count": len(zero), "examples": zero[:MAX_LISTED]},
         "low_per_token_logprob": {"threshold": vcfg.suspicious_per_token_logprob, "count": len(low),
                                   "examples": low[:MAX_LISTED]},
     }
@@ -478,15 +556,15 @@ def diagnostics(config: Config, data: Data, checks: dict) -> dict:
     if policies[base]["oracle"]["n"] < 2:
         notes.append(f"{base}: {policies[base]['oracle']['n']} calibration labels; the judge cannot "
                      "be calibrated")
-    sus = checks["suspicious"]
-    if sus["zero_logprob"]["count"] or sus["low_per_token_logprob"]["count"]:
-        notes.append(f"{sus['zero_logprob']['count']} exact 0.0 log-probabilities and "
-                     f"{sus['low_per_token_logprob']['count']} per-token log-probabilities below "
-                     f"{sus['low_per_token_logprob']['threshold']:g} (see Suspicious values)")
+    low = checks["suspicious"]["low_per_token_logprob"]
+    if low["count"]:
+        notes.append(f"{low['count']} per-token log-probabilities below {low['threshold']:g} "
+                     "(see Suspicious values)")
     tvs = checks["tf_vs_sampling"]
-    if tvs["n_over"]:
-        notes.append(f"{tvs['n_over']} {base} records have TF and sampling log-probabilities more than "
-                     f"{tvs['tolerance_per_token']:g} nats/token apart (within the allowed fraction)")
+    if tvs["n_partial"]:
+        notes.append(f"{tvs['n_partial']} of {tvs['n']} {base} responses were scored on a prefix "
+                     f"(mean {tvs['mean_scored_fraction']:.0%} of the text): another policy's tokenizer "
+                     "differs and the response was cut at max_tokens or is not plain text")
     return {
         "format": "ope_prep/dataset_info/1",
         "run": {"n_prompts": n, "samples": data.run.get("samples"), "seed": data.run["seed"],

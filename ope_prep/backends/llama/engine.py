@@ -1,4 +1,4 @@
-"""llama.cpp in process: chat rendering, temperature-only sampling, teacher forcing from raw logits.
+"""llama.cpp in process: temperature-only generation and teacher forcing from raw logits.
 
 Why not `Llama.create_chat_completion` / `create_completion(echo=True, logprobs=...)`:
 the high-level sampler applies top-k/top-p/min-p unless told otherwise, echo log-probabilities
@@ -17,10 +17,19 @@ Speed (see benchmarks/bench_llama.py):
   (prompt, response) pairs are decoded once and scored at each requested temperature, and
   sequences whose prompts share a prefix decode it once, as tokens belonging to all of them.
 
-Exactness: flash attention is off and llama-cpp-python is built without llamafile's sgemm
-(setup.sh), so a token's logits do not depend on how many tokens or sequences share its batch:
-teacher-forced log-probabilities reproduce the one-token-at-a-time sampling log-probabilities,
-and a sequence's sampled tokens depend only on its prompt, temperature and seed.
+Exactness: one numeric path per model. A token's logits must not depend on how many tokens or
+sequences share its batch, or teacher forcing (hundreds of tokens per batch) would not
+reproduce the sampler's log-probabilities (one token per sequence per step). llama.cpp picks
+kernels by batch shape and weight layout; every one that does so is off here (NUMERIC_SETTINGS):
+
+* llamafile's sgemm (setup.sh builds without it): another kernel for multi-token batches;
+* the tiled K-quant matmul (GGML_CPU_TILED_MM=0): batches of >= 8 rows of Q4_K/Q5_K/Q6_K
+  weights took it, 1-row batches did not (measured: up to 1.1 nats on one token);
+* repacked weights (use_extra_bufts off): rows computed in groups of 4 or 8 (Q4_0, Q4_K);
+* flash attention: its kernel for one query row differs from the one for many.
+
+With these, teacher forcing equals sampling to the last bit on Q4_0, Q4_1, Q4_K_M, Q5_K_M and
+Q8_0 (tests/test_llama_exactness.py), and stage 5 checks it again on every run.
 """
 
 from __future__ import annotations
@@ -28,25 +37,36 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import os
 import sys
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
-import jinja2.sandbox
-import llama_cpp
-import numpy as np
-from llama_cpp import _internals
-from llama_cpp._logger import logger as _llama_logger
+# Read once, at the first matrix product of the process: set before llama.cpp computes anything.
+os.environ["GGML_CPU_TILED_MM"] = "0"
+
+import llama_cpp  # noqa: E402
+import numpy as np  # noqa: E402
+from llama_cpp import _internals  # noqa: E402
+from llama_cpp._logger import logger as _llama_logger  # noqa: E402
+
+from .chat import ChatTokenizer  # noqa: E402
+from .sampling import Sampler, token_logprobs  # noqa: E402
 
 _llama_logger.setLevel(logging.CRITICAL)   # llama.cpp prints pages per context; errors still raise
 
-# Private-use code points: they never occur in the templates, so they mark where the
-# system prompt and the user text go, and those parts are tokenized as text.
-_SYSTEM_MARK = "\ue000SYSTEM\ue001"
-_USER_MARK = "\ue000USER\ue001"
-_ASSISTANT_MARK = "\ue000ASSISTANT\ue001"
+# What decides the kernels, recorded in the stages' fingerprints: a run resumed under another
+# build, CPU or setting would mix two numeric paths, so it is refused.
+NUMERIC_SETTINGS = {"flash_attn": False, "repacked_weights": False, "tiled_kquant_matmul": False}
+
+
+def numeric_identity() -> dict[str, object]:
+    return {"llama_cpp_python": llama_cpp.__version__,
+            "system_info": llama_cpp.llama_print_system_info().decode().strip(),
+            **NUMERIC_SETTINGS}
+
 
 # Logits rows requested per decode call are capped so the output buffer stays small:
 # 32M floats = 128 MB (SmolLM2: ~650 rows, Gemma 3: 128 rows).
@@ -62,57 +82,27 @@ _ROWS_PER_PASS = 16
 # copies a sequence's whole cache, ~50 MB at n_ctx 2048: about the time of 2-3 tokens).
 _MIN_SHARED = 8
 
-# For some weight types (Gemma 3's Q4_K_M here; not SmolLM2's Q4_1) a token's logits depend
-# on its batch, by up to ~1 in this llama.cpp (measured):
-# * ggml computes a batch of fewer than 8 tokens with other kernels than a larger one;
-# * with repacked weights (see LlamaModel), rows are computed in groups of 4 or 8 counted
-#   from the batch's first token, and a row's result depends on its group.
-# The last layer runs only on the rows whose logits are wanted, so their number counts too.
-# Hence a generation step decodes at most _GRAIN - 1 tokens per llama_decode call, however
-# many sequences run; teacher forcing splits a sequence only at positions that are multiples
-# of _GRAIN, into parts of at least _GRAIN tokens (each sequence in a ubatch of its own) with
-# no logits rows or at least _GRAIN: it reproduces llama.cpp's own evaluation of the whole
-# sequence in one batch (logits_all) to float noise, whatever else shares its batches.
+# Batches are shaped so that even a kernel that tied a row's result to its neighbours would
+# not change it: generation decodes at most _GRAIN - 1 tokens per llama_decode call, teacher
+# forcing splits a sequence only at multiples of _GRAIN, into parts of at least _GRAIN tokens
+# with no logits rows or at least _GRAIN. With NUMERIC_SETTINGS no kernel here does so (the
+# tests check), but this keeps a future llama.cpp kernel of that kind from moving a value.
 _GRAIN = 8
 
 
 @dataclass
 class Generation:
     token_ids: list[int]      # sampled tokens, the end-of-generation token included if sampled
-    logprob: float            # sum of log softmax(logits / T) over token_ids
+    token_logprobs: list[float]   # log softmax(logits / T) of each, as the sampler drew it
     finish_reason: str        # "stop" or "length"
+
+    @property
+    def logprob(self) -> float:
+        return math.fsum(self.token_logprobs)
 
 
 class PromptTooLong(ValueError):
     pass
-
-
-def log_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    z = logits.astype(np.float64) / temperature
-    z -= z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def token_logprobs(rows: np.ndarray, targets: Sequence[int], temperature: float) -> np.ndarray:
-    """log softmax(rows / T)[i, targets[i]] for float32 logits rows (n, V), as float64.
-
-    The sum of exponentials runs in float32 over (x - max) / T (relative error ~1e-7, so
-    ~1e-7 nats), the target's own term in float64. Sampling uses the same arithmetic.
-    """
-    rows = np.asarray(rows)
-    targets = np.asarray(targets, dtype=np.intp)
-    out = np.empty(len(targets), dtype=np.float64)
-    t32 = np.float32(temperature)
-    for a in range(0, len(targets), _ROWS_PER_PASS):
-        r = rows[a:a + _ROWS_PER_PASS]
-        m = r.max(axis=1, keepdims=True)
-        e = r - m
-        e /= t32
-        np.exp(e, out=e)
-        s = e.sum(axis=1, dtype=np.float64)
-        x = r[np.arange(len(r)), targets[a:a + _ROWS_PER_PASS]].astype(np.float64)
-        out[a:a + len(r)] = (x - m[:, 0].astype(np.float64)) / temperature - np.log(s)
-    return out
 
 
 def check_build() -> None:
@@ -138,7 +128,7 @@ class _GenState:
     rng: np.random.Generator
     pos: int = 0                                   # next position to decode
     tokens: list[int] = field(default_factory=list)
-    logprob: float = 0.0
+    logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -152,7 +142,7 @@ class _TFSeq:
     @property
     def end(self) -> int:
         # Every token is decoded, the last too (its logits predict nothing): the batches then
-        # end where a whole-sequence evaluation's does, which repacked weights need (see _GRAIN).
+        # end where a whole-sequence evaluation's does, as _GRAIN asks.
         return len(self.tokens)
 
     @property
@@ -185,26 +175,20 @@ class LlamaModel:
     llama.cpp (0.3.36): a sequence decoded in cells after another sequence's got logits up to
     ~0.9 off, so the unified cache is not used.
 
-    repack_weights: ggml's repacked weight layouts (llama.cpp's default, "extra buffer types")
-    compute several batch rows together, so with them a token's logits depend on the tokens
-    around it in its batch (for Gemma 3's Q4_K_M: a generated token's would depend on the
-    other sequences in the step). Teacher forcing keeps them, with aligned batches, and so
-    reproduces llama.cpp's own evaluation of a sequence; generation turns them off, so that a
-    sequence's tokens depend only on its own prompt, temperature and seed. SmolLM2's Q4_1 is
-    the same either way.
+    The model's tokenizer and chat template are `self.chat` (a ChatTokenizer).
     """
 
     def __init__(self, path: Path | str, n_ctx: int, n_threads: int = 2, n_seq: int = 1,
-                 chat_template: Optional[str] = None, repack_weights: bool = True):
+                 chat_template: Optional[str] = None):
         llama_cpp.llama_backend_init()
         check_build()
         self.path = str(path)
         self.n_seq = n_seq
         self.n_ctx_per_seq = n_ctx
-        self.repack_weights = repack_weights
         mparams = llama_cpp.llama_model_default_params()
-        mparams.use_extra_bufts = repack_weights
+        mparams.use_extra_bufts = NUMERIC_SETTINGS["repacked_weights"]
         self.model = _internals.LlamaModel(path_model=self.path, params=mparams, verbose=False)
+        self.chat = ChatTokenizer(self.model, self.path, chat_template)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx * n_seq
         params.n_batch = params.n_ubatch = 512
@@ -212,11 +196,7 @@ class LlamaModel:
         params.kv_unified = False         # each sequence its own n_ctx cells (see above)
         params.n_threads = params.n_threads_batch = n_threads
         params.no_perf = True
-        # Flash attention's kernel for one query row differs from its kernel for many, so a
-        # token's logits would depend on how many tokens shared its batch; without it (and
-        # with llamafile's sgemm off at build time, see setup.sh) teacher forcing a response
-        # in large batches reproduces the logits of one-token-at-a-time sampling exactly.
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED   # see NUMERIC_SETTINGS
         self.ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
         self.n_batch = params.n_batch
         self.n_vocab = self.model.n_vocab()
@@ -226,18 +206,7 @@ class LlamaModel:
         self._b_pos = np.ctypeslib.as_array(self.batch.pos, shape=(self.n_batch,))
         self._b_nseq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(self.n_batch,))
         self._b_logits = np.ctypeslib.as_array(self.batch.logits, shape=(self.n_batch,))
-        n_blocks = -(-self.n_vocab // _BLOCK)
-        self._sample_buf = np.zeros(n_blocks * _BLOCK, dtype=np.float32)   # tail stays 0
-        self.vocab = self.model.vocab
-        template = chat_template or self.model.metadata().get("tokenizer.chat_template")
-        if not template:
-            raise ValueError(f"{self.path}: the GGUF file has no chat template; set the model's "
-                             "chat_template in the config")
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        self.template = env.from_string(template)
-        self.bos_text = self._piece(self.model.token_bos())
-        self.eos_text = self._piece(self.model.token_eos())
-        self.end_of_turn = self._end_of_turn_token()
+        self.sampler = Sampler(self.n_vocab)
 
     def close(self) -> None:
         if self.batch is not None:
@@ -245,69 +214,6 @@ class LlamaModel:
             self.batch = None
         self.ctx.close()
         self.model.close()
-
-    # ---- text <-> tokens -----------------------------------------------------------
-    def _piece(self, token: int) -> str:
-        return self.model.token_to_piece(token, special=True).rstrip(b"\0").decode("utf-8", "replace")
-
-    def tokenize_text(self, text: str) -> list[int]:
-        """User or model text: special-token strings in it stay text (no template injection)."""
-        return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-
-    def _tokenize_template(self, text: str) -> list[int]:
-        return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self._piece_bytes(t) for t in tokens).decode("utf-8", errors="replace")
-
-    def _piece_bytes(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 256, 0, False)
-        return buf.raw[:max(n, 0)]
-
-    def is_end_of_generation(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
-
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.bos_text, eos_token=self.eos_text)
-
-    def _end_of_turn_token(self) -> int:
-        """The token the chat template puts after an assistant turn (<|im_end|>, <end_of_turn>)."""
-        text = self._render([{"role": "user", "content": "x"},
-                             {"role": "assistant", "content": _ASSISTANT_MARK}], False)
-        tail = self._tokenize_template(text.split(_ASSISTANT_MARK, 1)[1])
-        if not tail or not self.is_end_of_generation(tail[0]):
-            eot = self.model.token_eot()
-            return eot if eot >= 0 else self.model.token_eos()
-        return tail[0]
-
-    def prompt_tokens(self, system_prompt: str, user_text: str) -> list[int]:
-        """The policy's rendered prompt, as at generation: template parts may hold special
-        tokens, the system prompt and the user text are tokenized as plain text."""
-        text = self._render([{"role": "system", "content": _SYSTEM_MARK},
-                             {"role": "user", "content": _USER_MARK}], True)
-        if text.count(_SYSTEM_MARK) != 1 or text.count(_USER_MARK) != 1:
-            raise ValueError(f"{self.path}: the chat template does not place the system prompt "
-                             "and the user message exactly once")
-        head, rest = text.split(_SYSTEM_MARK)
-        if _USER_MARK in head:    # a template that puts the user turn first
-            raise ValueError(f"{self.path}: the chat template puts the user turn before the system prompt")
-        middle, tail = rest.split(_USER_MARK)
-        tokens = (self._tokenize_template(head) + self.tokenize_text(system_prompt)
-                  + self._tokenize_template(middle) + self.tokenize_text(user_text)
-                  + self._tokenize_template(tail))
-        if self.model.add_bos_token() and (not tokens or tokens[0] != self.model.token_bos()):
-            tokens = [self.model.token_bos()] + tokens
-        return tokens
-
-    def response_tokens(self, text: str, stopped: bool) -> list[int]:
-        """Another model's response text in this model's tokens, with this model's end-of-turn
-        token when the response ended by itself. The round trip must give the text back."""
-        tokens = self.tokenize_text(text)
-        if self.detokenize(tokens) != text:
-            raise ValueError("response text does not survive this model's tokenizer round trip")
-        return tokens + [self.end_of_turn] if stopped else tokens
 
     # ---- decoding -------------------------------------------------------------------
     @property
@@ -377,32 +283,6 @@ class LlamaModel:
         # it runs); the copy's positions from n on are then dropped.
         llama_cpp.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
         llama_cpp.llama_memory_seq_rm(self._memory, dst, n, -1)
-
-    # ---- sampling -------------------------------------------------------------------
-    def _sample(self, row: np.ndarray, temperature: float, u: float) -> tuple[int, float]:
-        """Draw from softmax(row / T) with the uniform u; returns (token, its log-probability).
-
-        Inverse CDF, searched per block of _BLOCK tokens (block sums, then one block's running
-        sum), so the vocabulary is touched once by exp and a sum instead of a full cumsum.
-        """
-        buf = self._sample_buf
-        e = buf[:self.n_vocab]
-        m = row.max()
-        np.subtract(row, m, out=e)
-        e /= np.float32(temperature)
-        np.exp(e, out=e)
-        block_sums = buf.reshape(-1, _BLOCK).sum(axis=1, dtype=np.float64)
-        cum = np.cumsum(block_sums)
-        total = float(cum[-1])
-        target = u * total
-        b = min(int(np.searchsorted(cum, target, side="right")), len(cum) - 1)
-        base = float(cum[b - 1]) if b else 0.0
-        within = base + np.cumsum(buf[b * _BLOCK:(b + 1) * _BLOCK], dtype=np.float64)
-        tok = b * _BLOCK + min(int(np.searchsorted(within, target, side="right")), _BLOCK - 1)
-        while tok >= self.n_vocab or buf[tok] == 0.0:   # rounding at a block's end: step back to mass
-            tok -= 1
-        s = float(e.sum(dtype=np.float64))               # as token_logprobs computes it
-        return tok, (float(row[tok]) - float(m)) / temperature - math.log(s)
 
     # ---- generation -----------------------------------------------------------------
     def generate(self, jobs: list[tuple[list[int], float, int]], max_tokens: int) -> list[Generation]:
@@ -504,8 +384,7 @@ class LlamaModel:
         shared, src = 0, -1
         for s, other in active.items():
             k = _common_prefix(other.prompt, st.prompt, len(st.prompt) - _GRAIN)
-            if self.repack_weights:
-                k -= k % _GRAIN
+            k -= k % _GRAIN
             if k > shared:
                 shared, src = k, s
         if shared >= _MIN_SHARED:
@@ -516,13 +395,13 @@ class LlamaModel:
         return self._prefill(st.prompt, seq, start=shared)
 
     def _advance(self, st: _GenState, row: np.ndarray, max_tokens: int) -> Optional[Generation]:
-        tok, lp = self._sample(row, st.temperature, st.rng.random())
+        tok, lp = self.sampler.sample(row, st.temperature, st.rng.random())
         st.tokens.append(tok)
-        st.logprob += lp
-        if self.is_end_of_generation(tok):
-            return Generation(st.tokens, st.logprob, "stop")
+        st.logprobs.append(lp)
+        if self.chat.is_end_of_generation(tok):
+            return Generation(st.tokens, st.logprobs, "stop")
         if len(st.tokens) >= max_tokens:
-            return Generation(st.tokens, st.logprob, "length")
+            return Generation(st.tokens, st.logprobs, "length")
         return None
 
     # ---- teacher forcing ------------------------------------------------------------

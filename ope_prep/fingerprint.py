@@ -1,0 +1,96 @@
+"""Fingerprints: the config keys and inputs each stage depends on, flattened so that a change
+is listed key by key (`diff_keys`) when a run is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .config import ApiConfig, Config
+
+DIGEST_CACHE = Path(os.environ.get("OPE_PREP_DIGEST_CACHE",
+                                   Path.home() / ".cache" / "ope_prep" / "file_digests.json"))
+
+
+def flatten(obj, prefix: str = "") -> dict[str, object]:
+    """Nested dicts/lists -> {"a.b.0.c": value}, the form in which changed keys are listed."""
+    if isinstance(obj, dict):
+        out: dict[str, object] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(obj, list):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def digest_of(keys: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def diff_keys(old: dict[str, object], new: dict[str, object]) -> list[str]:
+    lines = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k, "<unset>") != new.get(k, "<unset>"):
+            lines.append(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}")
+    return lines
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256, remembered per (path, size, mtime) in ~/.cache/ope_prep/file_digests.json,
+    so a multi-GB model is hashed once, not at every stage start."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        cache = json.loads(DIGEST_CACHE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        cache[key] = h.hexdigest()
+        try:
+            DIGEST_CACHE.parent.mkdir(parents=True, exist_ok=True)
+            tmp = DIGEST_CACHE.with_name(f"{DIGEST_CACHE.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache), encoding="utf-8")
+            tmp.replace(DIGEST_CACHE)
+        except OSError:
+            pass   # only a cache: the digest is still right
+    return cache[key]
+
+
+def model_identity(config: Config, model_key: str) -> dict[str, object]:
+    """Everything about a model that moves a log-probability: the file's content, the context
+    size and the chat template the config gives (None: the file's own, covered by its digest)."""
+    p = config.model_path(model_key)
+    m = config.models[model_key]
+    return {"file": p.name, "sha256": file_sha256(p), "n_ctx": m.n_ctx, "chat_template": m.chat_template}
+
+
+def policies_keys(config: Config) -> dict[str, object]:
+    """What stages 2 and 2b depend on: every policy, its model, and llama.cpp's numeric path."""
+    from .backends.llama import numeric_identity   # loads llama.cpp: only stages that run it ask
+    out: dict[str, object] = {"base_policy": config.base_policy}
+    out.update(flatten(numeric_identity(), "llama_cpp."))
+    for p in config.policies:
+        out.update(flatten(p.model_dump(), f"policies.{p.name}."))
+        out.update(flatten(model_identity(config, p.model), f"policies.{p.name}.model_file."))
+    return out
+
+
+def api_keys(config: Config, which: str) -> dict[str, object]:
+    api: ApiConfig = getattr(config, which)
+    # Throughput, timeouts and money do not change results; everything else does.
+    ignore = {"concurrency", "requests_per_minute", "timeout_s", "max_attempts", "budget_usd",
+              "usd_per_1k_input_tokens", "usd_per_1k_output_tokens", "api_key_env"}
+    out = {f"{which}.{k}": v for k, v in api.model_dump().items() if k not in ignore}
+    if api.provider == "local_server":
+        out.update(flatten(model_identity(config, api.model), f"{which}.model_file."))
+    return out
