@@ -9,6 +9,7 @@ the pipeline's own verification of earlier stages passes and stage 5's checks ar
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ POLICIES = [BASE, *TARGETS]
 FILES = {  # stage -> its output files, as stages 1-4 name them
     "prepare": ["prompts.jsonl", "run.json"],
     "generate": ["responses.jsonl"],
-    "logprobs": ["logprobs.jsonl"],
+    "logprobs": ["logprobs.jsonl", "self_consistency.jsonl"],
     "judge": ["judge_scores.jsonl"],
     "oracle": ["oracle_labels.jsonl"],
 }
@@ -93,7 +94,7 @@ def make_run(root: Path, n: int = 40, seed: int = 0, write: bool = True, **confi
     data_dir = root / "data"
     run = Run(root=root, config_path=write_config(root, data_dir, **config_kw), data_dir=data_dir,
               seed=seed, run_json={"samples": n, "seed": 1000 + seed, "skipped": {}})
-    prompts, responses, logprobs, judge, oracle = [], [], [], [], []
+    prompts, responses, logprobs, self_checks, judge, oracle = [], [], [], [], [], []
     offset = {"p0": 0.0, "pi_clone": 0.0, "pi_bad": -0.35, "pi_big": 0.1}
     for i in range(n):
         pid = f"q{i:04d}"
@@ -105,11 +106,16 @@ def make_run(root: Path, n: int = 40, seed: int = 0, write: bool = True, **confi
             n_tok = int(rng.integers(5, 60))
             ids = rng.integers(0, 50000, n_tok).tolist()
             stop = bool(rng.random() < 0.8)
-            toks[pol] = (n_tok, ids)
-            responses.append({"prompt_id": pid, "policy": pol, "response": f"{pol} says {2 * i} ({n_tok} tokens)",
-                              "token_ids": ids, "sampling_logprob": -n_tok * float(rng.uniform(0.3, 2.0)),
+            lps = (-rng.exponential(float(rng.uniform(0.3, 2.0)), n_tok)).tolist()
+            toks[pol] = (n_tok, ids, lps)
+            text = f"{pol} says {2 * i} ({n_tok} tokens)"
+            responses.append({"prompt_id": pid, "policy": pol, "response": text,
+                              "token_ids": ids, "token_logprobs": lps, "sampling_logprob": math.fsum(lps),
                               "n_tokens": n_tok, "finish_reason": "stop" if stop else "length",
                               "seed": int(rng.integers(0, 2**62))})
+            # Teacher forcing in a pass of its own reproduces the sampler's values (float noise).
+            self_checks.append({"prompt_id": pid, "policy": pol,
+                                "token_logprobs": [min(v + float(rng.normal(0, 1e-12)), 0.0) for v in lps]})
             q = float(np.clip(quality + offset[pol] + rng.normal(0, 0.1), 0, 1))
             judge.append({"prompt_id": pid, "policy": pol, "score": round(q * 10) / 10,
                           "mean": float(np.clip(q + rng.normal(0, 0.03), 0, 1)),
@@ -117,15 +123,16 @@ def make_run(root: Path, n: int = 40, seed: int = 0, write: bool = True, **confi
             oracle.append({"prompt_id": pid, "policy": pol,
                            "split": "calibration" if pol == BASE else "validation",
                            "label": float(np.clip(q + rng.normal(0, 0.1), 0, 1)), "raw": "x"})
-        n0, ids0 = toks[BASE]
-        s0 = responses[-len(POLICIES)]["sampling_logprob"]
-        lp0 = s0 + float(rng.normal(0, 1e-6))           # float noise, far inside the tolerance
-        tf = {"p0": lp0, "pi_clone": lp0 + float(rng.normal(0, 1e-7)),
-              "pi_bad": lp0 - n0 * float(rng.uniform(0.2, 0.6)),
-              "pi_big": min(lp0 + float(rng.normal(0, 1.5)), -0.1)}
+        n0, ids0, lps0 = toks[BASE]
+        text0 = responses[-len(POLICIES)]["response"]
+        base_tf = [min(v + float(rng.normal(0, 1e-12)), 0.0) for v in lps0]   # float noise only
+        tf = {"p0": base_tf, "pi_clone": base_tf,
+              "pi_bad": [v - float(rng.uniform(0.2, 0.6)) for v in base_tf],
+              "pi_big": [min(v + float(rng.normal(0, 0.3)), 0.0) for v in base_tf]}
         for pol in POLICIES:
-            logprobs.append({"prompt_id": pid, "policy": pol, "logprob": tf[pol], "n_tokens": n0,
-                             "token_ids": ids0})
+            logprobs.append({"prompt_id": pid, "policy": pol, "logprob": math.fsum(tf[pol]), "n_tokens": n0,
+                             "token_ids": ids0, "token_logprobs": tf[pol],
+                             "scored_bytes": len(text0.encode()), "complete": True})
     # Oracle subsets: a seeded quarter of the base responses, a quarter of each target's.
     keep = set()
     for pol in POLICIES:
@@ -133,7 +140,8 @@ def make_run(root: Path, n: int = 40, seed: int = 0, write: bool = True, **confi
             keep.add((f"q{j:04d}", pol))
     oracle = [o for o in oracle if (o["prompt_id"], o["policy"]) in keep]
     run.rows = {"prompts.jsonl": prompts, "responses.jsonl": responses, "logprobs.jsonl": logprobs,
-                "judge_scores.jsonl": judge, "oracle_labels.jsonl": oracle}
+                "self_consistency.jsonl": self_checks, "judge_scores.jsonl": judge,
+                "oracle_labels.jsonl": oracle}
     if write:
         run.write()
     return run

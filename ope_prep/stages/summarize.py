@@ -217,14 +217,16 @@ def _check_logprob(bad: dict[str, list[str]], where: str, lp) -> bool:
     return False
 
 
-def _nums(xs) -> list:
-    return [x for x in xs if _is_num(x)] if isinstance(xs, list) else []
+def _legal_values(values) -> bool:
+    return isinstance(values, list) and all(_is_num(v) and math.isfinite(v) and v <= 0 for v in values)
 
 
 def _token_logprobs_match(values, n_tokens, total) -> bool:
-    """values is one finite log-probability <= 0 per token, and they sum to total."""
-    return (isinstance(values, list) and isinstance(n_tokens, int) and len(values) == n_tokens
-            and all(_is_num(v) and math.isfinite(v) and v <= 0 for v in values)
+    """values is one finite log-probability <= 0 per token, and they sum to total (a total that
+    is itself no log-probability is reported by its own rule, not here)."""
+    if not _lp_ok(total):
+        return True
+    return (_legal_values(values) and isinstance(n_tokens, int) and len(values) == n_tokens
             and _is_num(total) and abs(math.fsum(values) - total) <= 1e-9 * max(1.0, abs(total)))
 
 
@@ -304,8 +306,7 @@ def load_and_check(config: Config) -> tuple[Data, dict, list[str]]:
         data.self_checks = _index(problems, data, SELF_CONSISTENCY, self_checks, wanted)
         problems.rule(SELF_CONSISTENCY, "records are malformed (token_logprobs: finite values <= 0)",
                       [f"line {i} {r.prompt_id}/{r.policy}" for i, r in enumerate(self_checks, 1)
-                       if not isinstance(r.token_logprobs, list) or not _token_logprobs_match(
-                           r.token_logprobs, len(r.token_logprobs), math.fsum(_nums(r.token_logprobs)))])
+                       if not _legal_values(r.token_logprobs)])
 
     for name, rules in bad_lp.items():
         for what, items in rules.items():
@@ -449,9 +450,10 @@ def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
     checks["self_consistency"] = consistency
 
     # An exact 0.0 on a non-empty response is a bug, not a certainty; very low values are listed.
-    zero, low = [], []
+    low = []
     for name, recs, attr in ((RESPONSES, data.responses, "sampling_logprob"),
                              (LOGPROBS, data.logprobs, "logprob")):
+        zero = []
         for (pid, pol), r in recs.items():
             lp, n = getattr(r, attr), r.n_tokens
             if not _lp_ok(lp) or not isinstance(n, int) or n <= 0:
@@ -461,8 +463,7 @@ def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
             elif lp / n < vcfg.suspicious_per_token_logprob:
                 low.append({"file": name, "line": data.lines.get((name, pid, pol)), "prompt_id": pid,
                             "policy": pol, "logprob": lp, "n_tokens": n, "per_token": lp / n})
-    problems.rule("responses.jsonl/logprobs.jsonl", "records have a log-probability of exactly 0.0 "
-                  "on a non-empty response", zero)
+        problems.rule(name, "records have a log-probability of exactly 0.0 on a non-empty response", zero)
     low.sort(key=lambda it: it["per_token"])
     checks["suspicious"] = {
         "low_per_token_logprob": {"threshold": vcfg.suspicious_per_token_logprob, "count": len(low),
