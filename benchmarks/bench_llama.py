@@ -25,16 +25,27 @@ generation and chat count generated tokens (completion_tokens), prefill time inc
 Also measured, to show where generation's ceiling is: `LlamaModel.generate` one sequence at
 a time (what batching gains over a single stream on this machine).
 
+What exactness costs: the pipeline runs llama.cpp with one numeric path (no repacked weights,
+no tiled K-quant matmul, see ope_prep/backends/llama/engine.py). For every model of the
+config, a prefill of the same (prompt + response) sequences, one per llama_decode call, runs
+in two fresh processes per round, alternating: with the pipeline's settings and with
+llama.cpp's fastest (its defaults: repacked weights, tiled matmul). Printed per model as
+`fastest/ours`, with every round's figure.
+
 The last line is exactly: tf_vs_prefill=<x> tf_vs_echo=<y> gen_vs_chat=<z>
 (ratios of median throughputs; tf_vs_prefill against the pure-prefill replay of the same
-token batches, the stricter of the two replays).
+token batches, the stricter of the two replays, with the same settings).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 import llama_cpp  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
 
-from ope_prep.backends.llama import LlamaModel  # noqa: E402
+from ope_prep.backends.llama import LlamaModel, load_tokenizer  # noqa: E402
 from ope_prep.config import load_config  # noqa: E402
 from ope_prep.sources import sample_prompts  # noqa: E402
 from ope_prep.stages.logprobs import TF_SEQUENCES  # noqa: E402
@@ -60,26 +71,24 @@ def parse_args():
     ap.add_argument("--batch-size", type=int, default=None, help="default: generation.batch_size")
     ap.add_argument("--echo-pairs", type=int, default=4)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--prefill-only", nargs=3, metavar=("MODEL_PATH", "SEQUENCES_JSON", "SETTINGS"),
+                    help=argparse.SUPPRESS)   # internal: one process of the numeric-path cost rounds
     return ap.parse_args()
 
 
 class Replay:
-    """Records the llama_decode calls and cache operations of a LlamaModel run, then replays
-    them through llama.cpp directly, with every batch built beforehand."""
+    """Records the llama_decode calls and cache operations of a LlamaModel run (its `trace`
+    hook), then replays them through llama.cpp directly, with every batch built beforehand."""
 
     def __init__(self, model: LlamaModel):
         self.model, self.ops = model, []
-        self._orig = (model._decode, model._clear, model._share_prefix)
 
     def __enter__(self):
-        m = self.model
-        m._decode = lambda entries: (self.ops.append(("decode", list(entries))), self._orig[0](entries))[1]
-        m._clear = lambda seq=-1: (self.ops.append(("clear", seq)), self._orig[1](seq))[1]
-        m._share_prefix = lambda a, b, n: (self.ops.append(("share", a, b, n)), self._orig[2](a, b, n))[1]
+        self.model.trace = self.ops.append
         return self
 
     def __exit__(self, *exc):
-        del self.model._decode, self.model._clear, self.model._share_prefix
+        self.model.trace = None
 
     def build(self, logits: str) -> list:
         """logits: "same" (as recorded) or "last" (only each batch's last token: prefill)."""
@@ -131,8 +140,67 @@ def alternate(rounds: int, *fns) -> list[list[float]]:
     return out
 
 
+def prefill_only(path: str, sequences_json: str, settings: str) -> None:
+    """One round of the numeric-path cost, in a process of its own (the tiled-matmul switch is
+    read once per process): prints tokens/s of a prefill of each sequence."""
+    if settings == "fastest":
+        os.environ.pop("GGML_CPU_TILED_MM", None)
+    else:
+        os.environ["GGML_CPU_TILED_MM"] = "0"
+    from llama_cpp import _internals
+    llama_cpp.llama_backend_init()
+    mp = llama_cpp.llama_model_default_params()
+    mp.use_extra_bufts = settings == "fastest"
+    model = _internals.LlamaModel(path_model=path, params=mp, verbose=False)
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 2048, 512, 512, 2, 2
+    cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = _internals.LlamaContext(model=model, params=cp, verbose=False)
+    sequences = [s[:512] for s in json.loads(Path(sequences_json).read_text())]
+    batches = []
+    for seq in sequences:
+        b = llama_cpp.llama_batch_init(len(seq), 0, 1)
+        for i, tok in enumerate(seq):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, i, 1, i == len(seq) - 1
+            b.seq_id[i][0] = 0
+        b.n_tokens = len(seq)
+        batches.append(b)
+    t = time.perf_counter()
+    for b in batches:
+        llama_cpp.llama_memory_clear(ctx.memory, True)
+        if llama_cpp.llama_decode(ctx.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+    print(sum(map(len, sequences)) / (time.perf_counter() - t))
+
+
+def numeric_path_cost(config, base_tok, sequences: list[list[int]], rounds: int
+                      ) -> list[tuple[str, list[float], list[float]]]:
+    """Per model of the config: prefill tokens/s with the pipeline's settings and with
+    llama.cpp's fastest, one fresh process per measurement, alternating."""
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in dict.fromkeys(p.model for p in config.policies):
+            # The same texts in this model's tokens (prompt + response).
+            tok = load_tokenizer(str(config.model_path(key)), config.models[key].chat_template)
+            seqs = [tok.tokenize_text(base_tok.detokenize(s))[:512] for s in sequences]
+            path = Path(tmp) / f"{key}.json"
+            path.write_text(json.dumps(seqs))
+
+            def one(settings: str) -> float:
+                proc = subprocess.run([sys.executable, __file__, "--prefill-only", str(config.model_path(key)),
+                                       str(path), settings], capture_output=True, text=True, check=True)
+                return float(proc.stdout.strip().splitlines()[-1])
+
+            ours, fastest = alternate(rounds, lambda: one("ours"), lambda: one("fastest"))
+            out.append((key, ours, fastest))
+    return out
+
+
 def main() -> None:
     args = parse_args()
+    if args.prefill_only:
+        prefill_only(*args.prefill_only)
+        return
     config = load_config(args.config)
     model_key = args.model or config.policy(config.base_policy).model
     policy = next(p for p in config.policies if p.model == model_key)
@@ -145,26 +213,25 @@ def main() -> None:
     t_start = time.perf_counter()
 
     gen = LlamaModel(path, n_ctx=mcfg.n_ctx, n_seq=batch_size, n_threads=threads,
-                     chat_template=mcfg.chat_template, repack_weights=False)      # as stage 2
-    single = LlamaModel(path, n_ctx=mcfg.n_ctx, n_seq=1, n_threads=threads,
-                        chat_template=mcfg.chat_template, repack_weights=False)
+                     chat_template=mcfg.chat_template)                            # as stage 2
+    single = LlamaModel(path, n_ctx=mcfg.n_ctx, n_seq=1, n_threads=threads, chat_template=mcfg.chat_template)
     tf = LlamaModel(path, n_ctx=mcfg.n_ctx, n_seq=TF_SEQUENCES, n_threads=threads,
-                    chat_template=mcfg.chat_template, repack_weights=True)       # as stage 2b
+                    chat_template=mcfg.chat_template)                             # as stage 2b
     chat = Llama(path, n_ctx=mcfg.n_ctx, n_threads=threads, verbose=False, chat_format=None)
     chat_handler = None
     if mcfg.chat_template:   # the GGUF has none: give the high-level call the same template
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-        chat_handler = Jinja2ChatFormatter(mcfg.chat_template, eos_token=gen.eos_text,
-                                           bos_token=gen.bos_text).to_chat_handler()
+        chat_handler = Jinja2ChatFormatter(mcfg.chat_template, eos_token=gen.chat.eos_text,
+                                           bos_token=gen.chat.bos_text).to_chat_handler()
         chat.chat_handler = chat_handler
 
     prompts = []
     for p in sample_prompts(config, args.prompts * 3, args.seed)[0]:
-        if len(gen.prompt_tokens(system, p.prompt)) + max_tokens <= min(mcfg.n_ctx, 512):
+        if len(gen.chat.prompt_tokens(system, p.prompt)) + max_tokens <= min(mcfg.n_ctx, 512):
             prompts.append(p.prompt)   # the echo reference evaluates a pair in one batch
         if len(prompts) == args.prompts:
             break
-    jobs = [(gen.prompt_tokens(system, p), temp, 1000 + i) for i, p in enumerate(prompts)]
+    jobs = [(gen.chat.prompt_tokens(system, p), temp, 1000 + i) for i, p in enumerate(prompts)]
     messages = [[{"role": "system", "content": system}, {"role": "user", "content": p}] for p in prompts]
     print(f"model {model_key} ({Path(path).name}), {threads} threads, {len(prompts)} ShareGPT prompts, "
           f"max_tokens {max_tokens}, temperature {temp}, generation batch {batch_size}, "
@@ -244,6 +311,13 @@ def main() -> None:
     print(f"  teacher forcing (first {len(sub_pairs)} pairs, {sub_tokens} tokens, {round_trip} exact text "
           f"round trips): ours {[round(x) for x in tf_sub_tps]}, echo {[round(x) for x in echo_tps]} tokens/s",
           flush=True)
+
+    # ---- what the one numeric path costs against llama.cpp's fastest settings ---------
+    costs = numeric_path_cost(config, gen.chat, [p + r for p, r in pairs], args.rounds)
+    for key, ours, fastest in costs:
+        print(f"  prefill, {key}: pipeline settings {[round(x) for x in ours]}, llama.cpp fastest "
+              f"{[round(x) for x in fastest]} tokens/s; fastest/ours per round "
+              f"{[round(f / o, 2) for f, o in zip(fastest, ours)]}", flush=True)
 
     med = statistics.median
     rows = [("generation, ours (LlamaModel.generate, %d sequences)" % batch_size, med(gen_tps)),

@@ -42,7 +42,7 @@ import sys
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 # Read once, at the first matrix product of the process: set before llama.cpp computes anything.
 os.environ["GGML_CPU_TILED_MM"] = "0"
@@ -207,6 +207,9 @@ class LlamaModel:
         self._b_nseq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(self.n_batch,))
         self._b_logits = np.ctypeslib.as_array(self.batch.logits, shape=(self.n_batch,))
         self.sampler = Sampler(self.n_vocab)
+        # Called with each decode batch and cache operation of teacher forcing, ("decode",
+        # entries), ("clear", seq), ("share", src, dst, n): how the benchmark replays them raw.
+        self.trace: Optional[Callable[[tuple], None]] = None
 
     def close(self) -> None:
         if self.batch is not None:
@@ -221,6 +224,8 @@ class LlamaModel:
         return self.ctx.memory
 
     def _clear(self, seq: int = -1) -> None:
+        if self.trace:
+            self.trace(("clear", seq))
         llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
 
     def _decode(self, entries: list[tuple[int, int, Union[int, tuple[int, ...]], bool]]) -> None:
@@ -243,6 +248,8 @@ class LlamaModel:
                     seq_id[i][k] = sk
                 self._b_nseq[i] = len(s)
         b.n_tokens = n
+        if self.trace:
+            self.trace(("decode", list(entries)))
         rc = llama_cpp.llama_decode(self.ctx.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
@@ -281,6 +288,8 @@ class LlamaModel:
         """Give sequence dst the cells of src's positions [0, n) (dst is empty)."""
         # Between per-sequence caches llama.cpp copies whole caches (at the next decode, before
         # it runs); the copy's positions from n on are then dropped.
+        if self.trace:
+            self.trace(("share", src, dst, n))
         llama_cpp.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
         llama_cpp.llama_memory_seq_rm(self._memory, dst, n, -1)
 
