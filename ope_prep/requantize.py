@@ -11,11 +11,12 @@ does not matter for exactness: what is tested is that sampling and teacher forci
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 from pathlib import Path
 
 import llama_cpp
+
+from .fingerprint import file_sha256
 
 CACHE = Path(os.environ.get("OPE_PREP_MODEL_CACHE", Path.home() / ".cache" / "ope_prep" / "models"))
 
@@ -31,20 +32,12 @@ FTYPES = {
 }
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def requantized(source: Path | str, ftype: str, n_threads: int = 2) -> Path:
     """The source model requantized to `ftype`; built once per (source content, ftype)."""
     source = Path(source)
     if ftype not in FTYPES:
         raise ValueError(f"unknown quantization {ftype!r}; one of {', '.join(FTYPES)}")
-    out = CACHE / f"{source.stem}.{_file_sha256(source)[:12]}.{ftype}.gguf"
+    out = CACHE / f"{source.stem}.{file_sha256(source)[:12]}.{ftype}.gguf"
     if out.is_file():
         return out
     CACHE.mkdir(parents=True, exist_ok=True)

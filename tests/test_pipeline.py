@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from conftest import N, small_config, write_config
+from conftest import N, ROOT, small_config, write_config
+from ope_prep.backends.llama import load_tokenizer
 from pipeline_harness import (comparable, computed_ok, done_keys, kill_group, records, run, start,
                               wait_for)
 
@@ -93,7 +94,13 @@ def test_config_change_is_refused_with_keys_and_force_step_reruns_from_there(ref
     new_tf = {r["prompt_id"]: r["logprob"] for r in records(tmp_path / "data" / "logprobs.jsonl")
               if r["policy"] == "p0"}
     assert all(abs(r["base_policy_logprob"] - new_tf[r["prompt_id"]]) < 1e-9 for r in logged)
-    assert all(abs(new_tf[r["prompt_id"]] - r["sampling_logprob"]) < 1e-3 * r["n_tokens"] for r in p0_new)
+    # p0's own response under p0 equals its sampling log-probability token by token (over the
+    # prefix scored when a cut response meets Gemma's tokenizer).
+    tf_p0 = {r["prompt_id"]: r for r in records(tmp_path / "data" / "logprobs.jsonl") if r["policy"] == "p0"}
+    for r in p0_new:
+        t = tf_p0[r["prompt_id"]]
+        assert t["token_ids"] == r["token_ids"][:t["n_tokens"]]
+        assert max((abs(a - b) for a, b in zip(t["token_logprobs"], r["token_logprobs"])), default=0) <= 1e-6
 
     # Changing only the judge reruns 3 and later, not 2.
     generated_before = sum(n for (w, _), n in computed_ok(trace).items() if w == "generate")
@@ -109,3 +116,34 @@ def test_config_change_is_refused_with_keys_and_force_step_reruns_from_there(ref
     assert "[logprobs] already complete" in forced.stdout
     assert sum(n for (w, _), n in computed_ok(trace).items() if w == "generate") == generated_before
     assert sum(n for (w, _), n in computed_ok(trace).items() if w == "judge") == judged_before + N * 4
+
+
+def test_what_moves_a_log_probability_is_in_the_fingerprint(reference, tmp_path):
+    """A chat template edited in the config, or a model file whose content changed (same name,
+    same size), refuses the resume and names the key."""
+    src, _, _, _ = reference
+    shutil.copytree(src / "data", tmp_path / "data")
+    model = tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model.parent.mkdir()
+    shutil.copyfile(ROOT / "models" / model.name, model)
+    cfg = small_config(tmp_path / "data")
+    cfg["models"]["smollm2_135m"]["path"] = str(model)
+    config = write_config(tmp_path / "config.yaml", cfg)
+    trace = tmp_path / "trace.tsv"
+    same = run(config, N, trace)
+    assert same.returncode == 0 and same.stdout.count("already complete") == 6, same.stdout[-2000:]
+
+    edited = dict(cfg, models={**cfg["models"], "smollm2_135m": {
+        **cfg["models"]["smollm2_135m"], "chat_template": load_tokenizer(str(model)).template_text + " "}})
+    write_config(config, edited)
+    refused = run(config, N, trace)
+    assert refused.returncode == 2, refused.stdout[-2000:]
+    assert "policies.p0.model_file.chat_template: None -> " in refused.stdout
+
+    write_config(config, cfg)
+    data = bytearray(model.read_bytes())
+    data[-1000] ^= 1                         # one bit of the last tensor
+    model.write_bytes(bytes(data))
+    refused = run(config, N, trace)
+    assert refused.returncode == 2, refused.stdout[-2000:]
+    assert "policies.p0.model_file.sha256: " in refused.stdout

@@ -9,7 +9,8 @@ seed, so a resumed run produces exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-from ..backends.llama import LlamaModel, response_text
+from ..backends.llama import response_text
+from ..backends.providers import local_model
 from ..config import Config
 from ..fingerprint import policies_keys
 from ..records import Response
@@ -25,12 +26,6 @@ def fingerprint(config: Config, args, ck: dict) -> dict:
             "input.run": ck["prepare"]["outputs"][RUN_PARAMS]["sha256"],
             "generation.max_tokens": config.generation.max_tokens,
             **policies_keys(config)}
-
-
-def load_model(config: Config, model_key: str, n_seq: int) -> LlamaModel:
-    m = config.models[model_key]
-    return LlamaModel(config.model_path(model_key), n_ctx=m.n_ctx, n_seq=n_seq,
-                      n_threads=config.generation.n_threads, chat_template=m.chat_template)
 
 
 def run(config: Config, args, fp: dict) -> dict:
@@ -52,7 +47,7 @@ def run(config: Config, args, fp: dict) -> dict:
         if not todo:
             continue
         bar.set_description(f"[generate] {model_key}")
-        model = load_model(config, model_key, config.generation.batch_size)
+        model = local_model(config, model_key, config.generation.batch_size)
         rows: list[dict] = []
         units: list[tuple] = []     # job index -> (prompt, policy, seed)
 

@@ -32,13 +32,13 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from ..backends.llama import ChatTokenizer, LlamaModel, load_tokenizer
+from ..backends.llama import ChatTokenizer, LlamaModel
+from ..backends.providers import local_model, local_tokenizer
 from ..config import Config
 from ..fingerprint import policies_keys
 from ..records import Response, SelfCheck, TeacherForced
 from ..stage_cli import work_path
 from ..store import WorkFile, failed_row, ok_row, read_jsonl
-from .generate import load_model
 from .units import (LOGPROBS, RESPONSES, SELF_CONSISTENCY, finish, load_prompts, progress, read_run_seed,
                     self_check_prompts, unit_key)
 
@@ -152,7 +152,7 @@ def run(config: Config, args, fp: dict) -> dict:
           f"{len(tf_keys) + len(self_keys) - todo_total} already done")
 
     model_keys = list(dict.fromkeys(p.model for p in config.policies))
-    tokenizers = {k: load_tokenizer(str(config.model_path(k)), config.models[k].chat_template) for k in model_keys}
+    tokenizers = {k: local_tokenizer(config, k) for k in model_keys}
     vocab = {k: t.vocab_digest() for k, t in tokenizers.items()}
     events: dict[str, ScoredEvent] = {}
 
@@ -170,7 +170,7 @@ def run(config: Config, args, fp: dict) -> dict:
         if not todo:
             continue
         bar.set_description(f"[logprobs] {model_key}")
-        model = load_model(config, model_key, n_seq=TF_SEQUENCES)
+        model = local_model(config, model_key, n_seq=TF_SEQUENCES)
         try:
             for i in range(0, len(todo), PROMPTS_PER_CALL):
                 rows = _score_prompts(config, model, model_key, todo[i:i + PROMPTS_PER_CALL], policies,
