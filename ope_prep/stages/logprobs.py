@@ -122,14 +122,13 @@ def scored_event(resp: Response, base_model: str, tokenizers: dict[str, ChatToke
             by_vocab[vocab[k]] = (toks, offs)
         other_tokens[k] = by_vocab[vocab[k]]
     complete = stopped and limit == len(raw)
-    cut = len(raw) if complete else max((o for o in common if o < limit), default=0)
-
-    def prefix(toks: list[int], offs: list[int]) -> list[int]:
-        return toks[:offs.index(cut)]
-
-    tokens = {k: prefix(text_ids, base_offsets) + ([resp.token_ids[-1]] if complete else []) for k in same}
-    for k, (toks, offs) in other_tokens.items():
-        tokens[k] = prefix(toks, offs) + ([tokenizers[k].end_of_turn] if complete else [])
+    if complete:
+        tokens = {k: list(resp.token_ids) for k in same}
+        tokens.update({k: toks + [tokenizers[k].end_of_turn] for k, (toks, _) in other_tokens.items()})
+        return ScoredEvent(tokens, len(raw), True)
+    cut = max((o for o in common if o < limit), default=0)
+    tokens = {k: text_ids[:base_offsets.index(cut)] for k in same}
+    tokens.update({k: toks[:offs.index(cut)] for k, (toks, offs) in other_tokens.items()})
     return ScoredEvent(tokens, cut, complete)
 
 
