@@ -48,7 +48,7 @@ def make_data(root: Path, prompts=PROMPTS, answers=ANSWERS, **overrides) -> Path
     cfg = small_config(data, **overrides)
     path = write_config(root / "config.yaml", cfg)
     recs = [Prompt(pid, text, "test", i, pid) for i, (pid, text) in enumerate(prompts)]
-    resps = [Response(pid, pol, answers[(pid, pol)], [1, 2, 3], -3.0, 3, "stop", 7)
+    resps = [Response(pid, pol, answers[(pid, pol)], [1, 2, 3], [-1.0, -1.0, -1.0], -3.0, 3, "stop", 7)
              for pid, _ in prompts for pol in POLICIES]
     checkpoint.mark_complete(data, "prepare", {"test": True}, {
         "prompts.jsonl": write_jsonl(data / "prompts.jsonl", recs),
