@@ -538,3 +538,27 @@ def test_cli_damaged_or_missing_input_after_its_stage_completed(tmp_path):
     (run.data_dir / "oracle_labels.jsonl").unlink()
     p = cli(run)
     assert p.returncode != 0 and "oracle_labels.jsonl is missing" in p.stderr, p.stdout + p.stderr
+
+
+def test_self_checks_beyond_200_prompts_are_a_seeded_200_per_policy(tmp_path):
+    from ope_prep.stages.units import SELF_CHECKS_PER_POLICY, self_check_prompts
+    ids = [f"q{i:04d}" for i in range(230)]
+    chosen = self_check_prompts(7, ids, "pi_bad")
+    assert len(chosen) == SELF_CHECKS_PER_POLICY == 200 and chosen == [i for i in ids if i in set(chosen)]
+    assert chosen == self_check_prompts(7, ids, "pi_bad")                  # seeded: the same again
+    assert chosen != self_check_prompts(8, ids, "pi_bad") != self_check_prompts(7, ids, "p0")
+    assert self_check_prompts(7, ids[:150], "pi_bad") == ids[:150]          # all of a small run
+
+    run = make_run(tmp_path, n=230, seed=13, write=False)
+    keep = {pol: set(self_check_prompts(run.run_json["seed"], ids, pol)) for pol in POLICIES}
+    every = run.rows["self_consistency.jsonl"]
+    run.rows["self_consistency.jsonl"] = [r for r in every if r["prompt_id"] in keep[r["policy"]]]
+    run.write()
+    run_stage(run)
+    info = strict_json(run.data_dir / "dataset_info.json")
+    assert {p: c["n"] for p, c in info["checks"]["self_consistency"].items()} == {p: 200 for p in POLICIES}
+
+    run.rows["self_consistency.jsonl"] = every                           # the other 30 are not expected
+    run.write(mark=False)
+    with pytest.raises(ValidationFailed, match="self_consistency.jsonl: 120 records for an unknown prompt or policy"):
+        run_stage(run)
