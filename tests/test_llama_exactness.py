@@ -127,7 +127,7 @@ def test_packed_teacher_forcing_equals_llama_cpp_whole_sequence_evaluation(model
 
 
 def _seq(prompt, response):
-    from ope_prep.backends.llama.engine import _TFSeq
+    from ope_prep.backends.llama.teacher_force import _TFSeq
     return _TFSeq(list(prompt) + list(response), len(prompt))
 
 

@@ -1,0 +1,217 @@
+"""Teacher forcing: the log-probability of given tokens from raw logits, many sequences packed
+into each llama_decode batch, logits only where they predict a response token."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import numpy as np
+
+from .engine import _GRAIN, _MIN_SHARED, Engine, PromptTooLong, _common_prefix
+from .sampling import token_logprobs
+
+
+@dataclass
+class _TFSeq:
+    """One distinct (prompt, response) token sequence to teacher-force."""
+    tokens: list[int]
+    n_prompt: int
+    requests: list[tuple[int, float]] = field(default_factory=list)   # (item index, temperature)
+    values: dict[float, np.ndarray] = field(default_factory=dict)     # temperature -> per token
+
+    @property
+    def end(self) -> int:
+        # Every token is decoded, the last too (its logits predict nothing): the batches then
+        # end where a whole-sequence evaluation's does, as _GRAIN asks.
+        return len(self.tokens)
+
+    @property
+    def first_out(self) -> int:    # the logits at this position predict the first response token
+        return self.n_prompt - 1
+
+    @property
+    def stop_out(self) -> int:     # logits are wanted at positions [first_out, stop_out)
+        return len(self.tokens) - 1
+
+
+@dataclass
+class _TFStream:
+    """Positions [cursor, end) of one sequence still to decode into cache/sequence id `seq`."""
+    seq: int
+    seq_data: _TFSeq
+    cursor: int
+
+    @property
+    def end(self) -> int:
+        return self.seq_data.end
+
+
+class TeacherForcer(Engine):
+    def teacher_force(self, prompt: list[int], response: list[int], temperature: float) -> list[float]:
+        """Per-token log softmax(logits / T) of `response` after `prompt`, from raw logits."""
+        result = self.teacher_force_many([(prompt, response, temperature)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def teacher_force_many(self, items: Sequence[tuple[Sequence[int], Sequence[int], float]]
+                           ) -> list[Union[list[float], ValueError]]:
+        """Per-token log softmax(logits / T) of each (prompt, response, temperature) item's
+        response after its prompt, from raw logits; or, for an item that cannot be scored
+        (too long for the context, empty prompt), the ValueError saying why.
+
+        Items with identical prompt and response tokens are decoded once and scored at each of
+        their temperatures: equal inputs give equal logits, and anything that differs (the
+        rendered prompt, the response, the temperature) is computed on its own.
+        """
+        results: list = [None] * len(items)
+        distinct: dict[tuple, _TFSeq] = {}
+        for i, (prompt, response, temp) in enumerate(items):
+            prompt, response = list(prompt), list(response)
+            if not temp > 0:
+                results[i] = ValueError(f"temperature must be positive (got {temp})")
+            elif not response:
+                results[i] = []
+            elif not prompt:
+                results[i] = ValueError("empty prompt")
+            elif len(prompt) + len(response) > self.n_ctx_per_seq:
+                results[i] = PromptTooLong(f"prompt + response of {len(prompt) + len(response)} "
+                                           f"tokens exceed the context of {self.n_ctx_per_seq}")
+            else:
+                key = (tuple(prompt), tuple(response))
+                sq = distinct.get(key)
+                if sq is None:
+                    sq = distinct[key] = _TFSeq(prompt + response, len(prompt))
+                sq.requests.append((i, float(temp)))
+        seqs = list(distinct.values())
+        for sq in seqs:
+            for _, temp in sq.requests:
+                sq.values.setdefault(temp, np.empty(len(sq.tokens) - sq.n_prompt))
+        if seqs:
+            self._teacher_force_packed(seqs)
+        for sq in seqs:
+            for i, temp in sq.requests:
+                results[i] = sq.values[temp].tolist()
+        return results
+
+    def _groups(self, seqs: list[_TFSeq]) -> list[tuple[list[_TFSeq], int]]:
+        """Runs of consecutive sequences whose prompts share a prefix of >= _MIN_SHARED tokens
+        before any scored position (and >= _GRAIN positions before their end), with the length
+        they all share, a multiple of _GRAIN."""
+        groups: list[tuple[list[_TFSeq], int]] = []
+        for sq in seqs:
+            if groups and len(groups[-1][0]) < self.n_seq:
+                members, shared = groups[-1]
+                lead = members[0]
+                k = _common_prefix(lead.tokens, sq.tokens,
+                                   min(lead.first_out, sq.first_out, sq.end - _GRAIN))
+                k -= k % _GRAIN
+                if k >= _MIN_SHARED:
+                    groups[-1] = (members + [sq], min(shared, k) if len(members) > 1 else k)
+                    continue
+            groups.append(([sq], 0))
+        return groups
+
+    def _teacher_force_packed(self, seqs: list[_TFSeq]) -> None:
+        """Decode the sequences, several per llama_decode call (up to n_batch tokens, each
+        sequence its own id and cache), requesting logits only where they predict a response
+        token.
+
+        Entries go in descending sequence id, so llama.cpp computes each sequence's part as
+        a ubatch of its own, and a sequence is split only at multiples of _GRAIN, into parts
+        of at least _GRAIN tokens: each sequence is computed as in one batch on its own.
+        A group of sequences sharing a prompt prefix decodes it once, in its first sequence;
+        the others then copy that sequence's cache cells and decode only their own rest.
+        """
+        groups = deque(self._groups(seqs))
+        free = list(range(self.n_seq))
+        active: list[_TFStream] = []
+        waiting: list[tuple[_TFStream, _TFStream, int]] = []   # (lead, member, shared length)
+        self._clear()
+        try:
+            while groups or active or waiting:
+                while groups and len(free) >= len(groups[0][0]):
+                    members, shared = groups.popleft()
+                    streams = [_TFStream(free.pop(0), sq, shared) for sq in members]
+                    streams[0].cursor = 0
+                    active.append(streams[0])
+                    waiting.extend((streams[0], st, shared) for st in streams[1:])
+                entries: list[tuple] = []
+                plan: list[tuple[_TFStream, int, int, int]] = []  # stream, entry index, pos, n outputs
+                n_tok, n_out = self.n_batch, self.max_outputs
+                for st in sorted(active, key=lambda st: -st.seq):
+                    n = self._chunk(st, n_tok, n_out, first=not entries)
+                    if n == 0:
+                        continue
+                    sq = st.seq_data
+                    o0, o1 = self._output_rows(sq, st.cursor, st.cursor + n)
+                    plan.append((st, len(entries) + o0 - st.cursor, o0, o1 - o0))
+                    entries.extend((sq.tokens[p], p, st.seq, o0 <= p < o1)
+                                   for p in range(st.cursor, st.cursor + n))
+                    st.cursor += n
+                    n_tok -= n
+                    n_out -= o1 - o0
+                if not entries:
+                    raise RuntimeError("teacher forcing made no progress")
+                self._decode(entries)
+                for st, first, pos, rows in plan:
+                    if rows:
+                        self._score(st.seq_data, first, pos, rows)
+                # Members whose shared prefix is now in their lead's cache start from a copy of it
+                # (before a finished lead's cells are released).
+                for lead, member, shared in [w for w in waiting if w[0].cursor >= w[2]]:
+                    self._share_prefix(lead.seq, member.seq, shared)
+                    active.append(member)
+                waiting = [w for w in waiting if w[0].cursor < w[2]]
+                for st in [st for st in active if st.cursor == st.end]:
+                    self._clear(st.seq)
+                    free.append(st.seq)
+                active = [st for st in active if st.cursor < st.end]
+                free.sort()
+        finally:
+            self._clear()
+
+    @staticmethod
+    def _output_rows(sq: _TFSeq, start: int, stop: int) -> tuple[int, int]:
+        """The positions [o0, o1) of part [start, stop) that get logits rows: the scored ones,
+        widened to _GRAIN rows (extra rows are not used) when there are fewer but some."""
+        o0, o1 = max(start, sq.first_out), min(stop, sq.stop_out)
+        if o0 >= o1:
+            return start, start
+        if o1 - o0 < _GRAIN:
+            o0 = max(start, o1 - _GRAIN)
+            o1 = min(stop, o0 + _GRAIN)
+        return o0, o1
+
+    def _chunk(self, st: _TFStream, n_tok: int, n_out: int, first: bool) -> int:
+        """How many of st's next positions go in a batch with n_tok tokens and n_out logits
+        rows left (0: none). A part that does not finish the sequence ends at a multiple of
+        _GRAIN and leaves at least _GRAIN; every part has at least _GRAIN tokens."""
+        sq = st.seq_data
+        left = st.end - st.cursor
+        fits = min(left, n_tok, max(0, sq.first_out - st.cursor) + n_out)
+        if st.cursor + fits == sq.stop_out and fits < n_tok:
+            fits += 1    # the last token wants no logits
+        n = fits
+        if n < left:
+            stop = min(st.cursor + n, st.end - _GRAIN)
+            n = stop - stop % _GRAIN - st.cursor
+        if n >= min(left, _GRAIN):
+            o0, o1 = self._output_rows(sq, st.cursor, st.cursor + n)
+            if o1 - o0 <= n_out:
+                return n
+        # Only a vocabulary so large that fewer than _GRAIN rows fit in the output buffer
+        # gets here with an empty batch: then take what fits.
+        return max(1, fits) if first else 0
+
+    def _score(self, sq: _TFSeq, first_entry: int, pos: int, n: int) -> None:
+        """Log-probabilities of the response tokens predicted by the logits rows of batch
+        entries first_entry.. (positions pos..pos+n-1; rows outside the response unused)."""
+        rows = self._rows(first_entry, n)
+        a, b = max(pos, sq.first_out), min(pos + n, sq.stop_out)
+        targets = sq.tokens[a + 1:b + 1]
+        k = a - sq.first_out
+        for temp, values in sq.values.items():
+            values[k:k + b - a] = token_logprobs(rows[a - pos:b - pos], targets, temp)
