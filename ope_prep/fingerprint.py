@@ -29,10 +29,6 @@ def flatten(obj, prefix: str = "") -> dict[str, object]:
     return {prefix.rstrip("."): obj}
 
 
-def digest_of(keys: dict[str, object]) -> str:
-    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def diff_keys(old: dict[str, object], new: dict[str, object]) -> list[str]:
     lines = []
     for k in sorted(set(old) | set(new)):

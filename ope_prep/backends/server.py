@@ -67,12 +67,10 @@ def vocab_texts(model_path: str) -> tuple[str, str, frozenset[str]]:
     """BOS text, EOS text and the control-token texts (<|im_end|>, <start_of_turn>, ...) of a
     GGUF file, read from its vocabulary only (no weights loaded)."""
     import llama_cpp
-    from llama_cpp import _internals
 
-    llama_cpp.llama_backend_init()
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    model = _internals.LlamaModel(path_model=str(model_path), params=params, verbose=False)
+    from .llama.chat import load_vocab
+
+    model = load_vocab(model_path)
     try:
         def piece(tok: int) -> str:
             return model.token_to_piece(tok, special=True).rstrip(b"\0").decode("utf-8", "replace")

@@ -129,7 +129,7 @@ def scored_event(resp: Response, base_model: str, tokenizers: dict[str, ChatToke
     cut = max((o for o in common if o < limit), default=0)
     tokens = {k: text_ids[:base_offsets.index(cut)] for k in same}
     tokens.update({k: toks[:offs.index(cut)] for k, (toks, offs) in other_tokens.items()})
-    return ScoredEvent(tokens, cut, complete)
+    return ScoredEvent(tokens, cut, False)
 
 
 # ---- the stage ------------------------------------------------------------------------------

@@ -406,8 +406,9 @@ def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
                             f"{' (complete)' if t.complete else ''}, not the first of the response's {r.n_tokens}")
             continue
         partial += not t.complete
-        text_bytes = len(bytes.fromhex(r.text_bytes_hex)) if r.text_bytes_hex else len(r.response.encode())
-        fractions.append(t.scored_bytes / text_bytes if text_bytes else 1.0)
+        if isinstance(r.response, str):   # a malformed one is reported by its own rule
+            text_bytes = len(r.text_bytes_hex) // 2 if isinstance(r.text_bytes_hex, str) else len(r.response.encode())
+            fractions.append(t.scored_bytes / text_bytes if text_bytes else 1.0)
         d = _worst_token(t.token_logprobs, r.token_logprobs)
         diffs.append(d)
         if d > tol:

@@ -132,10 +132,14 @@ def response_text(tokenizer: ChatTokenizer, token_ids: Sequence[int]) -> tuple[s
         return raw.decode("utf-8", errors="replace"), raw.hex()
 
 
-def load_tokenizer(path: str, chat_template: Optional[str] = None) -> ChatTokenizer:
-    """A model's tokenizer and template from its GGUF file, without loading the weights."""
+def load_vocab(path: str) -> _internals.LlamaModel:
+    """A GGUF file's vocabulary and metadata only, without the weights."""
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
-    return ChatTokenizer(_internals.LlamaModel(path_model=str(path), params=params, verbose=False),
-                         str(path), chat_template)
+    return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+
+
+def load_tokenizer(path: str, chat_template: Optional[str] = None) -> ChatTokenizer:
+    """A model's tokenizer and template from its GGUF file, without loading the weights."""
+    return ChatTokenizer(load_vocab(path), str(path), chat_template)
