@@ -359,6 +359,9 @@ FAILURES = [
         dict(run.rows["oracle_labels.jsonl"][0])), ["oracle_labels.jsonl", "more than once"]),
     ("unknown policy", unknown_policy, ["logprobs.jsonl: 1 records for an unknown prompt or policy",
                                         "q0001/pi_ghost"]),
+    ("clone scores other tokens", lambda run: run.find("logprobs.jsonl", "q0009", CLONE).__setitem__(
+        "token_ids", [t + 1 for t in run.find("logprobs.jsonl", "q0009", CLONE)["token_ids"]]),
+     ["pi_clone log-weights depart from 0", "q0009/pi_clone: log-weight +0, other tokens"]),
     ("clone off by 1e-3", shift_clone, ["pi_clone log-weights depart from 0", "q0009/pi_clone: log-weight -0.001"]),
     ("TF vs sampling on one token of one record", tf_disagrees,
      ["logprobs.jsonl: 1 p0 records have a token whose teacher-forced log-probability differs",
