@@ -1,0 +1,57 @@
+"""Figures that say whether scores carry signal: computed once, used by stage 5's report and
+summary and by the judge study (scripts/judge_study.py)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass
+class Spread:
+    n: int
+    std: float
+    n_distinct: int        # distinct values (a judge answering "1" every time has 1)
+    lo: float
+    hi: float
+
+
+def spread(values: Sequence[float]) -> Spread:
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        return Spread(0, math.nan, 0, math.nan, math.nan)
+    return Spread(int(v.size), float(v.std(ddof=1)) if v.size > 1 else 0.0,
+                  int(np.unique(v).size), float(v.min()), float(v.max()))
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
+    """Spearman's rank correlation (ties get average ranks); None when it is undefined
+    (fewer than 3 pairs, or either side constant)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.size < 3 or np.unique(x).size < 2 or np.unique(y).size < 2:
+        return None
+    return float(stats.spearmanr(x, y).statistic)
+
+
+@dataclass
+class Gap:
+    n: int                 # prompts with a score under both policies
+    gap: float             # mean(base) - mean(target)
+    se: float              # standard error of the paired mean difference
+    z: Optional[float]     # gap / se (None when se is 0 or n < 2)
+
+
+def paired_gap(base: Mapping[str, float], target: Mapping[str, float]) -> Gap:
+    """How far the base policy's mean score is above the target's, paired by prompt, in
+    standard errors of the mean difference."""
+    common = [k for k in base if k in target]
+    d = np.array([base[k] - target[k] for k in common], dtype=float)
+    if d.size == 0:
+        return Gap(0, math.nan, math.nan, None)
+    se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else math.nan
+    z = float(d.mean() / se) if d.size > 1 and se > 0 else None
+    return Gap(int(d.size), float(d.mean()), se, z)
