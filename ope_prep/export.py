@@ -59,6 +59,7 @@ from .store import write_jsonl
 CJE_DIR = "cje"
 LOGGED_DATA = f"{CJE_DIR}/logged_data.jsonl"
 FRESH_DIR = f"{CJE_DIR}/responses"
+VALIDATION_DIR = f"{CJE_DIR}/validation"
 P0_DET = "p0_scored_deterministic.jsonl"
 P0_UNC = "p0_scored_uncertainty.jsonl"
 TARGETS_DET = "targets_scored_deterministic.jsonl"
@@ -71,6 +72,10 @@ def fresh_draws_path(policy: str) -> str:
     return f"{FRESH_DIR}/{policy}_responses.jsonl"
 
 
+def validation_path(policy: str) -> str:
+    return f"{VALIDATION_DIR}/{policy}.jsonl"
+
+
 def logged_records(config: Config, data) -> list[dict]:
     base, targets = config.base_policy, config.target_policies
     out = []
@@ -78,8 +83,8 @@ def logged_records(config: Config, data) -> list[dict]:
         pid = p.prompt_id
         r, j = data.responses[(pid, base)], data.judge[(pid, base)]
         o = data.oracle.get((pid, base))
-        rec = {"prompt_id": pid, "prompt": p.prompt, "response": r.response,
-               "base_policy_logprob": data.logprobs[(pid, base)].logprob,
+        rec = {"prompt_id": pid, "observation_id": observation_id(pid, base), "prompt": p.prompt,
+               "response": r.response, "base_policy_logprob": data.logprobs[(pid, base)].logprob,
                "target_policy_logprobs": {t: data.logprobs[(pid, t)].logprob for t in targets},
                "judge_score": j.score}
         meta = {"prompt_id": pid, "base_policy": base, "judge_score": j.score}
@@ -97,21 +102,38 @@ def logged_records(config: Config, data) -> list[dict]:
     return out
 
 
+def observation_id(prompt_id: str, policy: str) -> str:
+    """The judged response's identity, the same in every file that carries it (CJE 0.9 reads it
+    to tell one response labeled twice from two responses)."""
+    return f"{prompt_id}/{policy}"
+
+
 def fresh_draw_records(config: Config, data, policy: str) -> list[dict]:
+    """One policy's responses as CJE fresh draws, with no oracle label: the base policy's labels
+    reach CJE through logged_data.jsonl (a second copy here would count them twice when CJE 0.9
+    pools --calibration-data with the fresh draws), and the targets' are held out
+    (validation_records)."""
     out = []
     for p in data.prompts:
         pid = p.prompt_id
         r, j = data.responses[(pid, policy)], data.judge[(pid, policy)]
-        o = data.oracle.get((pid, policy))
-        rec = {"prompt_id": pid, "prompt": p.prompt, "response": r.response, "policy": policy,
-               "judge_score": j.score}
+        out.append({"prompt_id": pid, "observation_id": observation_id(pid, policy), "prompt": p.prompt,
+                    "response": r.response, "policy": policy, "judge_score": j.score, "draw_idx": 0,
+                    "metadata": {"judge_mean": j.mean, "judge_variance": j.variance,
+                                 "sampling_logprob": r.sampling_logprob, "n_tokens": r.n_tokens,
+                                 "finish_reason": r.finish_reason}})
+    return out
+
+
+def validation_records(data, policy: str) -> list[dict]:
+    """A target policy's held-out oracle labels, in a file no CJE loader reads unless told to."""
+    out = []
+    for p in data.prompts:
+        o = data.oracle.get((p.prompt_id, policy))
         if o is not None:
-            rec["oracle_label"] = o.label
-        rec["draw_idx"] = 0
-        rec["metadata"] = {"judge_mean": j.mean, "judge_variance": j.variance,
-                           "sampling_logprob": r.sampling_logprob, "n_tokens": r.n_tokens,
-                           "finish_reason": r.finish_reason}
-        out.append(rec)
+            out.append({"prompt_id": p.prompt_id, "observation_id": observation_id(p.prompt_id, policy),
+                        "policy": policy, "split": o.split, "judge_score": data.judge[(p.prompt_id, policy)].score,
+                        "oracle_label": o.label})
     return out
 
 
@@ -156,8 +178,10 @@ def write_all(config: Config, data) -> dict[str, dict]:
     d: Path = config.data_dir
     base, targets = config.base_policy, config.target_policies
     out = {LOGGED_DATA: write_jsonl(d / LOGGED_DATA, logged_records(config, data))}
+    for pol in (base, *targets):
+        out[fresh_draws_path(pol)] = write_jsonl(d / fresh_draws_path(pol), fresh_draw_records(config, data, pol))
     for t in targets:
-        out[fresh_draws_path(t)] = write_jsonl(d / fresh_draws_path(t), fresh_draw_records(config, data, t))
+        out[validation_path(t)] = write_jsonl(d / validation_path(t), validation_records(data, t))
     for rel, unc in ((P0_DET, False), (P0_UNC, True)):
         out[rel] = write_jsonl(d / rel, (_scored(config, data, p.prompt_id, p.prompt, base, unc)
                                          for p in data.prompts))
@@ -170,7 +194,7 @@ def write_all(config: Config, data) -> dict[str, dict]:
 
 
 def stale_fresh_draws(config: Config) -> list[str]:
-    """Fresh-draw files in cje/responses/ of policies that are not targets of this config."""
+    """Fresh-draw files in cje/responses/ of policies that are not in this config."""
     folder = config.data_dir / FRESH_DIR
-    want = {Path(fresh_draws_path(t)).name for t in config.target_policies}
+    want = {Path(fresh_draws_path(p.name)).name for p in config.policies}
     return sorted(p.name for p in folder.glob("*_responses.jsonl") if p.name not in want)
