@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .rubrics import DEFAULT_RUBRIC, RUBRICS
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_DIR / "config.yaml"
@@ -72,8 +73,11 @@ class GenerationConfig(_Strict):
 class ApiConfig(_Strict):
     """A judge or oracle: a model behind an OpenAI-compatible endpoint."""
 
-    provider: Literal["local_server", "openai"]
-    model: str                       # local_server: a key of `models`; openai: the API model name
+    # local: in process on llama.cpp (a key of `models`); local_server: that model behind a managed
+    # llama_cpp.server; openai: any OpenAI-compatible endpoint (base_url), the API model name
+    provider: Literal["local", "local_server", "openai"]
+    model: str
+    rubric: str = DEFAULT_RUBRIC     # a key of ope_prep/rubrics.py's RUBRICS
     base_url: Optional[str] = None   # openai: None means api.openai.com
     api_key_env: str = "OPENAI_API_KEY"
     grammar: bool = False            # llama.cpp servers only (local_server, or openai with a base_url
@@ -132,8 +136,10 @@ class Config(_Strict):
             if p.model not in self.models:
                 raise ValueError(f"policies.{i}.model: {p.model!r} is not a key of models")
         for key, api in (("judge", self.judge), ("oracle", self.oracle)):
-            if api.provider == "local_server" and api.model not in self.models:
+            if api.provider in ("local", "local_server") and api.model not in self.models:
                 raise ValueError(f"{key}.model: {api.model!r} is not a key of models")
+            if api.rubric not in RUBRICS:
+                raise ValueError(f"{key}.rubric: {api.rubric!r} is not one of {', '.join(RUBRICS)}")
         return self
 
     # ---- derived -------------------------------------------------------------------

@@ -51,6 +51,7 @@ the ``policy`` field holds the configured base policy's name.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .config import Config
@@ -66,6 +67,44 @@ TARGETS_DET = "targets_scored_deterministic.jsonl"
 TARGETS_UNC = "targets_scored_uncertainty.jsonl"
 CALIBRATION = "labeling/oracle_labels_calibration_detailed.jsonl"
 VALIDATION = "labeling/oracle_labels_validation_detailed.jsonl"
+
+
+# How many oracle labels CJE needs to calibrate the judge (read in cje-eval's source). 0.3's
+# analyze_dataset cross-fits the calibration on the logged data's labels in 5 folds of at least 2
+# and stops below 10 ("Too few oracle samples"). From 4 labels, 0.3's Direct mode and 0.9's
+# `cje analyze` cut the folds to max(2, labels // 2), and scripts/cje_roundtrip.py does the same
+# for 0.3's IPS and DR; below 4 nothing calibrates and only raw judge scores are left.
+CJE_FULL_LABELS = 10
+CJE_MIN_LABELS = 4
+
+
+def cje_readiness(config: Config, data) -> dict:
+    """What CJE can do with this run's calibration labels, and what to do when it is not enough."""
+    base, fraction = config.base_policy, config.oracle.calibration_fraction
+    n = sum(1 for (_, pol) in data.oracle if pol == base)
+    # Labels are a seeded hash-threshold sample, so a count is fraction x prompts only on average.
+    prompts = {k: math.ceil(labels / fraction) for k, labels in
+               (("full", CJE_FULL_LABELS), ("reduced", CJE_MIN_LABELS))}
+    need = (f"CJE 0.3's analyze_dataset (calibrated IPS, DR) needs {CJE_FULL_LABELS} calibration labels "
+            f"({base} responses with an oracle label; about {prompts['full']} prompts at calibration_fraction "
+            f"{fraction:g}); from {CJE_MIN_LABELS} labels (about {prompts['reduced']} prompts) "
+            "scripts/cje_roundtrip.py and CJE 0.9's `cje analyze` calibrate with fewer folds")
+    if n >= CJE_FULL_LABELS:
+        regime, todo = "full", "every CJE path calibrates as documented"
+    elif n >= CJE_MIN_LABELS:
+        regime = "reduced_folds"
+        todo = (f"analyze_dataset stops here; use scripts/cje_roundtrip.py ({max(2, n // 2)} folds) or "
+                f"`cje analyze`, or run about {prompts['full']} prompts or raise oracle.calibration_fraction")
+    else:
+        regime = "uncalibrated"
+        todo = ("no CJE version can calibrate the judge: scripts/cje_roundtrip.py estimates with raw judge "
+                "scores as rewards and `cje analyze` reports UNCALIBRATED judge means; for calibrated "
+                f"estimates run at least about {prompts['reduced']} prompts or raise oracle.calibration_fraction")
+    return {"calibration_labels": n, "validation_labels": {t: sum(1 for (_, pol) in data.oracle if pol == t)
+                                                           for t in config.target_policies},
+            "full_from_labels": CJE_FULL_LABELS, "reduced_from_labels": CJE_MIN_LABELS,
+            "full_from_prompts_about": prompts["full"], "reduced_from_prompts_about": prompts["reduced"],
+            "regime": regime, "advice": todo, "thresholds": need}
 
 
 def fresh_draws_path(policy: str) -> str:

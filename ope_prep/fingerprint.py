@@ -86,7 +86,12 @@ def api_keys(config: Config, which: str) -> dict[str, object]:
     # Throughput, timeouts and money do not change results; everything else does.
     ignore = {"concurrency", "requests_per_minute", "timeout_s", "max_attempts", "budget_usd",
               "usd_per_1k_input_tokens", "usd_per_1k_output_tokens", "api_key_env"}
+    if api.provider == "local":     # grammar, max_tokens, top_logprobs: not used in process
+        ignore |= {"grammar", "max_tokens", "top_logprobs", "base_url"}
     out = {f"{which}.{k}": v for k, v in api.model_dump().items() if k not in ignore}
-    if api.provider == "local_server":
+    if api.provider in ("local", "local_server"):
         out.update(flatten(model_identity(config, api.model), f"{which}.model_file."))
+    if api.provider == "local":
+        from .backends.llama import numeric_identity   # loads llama.cpp: only when it is used
+        out.update(flatten(numeric_identity(), "llama_cpp."))
     return out

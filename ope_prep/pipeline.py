@@ -9,6 +9,7 @@ one timestamped log file per run in <data_dir>/logs/.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,9 @@ from pathlib import Path
 
 from .config import PROJECT_DIR, load_config
 from .errors import EXIT_BAD_INPUT, PipelineError
+from .report import cje_line
 from .stages import STAGE_NAMES, STAGES, later_stages
+from .stages.summarize import DATASET_INFO
 
 STAGE_ALIASES = {"1": "prepare", "2": "generate", "2b": "logprobs", "3": "judge", "4": "oracle",
                  "5": "summarize"}
@@ -107,5 +110,9 @@ def main(argv=None) -> int:
                     "Fix the cause and rerun the same command: finished work is kept.")
                 return rc
         say("\n=== done. Stage times: " + ", ".join(f"{n} {t:.0f}s" for n, t in timings))
-        say(f"outputs: {data_dir} (report.md, dataset_info.json, cje/ for CJE 0.3); log: {log_path}")
+        say(f"outputs: {data_dir} (report.md, dataset_info.json, cje/ for CJE 0.3 and 0.9); log: {log_path}")
+        # Said last, where a user looks first: whether CJE can calibrate on this many labels.
+        cje = json.loads((data_dir / DATASET_INFO).read_text(encoding="utf-8")).get("cje")
+        say(f"CJE: {cje_line(cje)}" if cje else
+            "CJE: this summary predates the CJE section; `--force-step 5` writes it")
     return 0

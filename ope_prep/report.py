@@ -181,6 +181,8 @@ def render_report(config: Config, info: dict) -> str:
                     "judge variance", "oracle split", "labels", "labeled", "mean label",
                     "Pearson r", "mean abs diff"], rows), ""]
 
+    out += discrimination_section(info["discrimination"], base)
+
     out += ["## OPE diagnostics", "", f"Raw importance weights w = exp(log p_target − log p_{base}) of "
             f"{base}'s responses, per prompt. ESS = (Σw)² / Σw², as a fraction of n. SNIPS: the "
             f"self-normalised IPS estimate of the target's mean judge score from {base}'s logged "
@@ -217,11 +219,50 @@ def render_report(config: Config, info: dict) -> str:
     out += [f"![judge scores]({JUDGE_PLOT})", "", f"![judge vs oracle, calibration]({CALIBRATION_PLOT})", "",
             f"![judge vs oracle, validation]({VALIDATION_PLOT})", ""]
 
-    out += ["## Files", "", "CJE 0.3: `cje/logged_data.jsonl` (logged data) and `cje/responses/` "
-            "(fresh draws; pass it as `fresh_draws_dir`). Machine-readable numbers: "
-            "`dataset_info.json`.", ""]
+    out += ["## CJE", "", cje_line(info["cje"]), "",
+            "CJE 0.3 (off-policy: calibrated IPS, DR): `cje/logged_data.jsonl` (logged data) and "
+            "`cje/responses/` (fresh draws; pass it as `fresh_draws_dir`). CJE 0.9 (Direct mode): "
+            "`cje analyze cje/responses --calibration-data cje/logged_data.jsonl`. The targets' held-out "
+            "validation labels are in `cje/validation/<policy>.jsonl` (field `oracle_label`), which no "
+            "CJE loader reads unless told to: CJE 0.9 takes them as `--transport-probe "
+            "<policy>=cje/validation/<policy>.jsonl`.", ""]
+    out += ["## Files", "", "Machine-readable numbers: `dataset_info.json`.", ""]
     out += [_table(["file", "records"], [[f"`{rel}`", str(n)] for rel, n in info.get("outputs", {}).items()]), ""]
     return "\n".join(out)
+
+
+def _z(gap: dict) -> str:
+    return "n/a" if gap["z"] is None else f"{gap['z']:+.1f}"
+
+
+def discrimination_section(d: dict, base: str) -> list[str]:
+    """The judge's spread, its agreement with the oracle, and base − target gaps, as report lines."""
+    out = ["## Judge discrimination", "", "Whether the judge's scores carry signal. Spread: over every "
+           "policy's responses. Spearman: rank correlation with the oracle label on the labeled "
+           f"responses. Gap: {base}'s mean judge score minus the target's, paired by prompt, and that gap "
+           "in standard errors (z).", ""]
+    if d["notes"]:
+        out += [f"**{note[0].upper()}{note[1:]}.**" for note in d["notes"]] + [""]
+    sp = d["spread"]
+    out += [_table(["judge", "responses", "distinct values", "std", "range"],
+                   [[what, str(sp[key]["n"]), str(sp[key]["n_distinct"]), _f(sp[key]["std"]),
+                     f"{_f(sp[key]['lo'])} to {_f(sp[key]['hi'])}"]
+                    for what, key in (("deterministic score", "score"), ("distribution mean", "mean"))]), ""]
+    agree = d["judge_vs_oracle"]
+    out += [_table(["labeled set", "labels", "Spearman (score)", "Spearman (mean)"],
+                   [[split, str(a["n"]), *(_f(a[w]["spearman"], ".2f") if a[w]["spearman"] is not None
+                                          else f"undefined: {a[w]['undefined']}" for w in ("score", "mean"))]
+                    for split, a in agree.items()]), ""]
+    out += [_table(["target", "prompts", f"gap {base} − target (score)", "z (score)", "gap (mean)", "z (mean)"],
+                   [[t, str(g["score"]["n"]), _f(g["score"]["gap"], "+.3f"), _z(g["score"]),
+                     _f(g["mean"]["gap"], "+.3f"), _z(g["mean"])] for t, g in d["base_minus_target"].items()]), ""]
+    return out
+
+
+def cje_line(cje: dict) -> str:
+    """From what number of labels CJE calibrates, and what this run can do (report, terminal, runner)."""
+    return (f"{cje['calibration_labels']} calibration labels ({cje['regime'].replace('_', ' ')}): "
+            f"{cje['advice']}. {cje['thresholds']}.")
 
 
 def write_report(path: Path, config: Config, info: dict) -> dict:
@@ -247,7 +288,8 @@ def terminal_summary(config: Config, info: dict) -> str:
             line += (f"  ESS {_pct(d['ess_fraction'])}, max w share {_pct(d['max_weight_share'])}, "
                      f"log w q99 {_f(d['log_weight']['q99'], '.3g')}, SNIPS judge {_f(d['snips_judge_estimate'])}")
         lines.append(line)
-    for note in checks["notes"]:
+    for note in checks["notes"] + info["discrimination"]["notes"]:
         lines.append(f"  note: {note}")
+    lines.append(f"  CJE: {cje_line(info['cje'])}")
     lines.append(f"  report: {config.data_dir / 'report.md'}")
     return "\n".join(lines)

@@ -163,8 +163,9 @@ class ApiClient:
         self._interval = 60.0 / api.requests_per_minute
 
     # ---- requests and the cache ------------------------------------------------------
-    def request(self, messages: list[dict]) -> dict:
-        """The request body: temperature 0, one short answer, log-probabilities of its tokens."""
+    def request(self, messages: list[dict], digits: str = "0-9") -> dict:
+        """The request body: temperature 0, one short answer, log-probabilities of its tokens;
+        with a grammar, the answer is one of `digits` (a character range)."""
         body = {"model": self.api.model, "messages": messages, "temperature": 0,
                 "max_tokens": self.api.max_tokens, "logprobs": True,
                 "top_logprobs": self.api.top_logprobs}
@@ -174,7 +175,7 @@ class ApiClient:
             if self.api.provider != "local_server" and not self.api.base_url:
                 raise PipelineError(f"{self.which}.grammar: OpenAI's API takes no grammar; set it "
                                     "only for a llama.cpp server (local_server, or a base_url)")
-            body["grammar"] = "root ::= [0-9]"
+            body["grammar"] = f"root ::= [{digits}]"
         return body
 
     def cache_key(self, body: dict) -> str:

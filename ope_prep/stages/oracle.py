@@ -1,23 +1,21 @@
 """Stage 4: oracle labels on a seeded subset: P0's responses (calibration) and the targets' (validation).
 
-The oracle is a stronger model behind the same kind of client as the judge (the embedded
-default: Gemma 3 270M behind a managed llama_cpp.server; in production an API model), asked
-the judge's question with the judge's prompt and read by the judge's code
-(``judge.parse_judgement``).
+The oracle is a stronger model asked the judge's question with the judge's prompt and read by
+the judge's code (scoring.py): in the embedded default Gemma 3 270M in process, in production
+an API model.
 
-The label is the oracle's deterministic answer: the digit it answers at temperature 0, / 9, on
-[0, 1] (not the expected value under its digit distribution). A label is what an oracle *says*,
-as a human rater would; and it does not depend on the provider returning log-probabilities.
+The label is the oracle's deterministic answer: its most likely digit (through an API: the digit
+it answers at temperature 0) on [0, 1], not the expected value under its digit distribution. A
+label is what an oracle *says*, as a human rater would.
 
-Which units get a label is decided by the run seed (``run.json``) alone, so a resumed or repeated
-run picks exactly the same ones:
-
-* calibration: the prompts that have a base-policy response, ordered by
-  ``unit_seed(run_seed, "oracle-calibration", prompt_id)``; the first
-  ``max(1, round(calibration_fraction * n))`` of them;
-* validation: for each target policy separately (so that every target gets the same share),
-  its prompts ordered by ``unit_seed(run_seed, "oracle-validation", policy, prompt_id)``; the first
-  ``max(1, round(validation_fraction * n))``.
+Which units get a label is a seeded hash threshold, decided by the run seed (``run.json``) and
+the unit alone: a response is labeled when ``unit_seed(run_seed, "oracle-calibration", prompt_id)``
+(base policy) or ``unit_seed(run_seed, "oracle-validation", policy, prompt_id)`` (each target),
+a 63-bit number, is below ``fraction * 2**63`` rounded down. Each unit is so labeled with
+probability exactly the configured fraction (to 63 bits); the count is Binomial(n, fraction), not
+a fixed round(fraction * n). A unit's fate does not depend on which other prompts are in the run:
+the labeled set of a smaller run is the labeled set of a larger run with the same seed restricted
+to the smaller run's prompts, and a resumed or repeated run labels exactly the same units.
 
 The two splits have their own work files and their own unit keys (``calibration/<prompt>/<policy>``,
 ``validation/<prompt>/<policy>``), so neither pass can ever take the other's work for its own.
@@ -29,16 +27,15 @@ import time
 from dataclasses import asdict
 from itertools import chain
 
-from ..backends.api import BudgetExceeded, FatalApiError
 from ..config import Config
 from ..fingerprint import api_keys
 from ..errors import UnitsFailedError
 from ..records import OracleLabel, Response
 from ..stage_cli import work_path
 from ..store import WorkFile, read_jsonl, write_json, write_jsonl
-from .judge import (TEMPLATE_DIGEST, Judgement, ScoringUnit, Tally, api_client, report, score_units,
-                    stage_inputs, stopped)
-from .units import RESPONSES, RUN_PARAMS, load_prompts, read_run_seed, unit_seed
+from .scoring import (RUBRICS, BudgetExceeded, FatalApiError, Judgement, ScoringUnit, Tally, open_scorer,
+                      report, rubric_digest, score_units, stage_inputs, stopped)
+from .units import RESPONSES, load_prompts, read_run_seed, unit_seed
 
 ORACLE_LABELS = "oracle_labels.jsonl"
 ORACLE_USAGE = "oracle_usage.json"
@@ -47,26 +44,22 @@ SPLITS = ("calibration", "validation")
 
 
 def fingerprint(config: Config, args, ck: dict) -> dict:
-    return {**stage_inputs(ck), "input.run": ck["prepare"]["outputs"][RUN_PARAMS]["sha256"],
-            **api_keys(config, "oracle"), "oracle.template": TEMPLATE_DIGEST}
+    return {**stage_inputs(ck), **api_keys(config, "oracle"),
+            "oracle.rubric_digest": rubric_digest(RUBRICS[config.oracle.rubric])}
 
 
-def _take(fraction: float, n: int) -> int:
-    return min(n, max(1, round(fraction * n))) if n else 0
+def labeled(run_seed: int, fraction: float, *unit: str) -> bool:
+    """Whether the unit's seeded hash falls below the fraction (see the module docstring)."""
+    return unit_seed(run_seed, *unit) < int(fraction * 2**63)
 
 
 def select_units(config: Config, responses: list[Response], run_seed: int) -> dict[str, list[Response]]:
     """The responses to label, per split, in the order of responses.jsonl (prompt order)."""
-    base = config.base_policy
-    cal_pool = [r for r in responses if r.policy == base]
-    ranked = sorted(cal_pool, key=lambda r: unit_seed(run_seed, "oracle-calibration", r.prompt_id))
-    chosen = {id(r) for r in ranked[:_take(config.oracle.calibration_fraction, len(ranked))]}
-    for policy in config.target_policies:
-        pool = [r for r in responses if r.policy == policy]
-        ranked = sorted(pool, key=lambda r: unit_seed(run_seed, "oracle-validation", policy, r.prompt_id))
-        chosen |= {id(r) for r in ranked[:_take(config.oracle.validation_fraction, len(ranked))]}
-    return {"calibration": [r for r in responses if r.policy == base and id(r) in chosen],
-            "validation": [r for r in responses if r.policy != base and id(r) in chosen]}
+    base, o = config.base_policy, config.oracle
+    return {"calibration": [r for r in responses if r.policy == base and
+                            labeled(run_seed, o.calibration_fraction, "oracle-calibration", r.prompt_id)],
+            "validation": [r for r in responses if r.policy in config.target_policies and
+                           labeled(run_seed, o.validation_fraction, "oracle-validation", r.policy, r.prompt_id)]}
 
 
 def split_key(split: str, r: Response) -> str:
@@ -98,16 +91,15 @@ def run(config: Config, args, fp: dict) -> dict:
 
         started = time.monotonic()
         tally = Tally()
-        with api_client(config, "oracle", "oracle") as (client, specials):
+        with open_scorer(config, "oracle", "oracle", read_run_seed(data_dir), need_distribution=False) as scorer:
             try:
                 for s in SPLITS:
-                    score_units("oracle", client, specials, works[s], todo[s], labeller(s),
-                                need_distribution=False, tally=tally, desc=s)
+                    score_units("oracle", scorer, works[s], todo[s], labeller(s), tally, desc=s)
             except (BudgetExceeded, FatalApiError) as e:
                 raise stopped("oracle", e, *chain.from_iterable((works[s], keys[s]) for s in SPLITS))
             finally:
-                report("oracle", client, sum(len(t) for t in todo.values()), tally, time.monotonic() - started)
-                usage = write_json(data_dir / ORACLE_USAGE, asdict(client.usage(tally.failed)))
+                report("oracle", scorer, sum(len(t) for t in todo.values()), tally, time.monotonic() - started)
+                usage = write_json(data_dir / ORACLE_USAGE, asdict(scorer.usage(tally.failed)))
 
         missing = [(s, k) for s in SPLITS for k in keys[s] if not works[s].done(k)]
         if missing:

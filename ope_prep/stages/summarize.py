@@ -32,12 +32,14 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .. import diagnostics as dx
 from ..config import Config
+from ..export import cje_readiness
 from ..fingerprint import flatten
 from ..errors import InputError, ValidationFailed
 from ..records import JudgeScore, OracleLabel, Prompt, Response, SelfCheck, TeacherForced
@@ -513,6 +515,43 @@ def mean_se(x: np.ndarray) -> tuple[float | None, float | None]:
     return float(np.mean(x)), (float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None)
 
 
+def discrimination(config: Config, data: Data) -> dict:
+    """Whether the judge's scores carry signal: their spread, their rank agreement with the oracle
+    on the labeled units, and how far each target's mean score lies below the base policy's in
+    standard errors (paired by prompt)."""
+    base = config.base_policy
+    pids = [p.prompt_id for p in data.prompts]
+    every = [data.judge[(pid, p.name)] for p in config.policies for pid in pids]
+    spread = {"score": asdict(dx.spread([j.score for j in every])),
+              "mean": asdict(dx.spread([j.mean for j in every]))}
+    agreement = {}
+    for split, policies in (("all", [p.name for p in config.policies]), ("calibration", [base]),
+                            ("validation", config.target_policies)):
+        keys = [(pid, pol) for pol in policies for pid in pids if (pid, pol) in data.oracle]
+        labels = [data.oracle[k].label for k in keys]
+        agreement[split] = {"n": len(keys)}
+        for what in ("score", "mean"):
+            judged = [getattr(data.judge[k], what) for k in keys]
+            agreement[split][what] = {
+                "spearman": dx.spearman(judged, labels),
+                "undefined": dx.spearman_undefined(judged, labels, (f"judge {what}", "oracle label"))}
+
+    def by_prompt(policy: str, what: str) -> dict[str, float]:
+        return {pid: getattr(data.judge[(pid, policy)], what) for pid in pids}
+
+    gaps = {t: {what: asdict(dx.paired_gap(by_prompt(base, what), by_prompt(t, what))) for what in ("score", "mean")}
+            for t in config.target_policies}
+    notes = []
+    if spread["score"]["n_distinct"] == 1:
+        notes.append(f"the judge's scores have no spread: all {spread['score']['n']} deterministic "
+                     f"scores are {spread['score']['lo']:.3g}; they cannot rank responses")
+    for what in ("score", "mean"):
+        why = agreement["all"][what]["undefined"]
+        if why:
+            notes.append(f"judge {what} vs oracle label: Spearman correlation undefined ({why})")
+    return {"spread": spread, "judge_vs_oracle": agreement, "base_minus_target": gaps, "notes": notes}
+
+
 def diagnostics(config: Config, data: Data, checks: dict) -> dict:
     """Every number of the report, as plain data (dataset_info.json)."""
     base = config.base_policy
@@ -578,6 +617,8 @@ def diagnostics(config: Config, data: Data, checks: dict) -> dict:
         "checks": {"passed": True, **checks, "notes": notes},
         "policies": policies,
         "targets": targets,
+        "discrimination": discrimination(config, data),
+        "cje": cje_readiness(config, data),
     }
 
 

@@ -112,6 +112,35 @@ class ChatTokenizer:
             tokens = [self.model.token_bos()] + tokens
         return tokens
 
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        """Any conversation rendered for the assistant's next turn (a judge's prompt): template
+        parts may hold special tokens, every message's content is tokenized as plain text, so
+        quoted text that spells <|im_end|> cannot end its turn."""
+        marks = [f"\ue000MSG{i}\ue001" for i in range(len(messages))]
+        text = self._render([{**m, "content": mark} for m, mark in zip(messages, marks)], True)
+        tokens: list[int] = []
+        for mark, message in zip(marks, messages):
+            if text.count(mark) != 1:
+                raise ValueError(f"{self.path}: the chat template does not place each message exactly once")
+            head, text = text.split(mark)
+            tokens += self.tokenize_template(head) + self.tokenize_text(message["content"])
+        tokens += self.tokenize_template(text)
+        if self.model.add_bos_token() and (not tokens or tokens[0] != self.model.token_bos()):
+            tokens = [self.model.token_bos()] + tokens
+        return tokens
+
+    def digit_tokens(self) -> dict[int, list[int]]:
+        """Each digit 0-9 -> the vocabulary's tokens that spell it alone, with or without one
+        leading space ("7", " 7"): the answer tokens of a one-digit rating."""
+        found: dict[int, list[int]] = {d: [] for d in range(10)}
+        for tok in range(self.n_vocab):
+            piece = self.piece_bytes(tok)
+            if len(piece) <= 2 and self.is_text_token(tok):
+                t = piece[1:] if piece[:1] == b" " else piece
+                if len(t) == 1 and t.isdigit():
+                    found[int(t)].append(tok)
+        return found
+
     def response_tokens(self, text: str, stopped: bool) -> list[int]:
         """Another model's response text in this model's tokens, with this model's end-of-turn
         token when the response ended by itself. The round trip must give the text back."""

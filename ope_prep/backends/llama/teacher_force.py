@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from .engine import _GRAIN, _MIN_SHARED, Engine, PromptTooLong, _common_prefix
-from .sampling import token_logprobs
+from .sampling import log_softmax, token_logprobs
 
 
 @dataclass
@@ -20,6 +20,10 @@ class _TFSeq:
     n_prompt: int
     requests: list[tuple[int, float]] = field(default_factory=list)   # (item index, temperature)
     values: dict[float, np.ndarray] = field(default_factory=dict)     # temperature -> per token
+    # Set for a next-token readout (answer_logprobs_many): the candidate ids whose log softmax
+    # at the prompt's last position is wanted; `tokens` then ends with one placeholder token.
+    readout: Optional[np.ndarray] = None
+    answer: Optional[np.ndarray] = None
 
     @property
     def end(self) -> int:
@@ -94,6 +98,38 @@ class TeacherForcer(Engine):
         for sq in seqs:
             for i, temp in sq.requests:
                 results[i] = sq.values[temp].tolist()
+        return results
+
+    def answer_logprobs_many(self, prompts: Sequence[Sequence[int]], candidates: Sequence[int]
+                             ) -> list[Union[np.ndarray, ValueError]]:
+        """For each prompt, log softmax (T = 1, the whole vocabulary) of the logits after its last
+        token, at the `candidates` ids: a judge's answer distribution, read in one prefill with
+        logits at the answer position only. Packed and prefix-shared like teacher forcing, so a
+        prompt's values do not depend on the other prompts or their order (one numeric path).
+        An item that cannot be scored gets the ValueError saying why."""
+        cand = np.asarray(candidates, dtype=np.intp)
+        results: list = [None] * len(prompts)
+        distinct: dict[tuple, _TFSeq] = {}
+        for i, prompt in enumerate(prompts):
+            prompt = list(prompt)
+            if not prompt:
+                results[i] = ValueError("empty prompt")
+            elif len(prompt) + 1 > self.n_ctx_per_seq:
+                results[i] = PromptTooLong(f"a judge prompt of {len(prompt)} tokens exceeds the context "
+                                           f"of {self.n_ctx_per_seq}")
+            else:
+                sq = distinct.get(tuple(prompt))
+                if sq is None:
+                    # The placeholder keeps the sequence shape of teacher forcing (its last token
+                    # is decoded and predicts nothing); its logits are never read.
+                    sq = distinct[tuple(prompt)] = _TFSeq(prompt + [int(cand[0])], len(prompt), readout=cand)
+                sq.requests.append((i, 1.0))
+        seqs = list(distinct.values())
+        if seqs:
+            self._teacher_force_packed(seqs)
+        for sq in seqs:
+            for i, _ in sq.requests:
+                results[i] = sq.answer.copy()
         return results
 
     def _groups(self, seqs: list[_TFSeq]) -> list[tuple[list[_TFSeq], int]]:
@@ -211,6 +247,10 @@ class TeacherForcer(Engine):
         entries first_entry.. (positions pos..pos+n-1; rows outside the response unused)."""
         rows = self._rows(first_entry, n)
         a, b = max(pos, sq.first_out), min(pos + n, sq.stop_out)
+        if sq.readout is not None:
+            if a < b:
+                sq.answer = log_softmax(rows[a - pos], 1.0)[sq.readout]
+            return
         targets = sq.tokens[a + 1:b + 1]
         k = a - sq.first_out
         for temp, values in sq.values.items():
