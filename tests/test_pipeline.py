@@ -23,6 +23,9 @@ def test_complete_run_and_rerun_computes_nothing(reference):
     assert len(records(data / "logprobs.jsonl")) == N * 4
     assert len(records(data / "judge_scores.jsonl")) == N * 4
     assert "=== [6/6] summarize" in proc.stdout and "Stage times" in proc.stdout
+    # The run ends by saying what CJE can do with its calibration labels.
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("CJE: "), proc.stdout[-2000:]
+    assert "calibration labels" in proc.stdout.rstrip().splitlines()[-1]
     logs = list((data / "logs").glob("run_*.log"))
     assert logs and "[generate]" in logs[0].read_text()
     # Every unit was computed exactly once.

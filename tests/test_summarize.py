@@ -202,14 +202,13 @@ def test_fresh_draws_and_phase2_files(good):
     d = run.data_dir
     judge, resp = by_key(run.rows["judge_scores.jsonl"]), by_key(run.rows["responses.jsonl"])
     oracle, tf = by_key(run.rows["oracle_labels.jsonl"]), by_key(run.rows["logprobs.jsonl"])
-    for t in TARGETS:
-        rows = read_jsonl(d / f"cje/responses/{t}_responses.jsonl")
+    for pol in POLICIES:
+        rows = read_jsonl(d / f"cje/responses/{pol}_responses.jsonl")
         assert len(rows) == N
         for r in rows:
-            k = (r["prompt_id"], t)
-            assert r["policy"] == t and r["draw_idx"] == 0
+            k = (r["prompt_id"], pol)
+            assert r["policy"] == pol and r["draw_idx"] == 0 and r["observation_id"] == f"{k[0]}/{pol}"
             assert r["response"] == resp[k]["response"] and r["judge_score"] == judge[k]["score"]
-            assert r.get("oracle_label") == (oracle[k]["label"] if k in oracle else None)
     det, unc = read_jsonl(d / "p0_scored_deterministic.jsonl"), read_jsonl(d / "p0_scored_uncertainty.jsonl")
     assert len(det) == len(unc) == N
     for a, b in zip(det, unc):
@@ -232,6 +231,103 @@ def test_fresh_draws_and_phase2_files(good):
         k = (r["prompt_id"], r["policy"])
         assert r["oracle_label"] == oracle[k]["label"] and r["judge_score"] == judge[k]["score"]
         assert r["response"] == resp[k]["response"]
+
+
+def test_held_out_labels_are_only_in_the_validation_files(good):
+    """CJE fits on any oracle_label in logged data or fresh draws (0.3 reads metadata.oracle_label
+    too; 0.9 pools fresh-draw labels with --calibration-data): the targets' labels must be in
+    neither, and the base policy's only once, in logged_data.jsonl."""
+    run, _, _ = good
+    d = run.data_dir
+    oracle, judge = by_key(run.rows["oracle_labels.jsonl"]), by_key(run.rows["judge_scores.jsonl"])
+    fresh = [r for pol in POLICIES for r in read_jsonl(d / f"cje/responses/{pol}_responses.jsonl")]
+    assert not [r for r in fresh if "oracle_label" in r or "oracle_label" in r["metadata"]]
+    for t in TARGETS:
+        rows = read_jsonl(d / f"cje/validation/{t}.jsonl")
+        want = [k for k in oracle if k[1] == t]
+        assert [(r["prompt_id"], r["policy"]) for r in rows] == sorted(want)
+        for r in rows:
+            k = (r["prompt_id"], t)
+            assert r["oracle_label"] == oracle[k]["label"] and r["judge_score"] == judge[k]["score"]
+            assert r["observation_id"] == f"{k[0]}/{t}" and r["split"] == "validation"
+    logged = read_jsonl(d / "cje/logged_data.jsonl")
+    assert sum("oracle_label" in r for r in logged) == sum(k[1] == BASE for k in oracle)
+    assert all(r["observation_id"] == f"{r['prompt_id']}/{BASE}" for r in logged)
+
+
+def test_no_field_disagrees_with_its_metadata_copy(good):
+    """CJE 0.9 reads a field from the top level or from metadata and rejects a record whose two
+    copies differ."""
+    run, _, _ = good
+    d = run.data_dir
+    files = [d / "cje/logged_data.jsonl", *sorted((d / "cje/responses").glob("*.jsonl"))]
+    for path in files:
+        for r in read_jsonl(path):
+            shared = set(r) & set(r["metadata"])
+            assert all(r[k] == r["metadata"][k] for k in shared), (path.name, r["prompt_id"], shared)
+
+
+def test_discrimination_matches_direct_computation(good):
+    run, _, info = good
+    pids = [p["prompt_id"] for p in run.rows["prompts.jsonl"]]
+    judge, oracle = by_key(run.rows["judge_scores.jsonl"]), by_key(run.rows["oracle_labels.jsonl"])
+    d = info["discrimination"]
+    scores = [judge[(p, pol)]["score"] for pol in POLICIES for p in pids]
+    assert d["spread"]["score"]["n"] == N * len(POLICIES)
+    assert d["spread"]["score"]["n_distinct"] == len(set(scores))
+    assert d["spread"]["score"]["std"] == pytest.approx(np.std(scores, ddof=1), rel=1e-12)
+
+    def ranks(v):                       # average ranks of ties, by hand
+        v = np.asarray(v, float)
+        return np.array([(v < x).sum() + ((v == x).sum() + 1) / 2 for x in v])
+
+    keys = [(p, pol) for pol in POLICIES for p in pids if (p, pol) in oracle]
+    x, y = [judge[k]["score"] for k in keys], [oracle[k]["label"] for k in keys]
+    assert d["judge_vs_oracle"]["all"]["n"] == len(keys)
+    assert d["judge_vs_oracle"]["all"]["score"]["spearman"] == pytest.approx(pearson(ranks(x), ranks(y)), rel=1e-9)
+    for t in TARGETS:
+        diff = np.array([judge[(p, BASE)]["score"] - judge[(p, t)]["score"] for p in pids])
+        g = d["base_minus_target"][t]["score"]
+        assert g["gap"] == pytest.approx(diff.mean(), abs=1e-12)
+        assert g["z"] == pytest.approx(diff.mean() / (diff.std(ddof=1) / math.sqrt(N)), rel=1e-9)
+    # The synthetic pi_bad is 0.35 worse on average: far below the base policy, in standard errors.
+    assert d["base_minus_target"]["pi_bad"]["score"]["z"] > 5
+    assert d["notes"] == []
+
+
+def test_report_says_when_the_judge_has_no_spread(tmp_path):
+    run = make_run(tmp_path, n=12, seed=2, write=False)
+    for j in run.rows["judge_scores.jsonl"]:
+        j["score"] = 1 / 9             # one digit, every time (the issue's default run)
+    run.write()
+    run_stage(run)
+    info = strict_json(run.data_dir / "dataset_info.json")
+    d = info["discrimination"]
+    assert d["spread"]["score"]["n_distinct"] == 1
+    assert d["judge_vs_oracle"]["all"]["score"]["spearman"] is None
+    assert d["base_minus_target"]["pi_bad"]["score"]["z"] is None
+    text = (run.data_dir / "report.md").read_text(encoding="utf-8")
+    assert "**The judge's scores have no spread: all 48 deterministic scores are 0.111" in text
+    assert "Spearman correlation undefined (every judge score is 0.111)" in text
+
+
+@pytest.mark.parametrize("n, regime", [(5, "uncalibrated"), (24, "reduced_folds"), (N, "full")])
+def test_report_and_summary_say_from_how_many_labels_cje_calibrates(tmp_path, capsys, n, regime):
+    run = make_run(tmp_path, n=n, seed=1)
+    run_stage(run)
+    info = strict_json(run.data_dir / "dataset_info.json")
+    labels = sum(o["policy"] == BASE for o in run.rows["oracle_labels.jsonl"])
+    cje = info["cje"]
+    assert (cje["calibration_labels"], cje["regime"]) == (labels, regime)
+    assert cje["validation_labels"] == {t: sum(o["policy"] == t for o in run.rows["oracle_labels.jsonl"])
+                                        for t in TARGETS}
+    # 10 labels for 5 folds, 4 for fewer; about 40 and 16 prompts at calibration_fraction 0.25.
+    for needle in ("needs 10 calibration labels", "about 40 prompts at calibration_fraction 0.25",
+                   "from 4 labels (about 16 prompts)"):
+        assert needle in cje["thresholds"]
+    line = f"{labels} calibration labels ({regime.replace('_', ' ')})"
+    assert line in (run.data_dir / "report.md").read_text(encoding="utf-8")
+    assert f"CJE: {line}" in capsys.readouterr().out
 
 
 def test_report_reads_well(good):
