@@ -1,32 +1,66 @@
-"""The data consumers read as is: the CJE 0.3 export and the older phase-2 layout.
+"""The data consumers read as is: the CJE export (0.3 and 0.9) and the older phase-2 layout.
 
 Everything here is written by stage 5 after every check passed, so each value is present and
 legal. The base policy's log-probability is its teacher-forced one (logprobs.jsonl), computed by
 the same code path as every target's; its sampling log-probability rides along as metadata.
 Records are in prompts.jsonl order; targets are in config order.
 
-CJE 0.3 (``cje-eval==0.3.0``; read by ``cje.load_dataset_from_jsonl`` and ``cje.analyze_dataset``):
+Both CJE lines read the same export (``<data_dir>/cje/``):
+
+* CJE 0.3 (``cje-eval==0.3.0``, off-policy: calibrated IPS, DR; its own venv, scripts/cje_env.py):
+  ``cje.analyze_dataset(logged_data_path="<data_dir>/cje/logged_data.jsonl",
+  fresh_draws_dir="<data_dir>/cje/responses", estimator="dr-cpo")``; scripts/cje_roundtrip.py.
+* CJE 0.9 (``cje-eval==0.9.3``, requirements.txt; Direct mode, each policy's fresh draws
+  calibrated on labeled data): ``cje analyze <data_dir>/cje/responses --calibration-data
+  <data_dir>/cje/logged_data.jsonl``.
 
 ``cje/logged_data.jsonl``, one record per prompt, the base policy's response::
 
-    {"prompt_id": "q0001", "prompt": "...", "response": "...",
+    {"prompt_id": "q0001", "observation_id": "q0001/p0", "prompt": "...", "response": "...",
      "base_policy_logprob": -42.1,                      # teacher-forced under the base policy
      "target_policy_logprobs": {"pi_clone": -42.1, "pi_bad": -57.3, ...},   # every target policy
      "judge_score": 0.7,                                # deterministic judge score, [0, 1]
      "oracle_label": 0.8,                               # only where the calibration set labeled it
      "metadata": {"prompt_id": "q0001", "base_policy": "p0",
-                  "judge_score": 0.7, "oracle_label": 0.8,   # (also here, for readers of CJE 0.2)
+                  "judge_score": 0.7, "oracle_label": 0.8,   # (also here, for readers of CJE 0.2;
+                                                             # always equal: 0.9 rejects a mismatch)
                   "judge_mean": 0.68, "judge_variance": 0.02,
                   "base_policy_sampling_logprob": -42.1, "n_tokens": 37, "finish_reason": "stop"}}
 
-``cje/responses/<policy>_responses.jsonl``, the fresh draws, one file per target policy, one record
-per prompt (``fresh_draws_dir="<data_dir>/cje/responses"``; CJE infers the policy from the name)::
+``cje/responses/<policy>_responses.jsonl``, the fresh draws, one file per policy (every target,
+and the base policy for CJE 0.9's comparisons against it; CJE 0.3's IPS and DR read the targets'
+only), one record per prompt; CJE infers the policy from the file name::
 
-    {"prompt_id": "q0001", "prompt": "...", "response": "...", "policy": "pi_bad",
-     "judge_score": 0.2, "oracle_label": 0.1,          # oracle_label only where validation labeled it
-     "draw_idx": 0,
+    {"prompt_id": "q0001", "observation_id": "q0001/pi_bad", "prompt": "...", "response": "...",
+     "policy": "pi_bad", "judge_score": 0.2, "draw_idx": 0,
      "metadata": {"judge_mean": 0.22, "judge_variance": 0.03, "sampling_logprob": -51.0,
                   "n_tokens": 40, "finish_reason": "length"}}
+
+Fresh draws carry no ``oracle_label``, at the top level or in metadata. CJE reads one from
+either place and fits on it: 0.3's IPS and DR with logged data calibrate on the logged data's
+labels only, but its Direct mode calibrates on the fresh draws' labels, and with a
+``calibration_data_path`` it pools them in (``combine_oracle_sources=True``, the default); 0.9
+always pools them with ``--calibration-data`` and corrects each policy's estimate with its own.
+So:
+
+* the base policy's calibration labels are in ``logged_data.jsonl`` only (a copy in
+  ``p0_responses.jsonl`` would count each twice in 0.9's pool);
+* **the targets' held-out validation labels are in ``cje/validation/<policy>.jsonl``, field
+  ``oracle_label``**, one file per target policy, one record per label, in prompt order::
+
+    {"prompt_id": "q0004", "observation_id": "q0004/pi_bad", "policy": "pi_bad",
+     "split": "validation", "judge_score": 0.0, "oracle_label": 0.18}
+
+  No CJE loader looks in that folder unless told to. CJE 0.9 takes each file as a held-out
+  transport probe (``--transport-probe pi_bad=<data_dir>/cje/validation/pi_bad.jsonl
+  --transport-margin pi_bad=0.1``): it checks whether the base policy's calibration carries over
+  to that target, and with ``observation_id`` it refuses a probe that was also used to fit.
+
+``observation_id`` is ``<prompt_id>/<policy>``, the judged response's identity, the same in every
+file that carries that response.
+
+How many calibration labels CJE needs is in CJE_FULL_LABELS and CJE_MIN_LABELS below;
+stage 5 reports it for each run (cje_readiness).
 
 Phase-2 layout (the older experiment scripts' file names, in ``<data_dir>``):
 
