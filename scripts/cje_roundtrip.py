@@ -38,9 +38,9 @@ MIN_LABELS = 4          # below this CJE cannot fit a cross-fitted calibration a
 
 
 def calibration_mode(n_labels: int) -> tuple[str, int | None]:
-    """("analyze_dataset" | "reduced_folds" | "uncalibrated", folds)."""
+    """("full" | "reduced_folds" | "uncalibrated", folds), the names stage 5's report uses."""
     if n_labels >= FULL_LABELS:
-        return "analyze_dataset", 5
+        return "full", 5
     if n_labels >= MIN_LABELS:
         return "reduced_folds", max(2, n_labels // 2)
     return "uncalibrated", None
@@ -49,7 +49,7 @@ def calibration_mode(n_labels: int) -> tuple[str, int | None]:
 def estimate(cje, dataset, logged: Path, fresh: Path, name: str, mode: str, folds: int | None):
     """CJE's result for one estimator: through analyze_dataset when it can run, otherwise through
     the same steps (calibrate, sampler, estimator, fresh draws) with the calibration we can fit."""
-    if mode == "analyze_dataset":
+    if mode == "full":
         kwargs = {"fresh_draws_dir": str(fresh)} if ESTIMATORS[name] else {}
         return cje.analyze_dataset(logged_data_path=str(logged), estimator=name, **kwargs)
     from cje.calibration import calibrate_dataset

@@ -33,21 +33,32 @@ from ope_prep.config import load_config  # noqa: E402
 from ope_prep.stages import summarize  # noqa: E402
 
 
-def test_cje_03_reads_the_export_and_estimates_every_target(tmp_path):
-    n = 80
+def exported_run(tmp_path, n: int):
+    """A synthetic run of n prompts through the real stage 5; its number of calibration labels."""
     run = make_run(tmp_path, n=n, seed=3)
     config = load_config(run.config_path)
     summarize.run(config, argparse.Namespace(config=str(run.config_path), force=False), {})
-    n_calibration = sum(o["policy"] == BASE for o in run.rows["oracle_labels.jsonl"])
+    return run, sum(o["policy"] == BASE for o in run.rows["oracle_labels.jsonl"])
 
+
+def cje_03(run) -> tuple[dict, str]:
+    """scripts/cje_roundtrip.py in the cje-eval 0.3 venv: its JSON and what it said on stderr."""
     python = cje_env.ensure(quiet=True)
     p = subprocess.run([str(python), str(PROJECT_DIR / "scripts" / "cje_roundtrip.py"),
                         str(run.data_dir / "cje")], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout + p.stderr
-    out = json.loads(p.stdout)
+    return json.loads(p.stdout), p.stderr
+
+
+def test_cje_03_reads_the_export_and_estimates_every_target(tmp_path):
+    n = 80
+    run, n_calibration = exported_run(tmp_path, n)
+    assert n_calibration >= 10
+    out, _ = cje_03(run)
     assert out["cje_version"] == cje_env.CJE_VERSION
     assert out["n_samples"] == n
     assert out["n_oracle"] == n_calibration
+    assert out["calibration"] == {"mode": "full", "folds": 5}
     assert sorted(out["target_policies"]) == sorted(TARGETS)
     assert set(out["estimates"]) == {"calibrated-ips", "dr-cpo"}
     for estimator, per_policy in out["estimates"].items():
@@ -55,14 +66,6 @@ def test_cje_03_reads_the_export_and_estimates_every_target(tmp_path):
         for policy, est in per_policy.items():
             assert est["estimate"] is not None and math.isfinite(est["estimate"]), (estimator, policy)
             assert 0.0 <= est["estimate"] <= 1.0, (estimator, policy, est)
-
-
-def exported_run(tmp_path, n: int):
-    """A synthetic run of n prompts through the real stage 5; its number of calibration labels."""
-    run = make_run(tmp_path, n=n, seed=3)
-    config = load_config(run.config_path)
-    summarize.run(config, argparse.Namespace(config=str(run.config_path), force=False), {})
-    return run, sum(o["policy"] == BASE for o in run.rows["oracle_labels.jsonl"])
 
 
 @pytest.mark.parametrize("n, mode, folds", [(12, "uncalibrated", None), (24, "reduced_folds", 3)])
@@ -73,14 +76,10 @@ def test_cje_03_on_a_small_run_calibrates_what_it_can(tmp_path, n, mode, folds):
     info = json.loads((run.data_dir / "dataset_info.json").read_text())
     assert info["cje"]["calibration_labels"] == n_calibration
     assert info["cje"]["regime"] == mode
-    python = cje_env.ensure(quiet=True)
-    p = subprocess.run([str(python), str(PROJECT_DIR / "scripts" / "cje_roundtrip.py"),
-                        str(run.data_dir / "cje")], capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stdout + p.stderr
-    out = json.loads(p.stdout)
+    out, said = cje_03(run)
     assert out["n_oracle"] == n_calibration
     assert out["calibration"] == {"mode": mode, "folds": folds}
-    assert f"{n_calibration} oracle labels" in p.stderr
+    assert f"{n_calibration} oracle labels" in said
     for estimator, per_policy in out["estimates"].items():
         assert sorted(per_policy) == sorted(TARGETS), estimator
         assert all(math.isfinite(e["estimate"]) for e in per_policy.values()), (estimator, per_policy)
