@@ -311,10 +311,9 @@ def test_report_says_when_the_judge_has_no_spread(tmp_path):
     assert "Spearman correlation undefined (every judge score is 0.111)" in text
 
 
-@pytest.mark.parametrize("n, regime", [(5, "uncalibrated"), (24, "reduced_folds"), (N, "full")])
-def test_report_and_summary_say_from_how_many_labels_cje_calibrates(tmp_path, capsys, n, regime):
-    run = make_run(tmp_path, n=n, seed=1)
-    run_stage(run)
+def check_cje_readiness(run, regime: str) -> str:
+    """dataset_info.json and report.md say how many calibration labels the run has, what CJE does
+    with them and from how many it calibrates; returns the line the terminal must show too."""
     info = strict_json(run.data_dir / "dataset_info.json")
     labels = sum(o["policy"] == BASE for o in run.rows["oracle_labels.jsonl"])
     cje = info["cje"]
@@ -327,6 +326,19 @@ def test_report_and_summary_say_from_how_many_labels_cje_calibrates(tmp_path, ca
         assert needle in cje["thresholds"]
     line = f"{labels} calibration labels ({regime.replace('_', ' ')})"
     assert line in (run.data_dir / "report.md").read_text(encoding="utf-8")
+    return line
+
+
+def test_a_full_run_says_cje_calibrates_as_documented(good):
+    run, _, _ = good
+    check_cje_readiness(run, "full")
+
+
+@pytest.mark.parametrize("n, regime", [(5, "uncalibrated"), (24, "reduced_folds")])
+def test_a_small_run_says_from_how_many_labels_cje_calibrates(tmp_path, capsys, n, regime):
+    run = make_run(tmp_path, n=n, seed=1)
+    run_stage(run)
+    line = check_cje_readiness(run, regime)
     assert f"CJE: {line}" in capsys.readouterr().out
 
 
