@@ -5,7 +5,8 @@
 
 The server runs as a subprocess in its own process group (so a Ctrl-C in the terminal reaches
 only the stage, which then stops the server itself), on a free port, with one entry per model in
-a `--config_file` JSON: ``model_alias`` is the key of ``models`` in the config, ``logits_all`` is
+a `--config_file` JSON, through `ope_prep.backends.serve` (llama.cpp's one numeric path, so
+that scores do not depend on request order): ``model_alias`` is the key of ``models`` in the config, ``logits_all`` is
 on (log-probabilities need it), ``n_ctx`` comes from the config, ``n_threads`` from
 ``generation.n_threads``. A model whose config sets ``chat_template`` gets that template through
 llama_cpp's ``hf-tokenizer-config`` chat format (the GGUF file may carry none, and llama_cpp
@@ -33,6 +34,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from pathlib import Path
 
 from ..config import Config
 from ..errors import EXIT_UNITS_FAILED, PipelineError
@@ -97,6 +99,9 @@ def _server_env() -> dict[str, str]:
         if lk in settings_names or "api_key" in lk or "secret" in lk or "token" in lk:
             continue
         env[k] = v
+    # the entry point is ope_prep.backends.serve, whatever the stage's working directory
+    project = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (project, env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -134,7 +139,7 @@ class LlamaServer:
         entry = {"model": str(path), "model_alias": key, "logits_all": True, "n_ctx": m.n_ctx,
                  "n_threads": self.config.generation.n_threads,
                  "n_threads_batch": self.config.generation.n_threads,
-                 "n_batch": 512, "verbose": False}
+                 "n_batch": 512, "flash_attn": False, "verbose": False}
         if m.chat_template:
             bos, eos, _ = vocab_texts(str(path))
             tok_cfg = self.log_dir / f"server_{self.stage}_{key}_tokenizer_config.json"
@@ -159,7 +164,7 @@ class LlamaServer:
                           f"on 127.0.0.1:{self.port} for {', '.join(self.model_keys)}\n".encode())
                 log.flush()
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "llama_cpp.server", "--config_file", str(self.config_path)],
+                    [sys.executable, "-m", "ope_prep.backends.serve", "--config_file", str(self.config_path)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     env=_server_env(), start_new_session=True,
                     # the death signal follows the *thread* that started the server: only the
