@@ -41,7 +41,7 @@ def spearman_undefined(x: Sequence[float], y: Sequence[float], names: tuple[str,
     """Why spearman(x, y) is None, in words for a report; None when it is defined."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if x.size < 3:
-        return f"{x.size} pairs (needs 3)"
+        return f"too few pairs ({x.size}; needs 3)"
     constant = [f"every {name} is {v[0]:.3g}" for name, v in zip(names, (x, y)) if np.unique(v).size < 2]
     return "; ".join(constant) or None
 

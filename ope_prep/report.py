@@ -261,7 +261,7 @@ def discrimination_section(d: dict, base: str) -> list[str]:
 
 def cje_line(cje: dict) -> str:
     """From what number of labels CJE calibrates, and what this run can do (report, terminal, runner)."""
-    return (f"{cje['calibration_labels']} calibration labels ({cje['regime'].replace('_', ' ')}): "
+    return (f"calibration labels: {cje['calibration_labels']} ({cje['regime'].replace('_', ' ')}): "
             f"{cje['advice']}. {cje['thresholds']}.")
 
 

@@ -93,10 +93,10 @@ def main() -> int:
     n_oracle = sum(s.oracle_label is not None for s in dataset.samples)
     mode, folds = calibration_mode(n_oracle)
     if mode == "reduced_folds":
-        print(f"cje_roundtrip: {n_oracle} oracle labels in {logged}: too few for analyze_dataset's 5-fold "
+        print(f"cje_roundtrip: oracle labels in {logged}: {n_oracle}, too few for analyze_dataset's 5-fold "
               f"calibration (needs {FULL_LABELS}); calibrating with {folds} folds", file=sys.stderr)
     elif mode == "uncalibrated":
-        print(f"cje_roundtrip: {n_oracle} oracle labels in {logged}: too few to calibrate the judge "
+        print(f"cje_roundtrip: oracle labels in {logged}: {n_oracle}, too few to calibrate the judge "
               f"(needs {MIN_LABELS}); estimates use the raw judge score as the reward", file=sys.stderr)
     out = {"cje_version": cje.__version__, "n_samples": dataset.n_samples,
            "target_policies": list(dataset.target_policies), "n_oracle": n_oracle,

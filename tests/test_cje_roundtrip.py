@@ -79,7 +79,7 @@ def test_cje_03_on_a_small_run_calibrates_what_it_can(tmp_path, n, mode, folds):
     out, said = cje_03(run)
     assert out["n_oracle"] == n_calibration
     assert out["calibration"] == {"mode": mode, "folds": folds}
-    assert f"{n_calibration} oracle labels" in said
+    assert f"oracle labels in {run.data_dir / 'cje' / 'logged_data.jsonl'}: {n_calibration}, too few" in said
     for estimator, per_policy in out["estimates"].items():
         assert sorted(per_policy) == sorted(TARGETS), estimator
         assert all(math.isfinite(e["estimate"]) for e in per_policy.values()), (estimator, per_policy)

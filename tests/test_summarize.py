@@ -324,7 +324,7 @@ def check_cje_readiness(run, regime: str) -> str:
     for needle in ("needs 10 calibration labels", "about 40 prompts at calibration_fraction 0.25",
                    "from 4 labels (about 16 prompts)"):
         assert needle in cje["thresholds"]
-    line = f"{labels} calibration labels ({regime.replace('_', ' ')})"
+    line = f"calibration labels: {labels} ({regime.replace('_', ' ')})"
     assert line in (run.data_dir / "report.md").read_text(encoding="utf-8")
     return line
 
