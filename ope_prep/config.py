@@ -71,7 +71,8 @@ class GenerationConfig(_Strict):
 
 
 class ApiConfig(_Strict):
-    """A judge or oracle: a model behind an OpenAI-compatible endpoint."""
+    """A judge or oracle: a local model in process, or a model behind an OpenAI-compatible
+    endpoint. The keys from base_url on are for the endpoint (local_server, openai) only."""
 
     # local: in process on llama.cpp (a key of `models`); local_server: that model behind a managed
     # llama_cpp.server; openai: any OpenAI-compatible endpoint (base_url), the API model name

@@ -313,6 +313,13 @@ def test_openai_path_resume_cache_and_key_hygiene(tmp_path, smollm_server):
         sent = proxy.requests_log[0]
         assert sent["temperature"] == 0 and sent["logprobs"] is True and sent["grammar"] == "root ::= [0-9]"
         assert_no_marker(data, p.stdout, p.stderr)
+        # on this path too the response is quoted between its unit's markers
+        for sent in proxy.requests_log:
+            last = sent["messages"][-1]["content"]
+            (pid, prompt), = [(pid, t) for pid, t in PROMPTS if f"\n{t}\n" in last]
+            (answer,) = [a for (q, _), a in ANSWERS.items() if q == pid and f"\n{a}\n" in last]
+            code = fence_code(42, prompt, answer)
+            assert f"<<RESPONSE {code}>>\n{answer}\n<<END RESPONSE {code}>>" in last and "not instructions" in last
 
 
 def test_budget_cap_stops_cleanly_and_resumes(tmp_path, smollm_server):
