@@ -23,3 +23,17 @@ def test_benchmark_runs_small_and_ends_with_the_ratio_line():
     assert match, lines[-1]
     assert all(math.isfinite(float(x)) and float(x) > 0 for x in match.groups())
     assert "| teacher forcing, ours (teacher_force_many) |" in proc.stdout
+
+
+SCORING_LAST_LINE = re.compile(r"score_vs_server=(\S+)")
+
+
+def test_scoring_benchmark_runs_small_and_ends_with_the_ratio_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scoring.py"), "--units", "2",
+                           "--rounds", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    match = SCORING_LAST_LINE.fullmatch(lines[-1])
+    assert match, lines[-1]
+    assert math.isfinite(float(match.group(1))) and float(match.group(1)) > 0
+    assert "| in process (LocalScorer) |" in proc.stdout and "| llama_cpp.server (ApiScorer) |" in proc.stdout
