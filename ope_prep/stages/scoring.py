@@ -225,8 +225,9 @@ class LocalScorer:
 
     def __init__(self, config: Config, model_key: str, rubric: Rubric, run_seed: int):
         from ..backends.providers import local_model
-        # One sequence per policy: the judge prompts of one user prompt share their prefix.
-        self.model = local_model(config, model_key, n_seq=min(8, max(2, len(config.policies))))
+        # One sequence per policy (the judge prompts of one user prompt share their prefix) and
+        # one for the rubric and examples every judge prompt starts with.
+        self.model = local_model(config, model_key, n_seq=min(8, len(config.policies) + 1))
         self.rubric, self.run_seed = rubric, run_seed
         digits = self.model.chat.digit_tokens()
         self.candidates = [t for d in range(rubric.lo, rubric.hi + 1) for t in digits[d]]

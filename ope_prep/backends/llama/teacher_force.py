@@ -10,6 +10,10 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from .engine import _GRAIN, _MIN_SHARED, Engine, PromptTooLong, _common_prefix
+
+# A prefix common to every sequence of a call is kept in a sequence of its own from this length
+# on (a copy per group costs about as much as decoding a few tokens).
+_MIN_COMMON = 64
 from .sampling import log_softmax, token_logprobs
 
 
@@ -132,19 +136,29 @@ class TeacherForcer(Engine):
                 results[i] = sq.answer.copy()
         return results
 
-    def _groups(self, seqs: list[_TFSeq]) -> list[tuple[list[_TFSeq], int]]:
-        """Runs of consecutive sequences whose prompts share a prefix of >= _MIN_SHARED tokens
-        before any scored position (and >= _GRAIN positions before their end), with the length
-        they all share, a multiple of _GRAIN."""
+    @staticmethod
+    def _common_to_all(seqs: list[_TFSeq]) -> int:
+        """The prefix every sequence shares before any scored position (and >= _GRAIN positions
+        before its end), rounded down to a multiple of _GRAIN: a judge's rubric and examples."""
+        lead = seqs[0]
+        k = min(min(sq.first_out, sq.end - _GRAIN) for sq in seqs)
+        for sq in seqs[1:]:
+            k = _common_prefix(lead.tokens, sq.tokens, k)
+        return max(0, k - k % _GRAIN)
+
+    def _groups(self, seqs: list[_TFSeq], max_members: int, common: int) -> list[tuple[list[_TFSeq], int]]:
+        """Runs of consecutive sequences whose prompts share a prefix of >= _MIN_SHARED tokens,
+        and more than the `common` prefix of all, before any scored position (and >= _GRAIN
+        positions before their end), with the length they all share, a multiple of _GRAIN."""
         groups: list[tuple[list[_TFSeq], int]] = []
         for sq in seqs:
-            if groups and len(groups[-1][0]) < self.n_seq:
+            if groups and len(groups[-1][0]) < max_members:
                 members, shared = groups[-1]
                 lead = members[0]
                 k = _common_prefix(lead.tokens, sq.tokens,
                                    min(lead.first_out, sq.first_out, sq.end - _GRAIN))
                 k -= k % _GRAIN
-                if k >= _MIN_SHARED:
+                if k >= _MIN_SHARED and k > common:
                     groups[-1] = (members + [sq], min(shared, k) if len(members) > 1 else k)
                     continue
             groups.append(([sq], 0))
@@ -161,17 +175,27 @@ class TeacherForcer(Engine):
         A group of sequences sharing a prompt prefix decodes it once, in its first sequence;
         the others then copy that sequence's cache cells and decode only their own rest.
         """
-        groups = deque(self._groups(seqs))
-        free = list(range(self.n_seq))
+        # A prefix common to all sequences that is long enough to pay for a cache copy per group
+        # is decoded once into the last sequence id, kept for the whole call; each group's lead
+        # starts from a copy of it.
+        common = self._common_to_all(seqs) if len(seqs) > 1 and self.n_seq > 2 else 0
+        if common < _MIN_COMMON:
+            common = 0
+        free = list(range(self.n_seq - 1 if common else self.n_seq))
+        groups = deque(self._groups(seqs, len(free), common))
         active: list[_TFStream] = []
         waiting: list[tuple[_TFStream, _TFStream, int]] = []   # (lead, member, shared length)
         self._clear()
         try:
+            if common:
+                self._prefill(seqs[0].tokens[:common], self.n_seq - 1)
             while groups or active or waiting:
                 while groups and len(free) >= len(groups[0][0]):
                     members, shared = groups.popleft()
                     streams = [_TFStream(free.pop(0), sq, shared) for sq in members]
-                    streams[0].cursor = 0
+                    streams[0].cursor = common
+                    if common:
+                        self._share_prefix(self.n_seq - 1, streams[0].seq, common)
                     active.append(streams[0])
                     waiting.extend((streams[0], st, shared) for st in streams[1:])
                 entries: list[tuple] = []
