@@ -4,12 +4,11 @@
                                        [--data benchmarks/judge_study_set.jsonl | DATA_DIR]
 
 The units are real: the first --units responses of --policies, grouped by prompt in the file's
-prompt order, as stages 3 and 4 score them. --data is the judge study's set (one row per
-response of a 40-prompt default run: prompt_id, policy, prompt, response; p0, pi_clone and
-pi_bad) or a run's data dir (prompts.jsonl and responses.jsonl). By default: all the set's
-policies, 40 units = 13 prompts x 3 responses and one more, so that a prompt's judge prompts
-share their prefix (rubric, examples and the quoted prompt) as in stage 3; --policies p0 gives
-40 different prompts instead.
+prompt order, as stages 3 and 4 score them. --data is the judge study's fixed set (default-run
+responses of p0, pi_clone and pi_bad; one row each: prompt_id, policy, prompt, response) or a
+run's data dir (prompts.jsonl and responses.jsonl). By default all the set's policies, so that a
+prompt's judge prompts share their prefix (rubric, examples and the quoted prompt) as in stage
+3; --policies p0 gives one response per prompt, as the oracle mostly labels.
 
 The two paths score the same units with the same model (config's <role>.model) and rubric
 (<role>.rubric), through the pipeline's own code (`open_scorer`):
