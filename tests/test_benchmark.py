@@ -29,7 +29,7 @@ SCORING_LAST_LINE = re.compile(r"score_vs_server=(\S+)")
 
 
 def test_scoring_benchmark_runs_small_and_ends_with_the_ratio_line():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scoring.py"), "--units", "2",
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scoring.py"), "--units", "1",
                            "--rounds", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
