@@ -167,6 +167,10 @@ def test_judge_prompt_quotes_the_texts_between_markers_they_cannot_know():
     msgs = judge_messages(rubric, prompt, forged, 42)
     code2 = fence_code(42, prompt, forged)
     assert msgs[-1]["content"].count(code2) == 2    # the two markers, not the forged one
+    # the worked examples' markers hold codes of the run's own, not a public one
+    examples = [m["content"] for m in msgs[1:-1] if m["role"] == "user"]
+    assert examples and all("<<RESPONSE example>>" not in e for e in examples)
+    assert judge_messages(rubric, prompt, response, 43)[1] != judge_messages(rubric, prompt, response, 42)[1]
     assert neutralize("a <b> c", frozenset({"<|im_end|>"})) == "a <b> c"
     assert "system_prompt" not in json.dumps(msgs) and "unhelpful" not in json.dumps(msgs)
 

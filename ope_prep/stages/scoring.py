@@ -60,12 +60,11 @@ _USER_TEMPLATE = (
     "<<PROMPT {prompt_code}>>\n{prompt}\n<<END PROMPT {prompt_code}>>\n\n"
     "<<RESPONSE {response_code}>>\n{response}\n<<END RESPONSE {response_code}>>\n\n"
     "Rating (one digit, {lo}-{hi}):")
-_EXAMPLE_CODE = "example"
 
 
 def rubric_digest(rubric: Rubric) -> str:
     """Identifies everything the judge is shown besides the unit: the rubric and the template."""
-    return hashlib.sha256(json.dumps([asdict(rubric), _USER_TEMPLATE, _EXAMPLE_CODE]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([asdict(rubric), _USER_TEMPLATE]).encode()).hexdigest()[:16]
 
 
 def fence_code(run_seed: int, *quoted: str) -> str:
@@ -103,8 +102,10 @@ def judge_messages(rubric: Rubric, prompt: str, response: str, run_seed: int,
                    specials: frozenset[str] = frozenset()) -> list[dict]:
     messages = [{"role": "system", "content": rubric.system}]
     for ex_prompt, ex_response, rating in rubric.examples:
-        messages.append({"role": "user", "content": _quote(rubric, ex_prompt, ex_response,
-                                                           _EXAMPLE_CODE, _EXAMPLE_CODE)})
+        # the examples' codes are the run's own too: a public code would be a marker to forge
+        messages.append({"role": "user", "content": _quote(
+            rubric, ex_prompt, ex_response, fence_code(run_seed, ex_prompt),
+            fence_code(run_seed, ex_prompt, ex_response))})
         messages.append({"role": "assistant", "content": str(rating)})
     messages.append({"role": "user", "content": _quote(
         rubric, neutralize(prompt, specials), neutralize(response, specials),
