@@ -25,7 +25,7 @@ def small_config(data_dir: Path, **overrides) -> dict:
     cfg["paths"]["data_dir"] = str(data_dir)
     for m in cfg["models"].values():
         m["path"] = str(ROOT / m["path"])
-        m["n_ctx"] = 1024
+        m["n_ctx"] = 2048    # the judge prompt (rubric, worked examples, texts) needs ~1000+
     cfg["generation"]["max_tokens"] = 12
     cfg["generation"]["batch_size"] = 2
     cfg["source"]["max_prompt_chars"] = 600

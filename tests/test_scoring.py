@@ -17,6 +17,7 @@ import pytest
 
 from conftest import ROOT, small_config, write_config
 from test_judge_oracle import POLICIES, make_data, records, run, server_overrides
+from ope_prep import checkpoint
 from ope_prep.config import load_config
 from ope_prep.rubrics import RUBRICS
 from ope_prep.stages.scoring import LocalScorer, ScoringUnit, fence_code, judge_messages
@@ -97,11 +98,13 @@ def test_labels_identical_after_kill_and_resume(tmp_path, provider):
                  "oracle.validation_fraction": 1.0,
                  **(server_overrides("oracle") if provider == "local_server" else {})}
     whole = make_data(tmp_path / "whole", prompts=prompts, answers=answers, **overrides)
+    checkpoint.mark_complete(tmp_path / "whole" / "data", "judge", {"test": True}, {})   # stage 4 follows 3
     p = run("04_oracle_labels.py", whole)
     assert p.returncode == 0, p.stdout + p.stderr
 
     killed = make_data(tmp_path / "killed", prompts=prompts, answers=answers, **overrides)
     data = tmp_path / "killed" / "data"
+    checkpoint.mark_complete(data, "judge", {"test": True}, {})
     proc = subprocess.Popen([sys.executable, str(ROOT / "04_oracle_labels.py"), "--config", str(killed)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
