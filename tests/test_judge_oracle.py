@@ -46,6 +46,9 @@ N_UNITS = len(PROMPTS) * len(POLICIES)
 def make_data(root: Path, prompts=PROMPTS, answers=ANSWERS, **overrides) -> Path:
     """A data dir as stages 1-2b leave it (prompts, run.json, responses, checkpoint) + its config."""
     data = root / "data"
+    # a 0-9 scale, which the scripted servers here answer in ("7"); the default rubrics are
+    # exercised in process (test_scoring.py) and by the pipeline tests
+    overrides = {"judge.rubric": "helpful_0_9_fewshot", "oracle.rubric": "helpful_0_9_fewshot", **overrides}
     cfg = small_config(data, **overrides)
     path = write_config(root / "config.yaml", cfg)
     recs = [Prompt(pid, text, "test", i, pid) for i, (pid, text) in enumerate(prompts)]

@@ -52,7 +52,7 @@ def test_scores_do_not_depend_on_batch_or_order(tmp_path, model_key):
             alone.update(_scores(scorer, [u]))
         assert alone == {k: together[k] for k in alone}
         for digit, score, mean, var in together.values():
-            assert 0 <= score <= 1 and 0 <= mean <= 1 and 0 <= var <= 0.25 and score == digit / 9
+            assert 0 <= score <= 1 and 0 <= mean <= 1 and 0 <= var <= 0.25 and score == scorer.rubric.to_unit(digit)
         # the distribution is the model's own: each digit's value equals teacher forcing that
         # digit token as the answer (another code path over the same logits row)
         prompt = scorer.prompt_tokens(units[0])
