@@ -48,7 +48,7 @@ def make_data(root: Path, prompts=PROMPTS, answers=ANSWERS, **overrides) -> Path
     data = root / "data"
     # a 0-9 scale, which the scripted servers here answer in ("7"); the default rubrics are
     # exercised in process (test_scoring.py) and by the pipeline tests
-    overrides = {"judge.rubric": "helpful_0_9_fewshot", "oracle.rubric": "helpful_0_9_fewshot", **overrides}
+    overrides = {**SCALE_0_9, **overrides}
     cfg = small_config(data, **overrides)
     path = write_config(root / "config.yaml", cfg)
     recs = [Prompt(pid, text, "test", i, pid) for i, (pid, text) in enumerate(prompts)]
@@ -64,6 +64,7 @@ def make_data(root: Path, prompts=PROMPTS, answers=ANSWERS, **overrides) -> Path
 
 
 RUBRIC = Rubric("Rate it.", lo=0, hi=9)
+SCALE_0_9 = {"judge.rubric": "helpful_0_9_fewshot", "oracle.rubric": "helpful_0_9_fewshot"}
 
 
 def server_overrides(*which: str) -> dict:
@@ -346,7 +347,7 @@ def test_budget_cap_stops_cleanly_and_resumes(tmp_path, smollm_server):
         assert 0 < u["usd"] <= 1.5 and u["calls"] == len(done)
         assert not (data / "judge_scores.jsonl").exists()
         # a bigger budget: the rest, and only the rest
-        cfg = small_config(data, **api_overrides("judge", proxy.url + "/v1", budget_usd=100.0,
+        cfg = small_config(data, **SCALE_0_9, **api_overrides("judge", proxy.url + "/v1", budget_usd=100.0,
                                                  usd_per_1k_input_tokens=1.0, usd_per_1k_output_tokens=1.0))
         write_config(path, cfg)
         p = run("03_judge_scores.py", path)

@@ -111,7 +111,7 @@ def _items(m: LlamaModel, key: str, responses) -> list[tuple[list[int], list[int
 def test_packed_teacher_forcing_equals_llama_cpp_whole_sequence_evaluation(models, responses, key):
     tf, _ = models[key]
     items = _items(tf, key, responses)
-    assert len(tf._groups([_seq(p, r) for p, r, _ in items])) < len(items)   # prefixes are shared
+    assert len(tf._groups([_seq(p, r) for p, r, _ in items], tf.n_seq, 0)) < len(items)   # prefixes are shared
     assert max(len(r) for _, r, _ in items) > tf.max_outputs or key == "smol"
     batched = tf.teacher_force_many(items)
     ref = WholeSequence(tf.path)
