@@ -108,10 +108,11 @@ def test_config_change_is_refused_with_keys_and_force_step_reruns_from_there(ref
     # Changing only the judge reruns 3 and later, not 2.
     generated_before = sum(n for (w, _), n in computed_ok(trace).items() if w == "generate")
     judged_before = sum(n for (w, _), n in computed_ok(trace).items() if w == "judge")
-    cfg["judge"]["max_tokens"] = 2
+    rubric = cfg["judge"]["rubric"]
+    cfg["judge"]["rubric"] = "helpful_0_9"
     write_config(config, cfg)
     refused = run(config, N, trace)
-    assert refused.returncode == 2 and "judge.max_tokens: 1 -> 2" in refused.stdout
+    assert refused.returncode == 2 and f"judge.rubric: {rubric} -> helpful_0_9" in refused.stdout
     assert "[generate] already complete" in refused.stdout
     forced = run(config, N, trace, "--force-step", "judge")
     assert forced.returncode == 0, forced.stdout[-3000:]

@@ -222,7 +222,9 @@ class LocalScorer:
     """A models.<key> GGUF in process: each judge prompt prefilled, the logits at its answer
     position read over every digit token."""
 
-    _UNITS_PER_CALL = 32     # units saved together (a kill loses at most these)
+    # Units scored per call, then saved together: a kill loses at most these. Each call decodes
+    # the rubric and examples once (about 1,000 tokens), so fewer would cost speed.
+    _UNITS_PER_CALL = 8
 
     def __init__(self, config: Config, model_key: str, rubric: Rubric, run_seed: int):
         from ..backends.providers import local_model
