@@ -225,6 +225,7 @@ class LocalScorer:
     # Units scored per call, then saved together: a kill loses at most these. Each call decodes
     # the rubric and examples once (about 1,000 tokens), so fewer would cost speed.
     _UNITS_PER_CALL = 8
+    save_every = 1           # rows appended as soon as they are yielded (a call yields them at once)
 
     def __init__(self, config: Config, model_key: str, rubric: Rubric, run_seed: int):
         from ..backends.providers import local_model
@@ -272,6 +273,8 @@ class LocalScorer:
 class ApiScorer:
     """A model behind an OpenAI-compatible endpoint (a managed llama_cpp.server, or an API),
     through ApiClient: cache, retries, concurrency, budget."""
+
+    save_every = 32          # rows appended per batch (or every 2 s), as replies stream in
 
     def __init__(self, stage: str, client: ApiClient, specials: frozenset[str], rubric: Rubric,
                  run_seed: int, need_distribution: bool):
@@ -367,7 +370,6 @@ def open_scorer(config: Config, which: str, stage: str, run_seed: int,
 
 # ---- the loop -------------------------------------------------------------------------------
 
-_APPEND_EVERY_ROWS = 32
 _APPEND_EVERY_S = 2.0
 
 
@@ -391,7 +393,7 @@ def score_units(stage: str, scorer: Scorer, work: WorkFile, units: list[ScoringU
                 extra = {"raw": outcome.raw} if outcome.raw else {}
                 pending.append(failed_row(unit.key, outcome.reason, **extra))
             bar.update(1)
-            if len(pending) >= _APPEND_EVERY_ROWS or time.monotonic() - last_append > _APPEND_EVERY_S:
+            if len(pending) >= scorer.save_every or time.monotonic() - last_append > _APPEND_EVERY_S:
                 work.append(pending)
                 pending, last_append = [], time.monotonic()
     finally:
