@@ -112,7 +112,7 @@ def test_config_change_is_refused_with_keys_and_force_step_reruns_from_there(ref
     cfg["judge"]["rubric"] = "helpful_0_9"
     write_config(config, cfg)
     refused = run(config, N, trace)
-    assert refused.returncode == 2 and f"judge.rubric: {rubric} -> helpful_0_9" in refused.stdout
+    assert refused.returncode == 2 and f"judge.rubric: '{rubric}' -> 'helpful_0_9'" in refused.stdout
     assert "[generate] already complete" in refused.stdout
     forced = run(config, N, trace, "--force-step", "judge")
     assert forced.returncode == 0, forced.stdout[-3000:]
