@@ -38,6 +38,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional, Union
 
+import numpy as np
+
 from ..backends.api import ApiClient, BudgetExceeded, FatalApiError, Reply, RequestFailed
 from ..backends.server import LlamaServer, vocab_texts
 from ..config import Config
@@ -177,13 +179,8 @@ def parse_judgement(rubric: Rubric, reply: Reply, need_distribution: bool = True
     for tok, lp in logprob_of.items():
         d = _digit_of(tok)
         if d is not None and lp is not None and math.isfinite(lp):
-            by_digit[d] = float(_logaddexp(by_digit.get(d, -math.inf), lp))
+            by_digit[d] = float(np.logaddexp(by_digit.get(d, -math.inf), lp))
     return judgement_from(rubric, by_digit, digit, text)
-
-
-def _logaddexp(a: float, b: float) -> float:
-    hi = max(a, b)
-    return hi if hi == -math.inf else hi + math.log(math.exp(a - hi) + math.exp(b - hi))
 
 
 # ---- units and their tally ------------------------------------------------------------------
@@ -258,7 +255,7 @@ class LocalScorer:
                 self.tokens_done += len(tokens)
                 by_digit: dict[int, float] = {}
                 for d, lp in zip(self.digit_of, values):
-                    by_digit[d] = _logaddexp(by_digit.get(d, -math.inf), float(lp))
+                    by_digit[d] = float(np.logaddexp(by_digit.get(d, -math.inf), float(lp)))
                 yield unit, judgement_from(self.rubric, by_digit)
 
     def usage(self, failures: int) -> UsageTotals:
