@@ -51,10 +51,14 @@ def save(data_dir: Path, data: dict) -> None:
     atomic_write_bytes(checkpoint_path(data_dir), pickle.dumps(data, protocol=4))
 
 
-def mark_complete(data_dir: Path, stage: str, fingerprint_keys: dict, outputs: dict[str, dict]) -> None:
+def mark_complete(data_dir: Path, stage: str, fingerprint_keys: dict, outputs: dict[str, dict],
+                  inputs: dict | None = None) -> None:
+    """fingerprint_keys: the config the stage's work belongs to (another one is refused);
+    inputs: what it was computed from this time (other inputs: the stage is updated)."""
     data = load(data_dir)
     data["stages"][stage] = {
         "fingerprint": fingerprint_keys,
+        "inputs": inputs or {},
         "outputs": outputs,
         "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

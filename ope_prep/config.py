@@ -31,6 +31,17 @@ class PathsConfig(_Strict):
 
 class RunConfig(_Strict):
     seed: int = 42
+    # Rounds (run_pipeline.py): the prompts done so far go through every stage to a validated
+    # snapshot at first_round prompts, then at each size times round_growth, then at N.
+    # 0: one pass over all N.
+    first_round: int = Field(100, ge=0)
+    round_growth: float = Field(2.0, gt=1)
+    # A unit that failed deterministically this many times in a row is quarantined.
+    quarantine_after: int = Field(1, ge=1)
+    # A stage whose work files have not grown for this long is reported as stalled in the log.
+    stall_warning_minutes: float = Field(30.0, gt=0)
+    # Free disk space a stage must leave after its estimated output, or it does not start.
+    min_free_disk_mb: int = Field(200, ge=0)
 
 
 class SourceConfig(_Strict):
@@ -105,6 +116,9 @@ class ValidationConfig(_Strict):
     # the run: with one numeric path the two are equal to ~1e-12 (float noise).
     tf_vs_sampling_tolerance_per_token: float = Field(1e-6, gt=0)
     suspicious_per_token_logprob: float = -10.0
+    # Prompts left out because one of their units was quarantined: above this fraction of the
+    # run's prompts, stage 5 fails the run.
+    max_excluded_fraction: float = Field(0.01, ge=0, le=1)
 
 
 class Config(_Strict):

@@ -1,34 +1,51 @@
-"""`python run_pipeline.py [N]`: every stage in order, each in its own process.
+"""`python run_pipeline.py [N]`: every stage in order, each in its own process, in rounds.
 
 A stage is marked complete only by its own process after its outputs are written, so a stage
 that crashes or exits non-zero is never marked complete; the exit code is taken from the
 process itself, never from a pipe. Everything the stages print goes to the terminal and to
 one timestamped log file per run in <data_dir>/logs/.
+
+Rounds. A long run does not wait for its last prompt to give a usable result: it takes the
+first ``run.first_round`` prompts through every stage to a validated report and CJE export, then
+``run.round_growth`` times as many, and so on up to N. A round only computes the new prompts'
+units (a run grows without redoing anything, see stages/prepare.py), and each round's results
+are kept in ``<data_dir>/snapshots/<n>_prompts/`` (hard links: no copy, and later rounds replace
+files by renaming, so a snapshot never changes). Where the run stands is in
+``<data_dir>/run_state.json``, which ``--status`` reads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import select
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .config import PROJECT_DIR, load_config
+from . import checkpoint
+from .config import PROJECT_DIR, Config, load_config
 from .errors import EXIT_BAD_INPUT, PipelineError
 from .report import cje_line
 from .stages import STAGE_NAMES, STAGES, later_stages
 from .stages.summarize import DATASET_INFO
+from .stages.units import RUN_PARAMS
+from .store import fsync_dir, write_json
 
 STAGE_ALIASES = {"1": "prepare", "2": "generate", "2b": "logprobs", "3": "judge", "4": "oracle",
                  "5": "summarize"}
+RUN_STATE = "run_state.json"
+SNAPSHOTS = "snapshots"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Run the whole OPE data pipeline; resumes where it stopped.",
+        description="Run the whole OPE data pipeline; resumes where it stopped, and grows a finished "
+                    "run to a larger N keeping all its work.",
         epilog="Stages: " + ", ".join(f"{k}={v}" for k, v in STAGE_ALIASES.items()))
     p.add_argument("samples", nargs="?", type=int, default=10000, help="number of prompts (default 10000)")
     p.add_argument("--config", default=None, help="YAML config (default: config.yaml beside the scripts)")
@@ -37,12 +54,67 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="redo STAGE and every stage after it (earlier work is moved to <data_dir>/superseded/)")
     p.add_argument("--fresh", action="store_true",
                    help="start over: the data directory is renamed to <data_dir>.old-<time>, not deleted")
+    p.add_argument("--status", action="store_true",
+                   help="print where the run in the config's data directory stands, and exit (read-only; "
+                        "safe while a run is going)")
     return p.parse_args(argv)
 
 
-def _tee(proc: subprocess.Popen, log) -> None:
+def round_sizes(n: int, first: int, growth: float) -> list[int]:
+    """first, first * growth, ... (each rounded up), then n: the prompt counts at which a run
+    stops for a snapshot. first = 0 or first >= n: a single pass."""
+    sizes = []
+    size = first
+    while 0 < size < n:
+        sizes.append(size)
+        size = max(size + 1, math.ceil(size * growth))
+    return sizes + [n]
+
+
+def _done_samples(data_dir: Path) -> int:
+    """How many prompts the run in data_dir holds (0 if none): rounds below that are done."""
+    try:
+        return int(json.loads((data_dir / RUN_PARAMS).read_text(encoding="utf-8"))["samples"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def snapshot(data_dir: Path, n: int) -> Path:
+    """Keep the finished, validated outputs of every stage as snapshots/<n>_prompts/ (with the
+    checkpoint, so the snapshot is itself a data directory stage 5 accepts)."""
+    ck = checkpoint.load(data_dir)["stages"]
+    final = data_dir / SNAPSHOTS / f"{n}_prompts"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for stage in STAGE_NAMES:
+        for rel in ck[stage]["outputs"]:
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(data_dir / rel, dst)        # every output is replaced by rename, never in place
+            except OSError:
+                shutil.copy2(data_dir / rel, dst)
+    shutil.copy2(checkpoint.checkpoint_path(data_dir), checkpoint.checkpoint_path(tmp))
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    fsync_dir(final.parent)
+    return final
+
+
+def _tee(proc: subprocess.Popen, log, on_idle) -> None:
+    """Copy the stage's output to the terminal and the log; call on_idle() every 30 s."""
     fd = proc.stdout.fileno()
     while True:
+        ready, _, _ = select.select([fd], [], [], 30.0)
+        if not ready:
+            on_idle()
+            continue
         chunk = os.read(fd, 65536)
         if not chunk:
             break
@@ -50,6 +122,27 @@ def _tee(proc: subprocess.Popen, log) -> None:
         sys.stdout.buffer.flush()
         log.write(chunk)
         log.flush()
+
+
+class StallWatch:
+    """Says so in the log when a unit stage's work files have not grown for a while."""
+
+    def __init__(self, data_dir: Path, stage: str, minutes: float, say):
+        self.data_dir, self.stage, self.limit, self.say = data_dir, stage, minutes * 60, say
+        self.size, self.since, self.warned = self._size(), time.time(), 0.0
+
+    def _size(self) -> int:
+        return sum(p.stat().st_size for p in (self.data_dir / "work").glob(f"{self.stage}*.jsonl"))
+
+    def __call__(self) -> None:
+        size, now = self._size(), time.time()
+        if size != self.size:
+            self.size, self.since = size, now
+        elif now - self.since >= self.limit and now - self.warned >= self.limit:
+            self.warned = now
+            self.say(f"[runner] warning: stage {self.stage} has saved no unit for {(now - self.since) / 60:.0f} "
+                     f"minutes (run.stall_warning_minutes {self.limit / 60:g}); it may be stuck. "
+                     "Look at the lines above; Ctrl-C and the same command resume it.")
 
 
 def main(argv=None) -> int:
@@ -64,6 +157,10 @@ def main(argv=None) -> int:
                 raise PipelineError(f"--force-step {args.force_step}: not a stage "
                                     f"({', '.join(STAGE_NAMES)} or {', '.join(STAGE_ALIASES)})")
         config = load_config(args.config)
+        if args.status:
+            from .status import status_text
+            print(status_text(config))
+            return 0
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -74,10 +171,9 @@ def main(argv=None) -> int:
         print(f"--fresh: moved the earlier run to {old}")
     log_path = data_dir / "logs" / f"run_{time.strftime('%Y%m%d-%H%M%S')}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    force = set(later_stages(forced)) if forced else set()
-    config_arg = ["--config", str(Path(config.config_path))]
-    timings = []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = _done_samples(data_dir)
+    rounds = [n for n in round_sizes(args.samples, config.run.first_round, config.run.round_growth)
+              if n >= done or n == args.samples]
     with open(log_path, "ab") as log:
         def say(text: str) -> None:
             print(text, flush=True)
@@ -85,34 +181,61 @@ def main(argv=None) -> int:
             log.flush()
 
         say(f"run of {args.samples} prompts, config {config.config_path}, data in {data_dir}, log {log_path}")
-        for i, (name, script) in enumerate(STAGES, 1):
-            cmd = [sys.executable, str(PROJECT_DIR / script), *config_arg]
-            if name == "prepare":
-                cmd += ["--samples", str(args.samples)]
-                if args.seed is not None:
-                    cmd += ["--seed", str(args.seed)]
-            if name in force:
-                cmd.append("--force")
-            say(f"\n=== [{i}/{len(STAGES)}] {name}: {' '.join(cmd[1:])}")
-            started = time.time()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                    cwd=PROJECT_DIR)
-            try:
-                _tee(proc, log)
-                rc = proc.wait()
-            except KeyboardInterrupt:
-                rc = proc.wait()
-                say(f"\ninterrupted during {name}; finished units are saved. Resume with the same command.")
-                return 130
-            timings.append((name, time.time() - started))
+        if len(rounds) > 1:
+            say(f"rounds: {', '.join(map(str, rounds))} prompts (run.first_round {config.run.first_round}, "
+                f"run.round_growth {config.run.round_growth:g}); each ends in a validated snapshot in "
+                f"{data_dir / SNAPSHOTS}/")
+        state = {"pid": os.getpid(), "started_at": time.time(), "samples": args.samples, "rounds": rounds,
+                 "log": str(log_path)}
+        run_started = time.time()
+        for r, n in enumerate(rounds, 1):
+            force = set(later_stages(forced)) if forced and r == 1 else set()
+            rc = run_round(config, args, n, force, say, log, {**state, "round": r, "round_size": n})
             if rc != 0:
-                say(f"\nstage {name} failed (exit {rc}); it is not marked complete. "
-                    "Fix the cause and rerun the same command: finished work is kept.")
                 return rc
-        say("\n=== done. Stage times: " + ", ".join(f"{n} {t:.0f}s" for n, t in timings))
+            snap = snapshot(data_dir, n)
+            write_json(data_dir / RUN_STATE, {**state, "round": r, "round_size": n, "stage": None,
+                                              "finished_at": time.time(), "latest_snapshot": str(snap)})
+            say(f"=== round {r}/{len(rounds)} done: {n} prompts, snapshot {snap} "
+                f"({(time.time() - run_started) / 60:.1f} min since start)")
         say(f"outputs: {data_dir} (report.md, dataset_info.json, cje/ for CJE 0.3 and 0.9); log: {log_path}")
         # Said last, where a user looks first: whether CJE can calibrate on this many labels.
         cje = json.loads((data_dir / DATASET_INFO).read_text(encoding="utf-8")).get("cje")
         say(f"CJE: {cje_line(cje)}" if cje else
             "CJE: this summary predates the CJE section; `--force-step 5` writes it")
+    return 0
+
+
+def run_round(config: Config, args, n: int, force: set[str], say, log, state: dict) -> int:
+    """Every stage on the first n prompts; 0, or the exit code of the stage that failed."""
+    data_dir = config.data_dir
+    config_arg = ["--config", str(Path(config.config_path))]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    timings = []
+    for i, (name, script) in enumerate(STAGES, 1):
+        cmd = [sys.executable, str(PROJECT_DIR / script), *config_arg]
+        if name == "prepare":
+            cmd += ["--samples", str(n)]
+            if args.seed is not None:
+                cmd += ["--seed", str(args.seed)]
+        if name in force:
+            cmd.append("--force")
+        where = f"round {state['round']}/{len(state['rounds'])}, {n} prompts: " if len(state["rounds"]) > 1 else ""
+        say(f"\n=== [{i}/{len(STAGES)}] {where}{name}: {' '.join(cmd[1:])}")
+        started = time.time()
+        write_json(data_dir / RUN_STATE, {**state, "stage": name, "stage_started_at": started})
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_DIR)
+        try:
+            _tee(proc, log, StallWatch(data_dir, name, config.run.stall_warning_minutes, say))
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            rc = proc.wait()
+            say(f"\ninterrupted during {name}; finished units are saved. Resume with the same command.")
+            return 130
+        timings.append((name, time.time() - started))
+        if rc != 0:
+            say(f"\nstage {name} failed (exit {rc}); it is not marked complete. "
+                "Fix the cause and rerun the same command: finished work is kept.")
+            return rc
+    say("\n=== done. Stage times: " + ", ".join(f"{s} {t:.0f}s" for s, t in timings))
     return 0

@@ -77,6 +77,17 @@ class OracleLabel:
 
 
 @dataclass
+class Quarantined:
+    """A unit that failed deterministically (see store.WorkFile): its prompt is left out of the
+    dataset for every policy, and stage 5 lists it."""
+    stage: str
+    key: str
+    prompt_id: str
+    error: str
+    tries: int
+
+
+@dataclass
 class UsageTotals:
     calls: int = 0
     cached: int = 0

@@ -142,6 +142,7 @@ def render_report(config: Config, info: dict) -> str:
             "for validation).", ""]
     out += [_table(["policy", "role", "model", "temperature"],
                    [[n, p["role"], p["model"], f"{p['temperature']:g}"] for n, p in pols.items()]), ""]
+    out += excluded_section(run.get("excluded_prompts") or {}, run["n_prompts"])
 
     out += ["## Checks", "", "All checks that stop bad data passed: every file parses, every "
             "(prompt, policy) has exactly one response, teacher-forced log-probability and judge "
@@ -229,6 +230,19 @@ def render_report(config: Config, info: dict) -> str:
     out += ["## Files", "", "Machine-readable numbers: `dataset_info.json`.", ""]
     out += [_table(["file", "records"], [[f"`{rel}`", str(n)] for rel, n in info.get("outputs", {}).items()]), ""]
     return "\n".join(out)
+
+
+def excluded_section(excluded: dict, n_included: int) -> list[str]:
+    """The prompts left out because a unit of theirs was quarantined (failed the same way every
+    time), with the first reason for each."""
+    if not excluded:
+        return ["No prompt was left out: no unit was quarantined.", ""]
+    out = ["## Left out", "", f"**{len(excluded)} of {len(excluded) + n_included} prompts are left out** of "
+           "the dataset for every policy (OPE needs each prompt complete): a unit of theirs failed the "
+           "same way on every try and was quarantined (`quarantine/<stage>.jsonl`).", ""]
+    out += [_table(["prompt", "stage", "unit", "reason"],
+                   [[pid, qs[0]["stage"], qs[0]["key"], qs[0]["error"][:160]] for pid, qs in excluded.items()]), ""]
+    return out
 
 
 def _z(gap: dict) -> str:

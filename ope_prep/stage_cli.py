@@ -94,6 +94,68 @@ def supersede(data_dir: Path, stage: str, outputs: list[str]) -> None:
         print(f"[{stage}] --force: moved earlier work to {dest}: {', '.join(moved)}")
 
 
+def _what_changed(old: dict, new: dict) -> str:
+    """Changed keys; values only where they say something (a count, not a digest)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a != b:
+            digest = all(isinstance(v, str) and len(v) == 64 for v in (a, b) if v is not None)
+            out.append(k if digest else f"{k}: {a} -> {b}")
+    return "; ".join(out)
+
+
+def refusal(stage: str, old: dict, new: dict, cli_keys: dict[str, str]) -> RefusedError:
+    """Why a completed stage's work cannot be reused, with the way out that fits the cause: a
+    command-line argument (``cli_keys``: fingerprint key -> its flag, for the flags given) is
+    fixed on the command line, a config key in the config."""
+    changed = diff_keys(old, new)
+    flags = sorted({flag for key, flag in cli_keys.items() if old.get(key) != new.get(key)})
+    if flags:
+        given = ", ".join(f"{f} {new[k]!r} (this run was made with {old.get(k)!r})"
+                          for k, f in sorted(cli_keys.items()) if old.get(k) != new.get(k))
+        return RefusedError(
+            f"stage {stage} completed with another {', '.join(flags)}: {given}; rerun with the run's "
+            f"own value (or without the flag if the config gives it), or start a new run in another "
+            f"data directory, or with --fresh (the old one is kept)")
+    return RefusedError(
+        f"stage {stage} completed with another config ({'; '.join(changed)}); restore the config, "
+        f"or rerun from here with: python run_pipeline.py --force-step {stage}")
+
+
+def disk_estimate(config, stage: str, args) -> int:
+    """Bytes a stage may write (its work lines and final files), generously: measured sizes of
+    these records are about 25 bytes per response token and a few hundred bytes per unit."""
+    data_dir = config.data_dir
+    if stage == "prepare":
+        return args.samples * (config.source.max_prompt_chars * 4 + 300)
+    try:
+        n = sum(1 for line in (data_dir / "prompts.jsonl").read_bytes().split(b"\n") if line.strip())
+    except OSError:
+        n = 0
+    units = n * len(config.policies)
+    per_token = 40 * config.generation.max_tokens
+    per_unit = {"generate": per_token + 2000, "logprobs": 2 * (per_token + 500), "judge": 1000,
+                "oracle": 1000}.get(stage)
+    if per_unit is not None:
+        return 2 * units * per_unit             # the work file's lines, then the final file
+    # summarize: exports and reports about as large as everything before them
+    return 2 * sum(p.stat().st_size for p in data_dir.glob("*.jsonl"))
+
+
+def check_disk(config, stage: str, args) -> None:
+    """Refuse to start a stage that could not finish writing its files."""
+    data_dir = config.data_dir
+    free = shutil.disk_usage(data_dir).free
+    need = disk_estimate(config, stage, args)
+    spare = config.run.min_free_disk_mb * 2**20
+    if free < need + spare:
+        raise RefusedError(
+            f"{data_dir}: {free / 2**20:.0f} MB free on its disk; stage {stage} may write about "
+            f"{need / 2**20:.0f} MB and run.min_free_disk_mb keeps {spare / 2**20:.0f} MB spare. Free some space "
+            "(or lower run.min_free_disk_mb) and rerun the same command: finished work is kept")
+
+
 def main(stage: str, description: str, add_args=None, argv=None) -> int:
     parser = stage_parser(description)
     if add_args:
@@ -107,23 +169,29 @@ def main(stage: str, description: str, add_args=None, argv=None) -> int:
         with run_lock(data_dir):
             ck = require_complete(data_dir, STAGE_NAMES[:STAGE_NAMES.index(stage)])
             fp = module.fingerprint(config, args, ck)
+            inputs = module.inputs(config, args, ck)
             entry = checkpoint.load(data_dir)["stages"].get(stage)
             if args.force:
                 supersede(data_dir, stage, list(entry["outputs"]) if entry else module.OUTPUTS)
             elif entry is not None:
                 if entry["fingerprint"] != fp:
-                    changed = "; ".join(diff_keys(entry["fingerprint"], fp))
-                    raise RefusedError(
-                        f"stage {stage} completed with another config ({changed}); restore the config, "
-                        f"or rerun from here with: python run_pipeline.py --force-step {stage}")
-                problem = verify_outputs(data_dir, entry["outputs"])
-                if problem is None:
-                    print(f"[{stage}] already complete, outputs verified; nothing to do")
-                    return EXIT_OK
-                print(f"[{stage}] {problem}: redoing the stage (finished units are kept)")
-                checkpoint.forget(data_dir, [stage])
+                    raise refusal(stage, entry["fingerprint"], fp, getattr(module, "cli_keys", lambda a: {})(args))
+                if entry.get("inputs") != inputs:
+                    # A grown (or shrunk) run: the stage is redone for the new inputs, and every
+                    # finished unit whose own inputs are unchanged is kept.
+                    print(f"[{stage}] its inputs changed ({_what_changed(entry.get('inputs') or {}, inputs)}): "
+                          "updating; finished units whose own inputs are unchanged are kept")
+                    checkpoint.forget(data_dir, [stage])
+                else:
+                    problem = verify_outputs(data_dir, entry["outputs"])
+                    if problem is None:
+                        print(f"[{stage}] already complete, outputs verified; nothing to do")
+                        return EXIT_OK
+                    print(f"[{stage}] {problem}: redoing the stage (finished units are kept)")
+                    checkpoint.forget(data_dir, [stage])
+            check_disk(config, stage, args)
             outputs = module.run(config, args, fp)
-            checkpoint.mark_complete(data_dir, stage, fp, outputs)
+            checkpoint.mark_complete(data_dir, stage, fp, outputs, inputs)
         print(f"[{stage}] complete in {time.time() - started:.1f}s")
         return EXIT_OK
     except PipelineError as e:

@@ -4,8 +4,11 @@ Two kinds of files:
 
 * work files (``<data_dir>/work/<stage>.jsonl``): append-only, one line per finished or failed
   unit, flushed and fsynced per batch. The first line is a header carrying the fingerprint of
-  the config that made the file, so work from two configs is never mixed. A torn last line
-  (a kill in the middle of a write) is cut off on open and its unit is recomputed.
+  the config that made the file, so work from two configs is never mixed. Each line also
+  carries a digest of the unit's own inputs (its prompt, the response it scores): a unit counts
+  as done only for the inputs it was computed from, so a run can grow (new units are added,
+  finished ones kept) and can never reuse a result for changed inputs. A torn last line (a kill
+  in the middle of a write) is cut off on open and its unit is recomputed.
 * final files: written whole to a temporary name, fsynced, then renamed into place, so a
   reader sees the old file or the new one and never half of one.
 """
@@ -17,9 +20,10 @@ import io
 import json
 import os
 import signal
+import time
 from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterable, TypeVar
 
 import jsonlines
 
@@ -130,10 +134,20 @@ class WorkFile:
 
     ``results`` maps a unit key to its latest line: a later line for the same key (a retry)
     wins, so a failure followed by a success counts as done, and a unit is never counted twice.
+    ``inputs`` maps each unit key of this run to the digest of its inputs (see `input_digest`);
+    a line made from other inputs is stale: kept in the file, never counted as done.
+
+    A unit whose failure is deterministic (it would fail the same way again: too long for a
+    context, an answer that cannot be read) is quarantined once it has failed so
+    ``quarantine_after`` times in a row: it is no longer retried, and the stage finishes
+    without it (its prompt is left out of the dataset by stage 5).
     """
 
-    def __init__(self, path: Path, fingerprint_keys: dict[str, object]):
+    def __init__(self, path: Path, fingerprint_keys: dict[str, object], inputs: dict[str, str] | None = None,
+                 quarantine_after: int = 1):
         self.path = path
+        self.inputs = inputs
+        self.quarantine_after = quarantine_after
         self.results: dict[str, dict] = {}
         self.repaired_bytes = 0
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,12 +191,35 @@ class WorkFile:
                 raise InputError(f"{self.path}: line {lineno}: damaged record; "
                                  "move the file aside to recompute this stage")
 
-    def done(self, key: str) -> bool:
+    def _current(self, key: str) -> dict | None:
+        """The key's latest line, if it was made from this run's inputs for it."""
         row = self.results.get(key)
+        if row is None or (self.inputs is not None and row.get("input") != self.inputs.get(key)):
+            return None
+        return row
+
+    def done(self, key: str) -> bool:
+        row = self._current(key)
         return row is not None and row["status"] == OK
 
+    def quarantined(self, key: str) -> bool:
+        row = self._current(key)
+        return (row is not None and row["status"] == FAILED and row.get("deterministic", False)
+                and row.get("tries", 1) >= self.quarantine_after)
+
+    def settled(self, key: str) -> bool:
+        """Done, or quarantined: nothing more will be tried for it."""
+        return self.done(key) or self.quarantined(key)
+
+    def stale(self) -> int:
+        """Finished units of this run's keys that were made from other inputs (to be redone)."""
+        if self.inputs is None:
+            return 0
+        return sum(1 for k, d in self.inputs.items()
+                   if k in self.results and self.results[k]["status"] == OK and self.results[k].get("input") != d)
+
     def failures(self) -> dict[str, dict]:
-        return {k: r for k, r in self.results.items() if r["status"] == FAILED}
+        return {k: r for k, r in self.results.items() if r["status"] == FAILED and self._current(k) is not None}
 
     def append(self, rows: list[dict]) -> None:
         """Append finished units and make them durable before they count as done."""
@@ -190,19 +227,24 @@ class WorkFile:
             return
         for row in rows:
             assert row["status"] in (OK, FAILED) and "key" in row
-            if self.done(row["key"]):
-                raise RuntimeError(f"unit {row['key']} is already done; refusing to append it twice")
+            key = row["key"]
+            if self.done(key):
+                raise RuntimeError(f"unit {key} is already done; refusing to append it twice")
+            if self.inputs is not None:
+                row["input"] = self.inputs[key]
+            row["t"] = round(time.time(), 1)     # when it was saved: throughput for --status
+            if row["status"] == FAILED:
+                before = self._current(key)
+                row["tries"] = before.get("tries", 1) + 1 if before is not None and before["status"] == FAILED else 1
+        # Traced before the write: a unit that is durable is always in the trace (the tests
+        # count computations across kills; a kill between the two only over-counts a unit that
+        # was not saved and is computed again anyway).
+        _trace(self.path.stem, rows)
         self._fh.write("".join(_dumps(r) + "\n" for r in rows))
         self._fh.flush()
         os.fsync(self._fh.fileno())
         for row in rows:
             self.results[row["key"]] = row
-        _trace(self.path.stem, rows)
-
-    def ok_records(self, keys: Iterable[str]) -> Iterator[dict]:
-        """The finished records for ``keys``, in that order (the final file's order)."""
-        for key in keys:
-            yield self.results[key]["record"]
 
     def close(self) -> None:
         self._fh.close()
@@ -221,5 +263,17 @@ def ok_row(key: str, record) -> dict:
     return {"key": key, "status": OK, "record": asdict(record) if is_dataclass(record) else record}
 
 
-def failed_row(key: str, error: str, **extra) -> dict:
-    return {"key": key, "status": FAILED, "error": error, **extra}
+def failed_row(key: str, error: str, *, deterministic: bool = False, prompt_id: str | None = None,
+               **extra) -> dict:
+    """A failed unit. deterministic: it would fail the same way on every try (see WorkFile);
+    prompt_id: the prompt that is left out of the dataset if the unit is quarantined."""
+    row = {"key": key, "status": FAILED, "error": error, **extra}
+    if deterministic:
+        row["deterministic"] = True
+        row["prompt_id"] = prompt_id
+    return row
+
+
+def input_digest(*parts) -> str:
+    """A short digest of a unit's inputs (any JSON-able values)."""
+    return hashlib.sha256(_dumps(parts).encode()).hexdigest()[:20]

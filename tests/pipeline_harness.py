@@ -62,7 +62,8 @@ def done_keys(data_dir: Path) -> dict[str, set[str]]:
 def trace_lines(trace: Path) -> list[tuple[str, str, str]]:
     if not trace.exists():
         return []
-    return [tuple(l.split("\t")) for l in trace.read_text().splitlines()]
+    # A kill can tear the trace's last line; its unit was not saved (the trace line comes first).
+    return [tuple(f) for f in (l.split("\t") for l in trace.read_text().splitlines()) if len(f) == 3]
 
 
 def computed_ok(trace: Path) -> Counter:

@@ -66,7 +66,14 @@ class FatalApiError(PipelineError):
 
 
 class RequestFailed(Exception):
-    """One request failed for good (after its retries, or not retryable); the unit fails."""
+    """One request failed for good (after its retries, or not retryable); the unit fails.
+    deterministic: the endpoint refused this request itself (a 4xx such as a context too long
+    or a content filter), so asking again would fail the same way; otherwise (timeouts, 5xx,
+    connection errors) a later run retries it."""
+
+    def __init__(self, message: str, deterministic: bool = False):
+        super().__init__(message)
+        self.deterministic = deterministic
 
 
 class _Stopped(Exception):
@@ -319,8 +326,9 @@ class ApiClient:
             if e.status_code in FATAL_STATUS:
                 self._halted.set()
                 raise FatalApiError(f"{self.which}: {msg}; stopping (every request would fail the same way)")
-            attempts = f" after {self.api.max_attempts} attempts" if e.status_code in RETRY_STATUS else ""
-            raise RequestFailed(f"{msg}{attempts}")
+            if e.status_code in RETRY_STATUS:
+                raise RequestFailed(f"{msg} after {self.api.max_attempts} attempts")
+            raise RequestFailed(msg, deterministic=True)
         except openai.APIConnectionError as e:
             raise RequestFailed(f"{self.redact(_describe(e))} after {self.api.max_attempts} attempts")
         except openai.OpenAIError as e:

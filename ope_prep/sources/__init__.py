@@ -38,11 +38,13 @@ def _is_language(text: str, language: str) -> bool:
     return py3langid.classify(text[:1000])[0] == language
 
 
-def sample_prompts(config: Config, samples: int, seed: int) -> tuple[list[Prompt], Counter]:
+def sample_prompts(config: Config, samples: int, seed: int,
+                   too_long: Callable[[str], Optional[str]] = lambda text: None) -> tuple[list[Prompt], Counter]:
     """Seeded sample of `samples` distinct, non-empty prompts in the configured language.
 
     Rows are visited in one seeded permutation and checked lazily, so the cost is
     proportional to what is kept, and the first N of a larger sample are the N-sample.
+    too_long(text): why the prompt does not fit a model's context, or None.
     """
     cands = load_candidates(config)
     order = list(range(len(cands.texts)))
@@ -63,6 +65,8 @@ def sample_prompts(config: Config, samples: int, seed: int) -> tuple[list[Prompt
         elif not (cands.language_ok[row] if cands.language_ok is not None
                   else _is_language(text, config.source.language)):
             skipped[f"not language {config.source.language!r}"] += 1
+        elif (reason := too_long(text)) is not None:
+            skipped[reason] += 1
         else:
             seen_text.add(text)
             pid = re.sub(r"[^A-Za-z0-9_.-]", "_", str(cands.ids[row])) or f"row{row}"

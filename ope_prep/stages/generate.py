@@ -15,17 +15,19 @@ from ..config import Config
 from ..fingerprint import policies_keys
 from ..records import Response
 from ..stage_cli import work_path
-from ..store import WorkFile, failed_row, ok_row
-from .units import RESPONSES, RUN_PARAMS, finish, load_prompts, progress, read_run_seed, unit_key, unit_seed
+from ..store import WorkFile, failed_row, input_digest, ok_row
+from .units import (RESPONSES, finish, load_prompts, progress, read_run_seed, run_identity, unit_key, unit_seed,
+                    upstream_digests)
 
 OUTPUTS = [RESPONSES]
 
 
 def fingerprint(config: Config, args, ck: dict) -> dict:
-    return {"input.prompts": ck["prepare"]["outputs"]["prompts.jsonl"]["sha256"],
-            "input.run": ck["prepare"]["outputs"][RUN_PARAMS]["sha256"],
-            "generation.max_tokens": config.generation.max_tokens,
-            **policies_keys(config)}
+    return {**run_identity(ck), "generation.max_tokens": config.generation.max_tokens, **policies_keys(config)}
+
+
+def inputs(config: Config, args, ck: dict) -> dict:
+    return upstream_digests(ck, ["prepare"])
 
 
 def run(config: Config, args, fp: dict) -> dict:
@@ -33,17 +35,20 @@ def run(config: Config, args, fp: dict) -> dict:
     prompts = load_prompts(data_dir)
     run_seed = read_run_seed(data_dir)
     keys = [unit_key(p.prompt_id, pol.name) for p in prompts for pol in config.policies]
-    work = WorkFile(work_path(data_dir, "generate"), fp)
+    work = WorkFile(work_path(data_dir, "generate"), fp,
+                    inputs={unit_key(p.prompt_id, pol.name): input_digest(p.prompt)
+                            for p in prompts for pol in config.policies},
+                    quarantine_after=config.run.quarantine_after)
     if work.repaired_bytes:
         print(f"[generate] cut a torn last line ({work.repaired_bytes} bytes) from {work.path}")
-    todo_total = sum(not work.done(k) for k in keys)
+    todo_total = sum(not work.settled(k) for k in keys)
     print(f"[generate] {len(keys)} responses, {len(keys) - todo_total} already done")
     max_tokens = config.generation.max_tokens
     flush_every = config.generation.batch_size
     bar = progress("generate", todo_total, "resp")
     for model_key in dict.fromkeys(p.model for p in config.policies):
         todo = [(p, pol) for p in prompts for pol in config.policies
-                if pol.model == model_key and not work.done(unit_key(p.prompt_id, pol.name))]
+                if pol.model == model_key and not work.settled(unit_key(p.prompt_id, pol.name))]
         if not todo:
             continue
         bar.set_description(f"[generate] {model_key}")
@@ -59,7 +64,8 @@ def run(config: Config, args, fp: dict) -> dict:
                 if len(prompt) + max_tokens > model.n_ctx_per_seq:
                     rows.append(failed_row(unit_key(p.prompt_id, pol.name),
                                 f"prompt is {len(prompt)} tokens; with max_tokens {max_tokens} it "
-                                f"exceeds models.{model_key}.n_ctx {model.n_ctx_per_seq}"))
+                                f"exceeds models.{model_key}.n_ctx {model.n_ctx_per_seq}",
+                                deterministic=True, prompt_id=p.prompt_id))
                     continue
                 seed = unit_seed(run_seed, p.prompt_id, pol.name)
                 units.append((p, pol, seed))
@@ -86,4 +92,7 @@ def run(config: Config, args, fp: dict) -> dict:
         finally:
             model.close()
     bar.close()
-    return finish("generate", work, {data_dir / RESPONSES: keys})
+    try:
+        return finish("generate", data_dir, [work], {RESPONSES: keys})
+    finally:
+        work.close()

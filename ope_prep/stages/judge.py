@@ -15,8 +15,8 @@ from ..records import JudgeScore, Response
 from ..stage_cli import work_path
 from ..store import WorkFile, read_jsonl, write_json
 from .scoring import (RUBRICS, BudgetExceeded, FatalApiError, Judgement, ScoringUnit, Tally, open_scorer,
-                      report, rubric_digest, score_units, stage_inputs, stopped)
-from .units import RESPONSES, finish, load_prompts, read_run_seed, unit_key
+                      report, rubric_digest, score_units, stage_inputs, stopped, unit_input)
+from .units import RESPONSES, finish, load_prompts, read_run_seed, run_identity, unit_key
 
 JUDGE_SCORES = "judge_scores.jsonl"
 JUDGE_USAGE = "judge_usage.json"
@@ -24,19 +24,26 @@ OUTPUTS = [JUDGE_SCORES, JUDGE_USAGE]
 
 
 def fingerprint(config: Config, args, ck: dict) -> dict:
-    return {**stage_inputs(ck), **api_keys(config, "judge"), "judge.rubric_digest": rubric_digest(RUBRICS[config.judge.rubric])}
+    return {**run_identity(ck), **api_keys(config, "judge"),
+            "judge.rubric_digest": rubric_digest(RUBRICS[config.judge.rubric])}
+
+
+def inputs(config: Config, args, ck: dict) -> dict:
+    return stage_inputs(ck)
 
 
 def run(config: Config, args, fp: dict) -> dict:
     data_dir = config.data_dir
     prompts = {p.prompt_id: p.prompt for p in load_prompts(data_dir)}
     responses = read_jsonl(data_dir / RESPONSES, Response)
-    keys = [unit_key(r.prompt_id, r.policy) for r in responses]
-    work = WorkFile(work_path(data_dir, "judge"), fp)
+    units = [ScoringUnit(unit_key(r.prompt_id, r.policy), r.prompt_id, r.policy, prompts[r.prompt_id], r.response)
+             for r in responses]
+    keys = [u.key for u in units]
+    work = WorkFile(work_path(data_dir, "judge"), fp, inputs={u.key: unit_input(u) for u in units},
+                    quarantine_after=config.run.quarantine_after)
     if work.repaired_bytes:
         print(f"[judge] cut a torn last line ({work.repaired_bytes} bytes) from {work.path}")
-    todo = [ScoringUnit(k, r.prompt_id, r.policy, prompts[r.prompt_id], r.response)
-            for k, r in zip(keys, responses) if not work.done(k)]
+    todo = [u for u in units if not work.settled(u.key)]
     print(f"[judge] {len(keys)} responses, {len(keys) - len(todo)} already scored; judge: "
           f"{config.judge.provider} {config.judge.model}, rubric {config.judge.rubric}")
 
@@ -55,6 +62,6 @@ def run(config: Config, args, fp: dict) -> dict:
             finally:
                 report("judge", scorer, len(todo), tally, time.monotonic() - started)
                 usage = write_json(data_dir / JUDGE_USAGE, asdict(scorer.usage(tally.failed)))
-        return {**finish("judge", work, {data_dir / JUDGE_SCORES: keys}), JUDGE_USAGE: usage}
+        return {**finish("judge", data_dir, [work], {JUDGE_SCORES: keys}), JUDGE_USAGE: usage}
     finally:
         work.close()

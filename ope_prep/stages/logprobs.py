@@ -29,7 +29,7 @@ each policy under itself, see units.self_check_prompts) go in another.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 from ..backends.llama import ChatTokenizer, LlamaModel
@@ -38,9 +38,9 @@ from ..config import Config
 from ..fingerprint import policies_keys
 from ..records import Response, SelfCheck, TeacherForced
 from ..stage_cli import work_path
-from ..store import WorkFile, failed_row, ok_row, read_jsonl
+from ..store import WorkFile, failed_row, input_digest, ok_row, read_jsonl
 from .units import (LOGPROBS, RESPONSES, SELF_CONSISTENCY, finish, load_prompts, progress, read_run_seed,
-                    self_check_prompts, unit_key)
+                    run_identity, self_check_prompts, unit_key, upstream_digests)
 
 OUTPUTS = [LOGPROBS, SELF_CONSISTENCY]
 
@@ -49,7 +49,11 @@ TF_SEQUENCES = 4        # sequences in flight per model; each has the model's n_
 
 
 def fingerprint(config: Config, args, ck: dict) -> dict:
-    return {"input.responses": ck["generate"]["outputs"][RESPONSES]["sha256"], **policies_keys(config)}
+    return {**run_identity(ck), **policies_keys(config)}
+
+
+def inputs(config: Config, args, ck: dict) -> dict:
+    return upstream_digests(ck, ["prepare", "generate"])
 
 
 def self_key(prompt_id: str, policy: str) -> str:
@@ -141,12 +145,25 @@ def run(config: Config, args, fp: dict) -> dict:
     base = config.base_policy
     base_model = config.policy(base).model
     responses = {(r.prompt_id, r.policy): r for r in read_jsonl(data_dir / RESPONSES, Response)}
+    # The self-checks are chosen among all the run's prompts (as stage 5 does). A prompt whose
+    # base response was quarantined in stage 2 has nothing to score (it is left out of the
+    # dataset); a policy's quarantined response has no self-check.
+    all_pids = [p.prompt_id for p in prompts]
+    prompts = [p for p in prompts if (p.prompt_id, base) in responses]
     pids = [p.prompt_id for p in prompts]
-    checked = {pol.name: set(self_check_prompts(run_seed, pids, pol.name)) for pol in config.policies}
+    checked = {pol.name: {pid for pid in self_check_prompts(run_seed, all_pids, pol.name)
+                          if (pid, base) in responses and (pid, pol.name) in responses}
+               for pol in config.policies}
     tf_keys = [unit_key(pid, pol.name) for pid in pids for pol in config.policies]
     self_keys = [self_key(pid, pol.name) for pid in pids for pol in config.policies if pid in checked[pol.name]]
-    work = WorkFile(work_path(data_dir, "logprobs"), fp)
-    todo_total = sum(not work.done(k) for k in tf_keys + self_keys)
+    by_id = {p.prompt_id: p.prompt for p in prompts}
+    unit_inputs = {unit_key(pid, pol.name): input_digest(by_id[pid], asdict(responses[(pid, base)]))
+                   for pid in pids for pol in config.policies}
+    unit_inputs.update({self_key(pid, pol.name): input_digest(by_id[pid], asdict(responses[(pid, pol.name)]))
+                        for pid in pids for pol in config.policies if pid in checked[pol.name]})
+    work = WorkFile(work_path(data_dir, "logprobs"), fp, inputs=unit_inputs,
+                    quarantine_after=config.run.quarantine_after)
+    todo_total = sum(not work.settled(k) for k in tf_keys + self_keys)
     print(f"[logprobs] {len(tf_keys)} teacher-forced log-probabilities and {len(self_keys)} self-checks, "
           f"{len(tf_keys) + len(self_keys) - todo_total} already done")
 
@@ -164,7 +181,7 @@ def run(config: Config, args, fp: dict) -> dict:
     wanted = set(tf_keys) | set(self_keys)
     for model_key in model_keys:
         policies = [pol for pol in config.policies if pol.model == model_key]
-        todo = [p for p in prompts if any(k in wanted and not work.done(k) for pol in policies
+        todo = [p for p in prompts if any(k in wanted and not work.settled(k) for pol in policies
                                           for k in (unit_key(p.prompt_id, pol.name), self_key(p.prompt_id, pol.name)))]
         if not todo:
             continue
@@ -179,7 +196,10 @@ def run(config: Config, args, fp: dict) -> dict:
         finally:
             model.close()
     bar.close()
-    return finish("logprobs", work, {data_dir / LOGPROBS: tf_keys, data_dir / SELF_CONSISTENCY: self_keys})
+    try:
+        return finish("logprobs", data_dir, [work], {LOGPROBS: tf_keys, SELF_CONSISTENCY: self_keys})
+    finally:
+        work.close()
 
 
 def _score_prompts(config: Config, model: LlamaModel, model_key: str, prompts: list, policies: list,
@@ -192,12 +212,12 @@ def _score_prompts(config: Config, model: LlamaModel, model_key: str, prompts: l
         for pol in policies:
             prompt = model.chat.prompt_tokens(pol.system_prompt, p.prompt)
             key = unit_key(p.prompt_id, pol.name)
-            if not work.done(key):
+            if not work.settled(key):
                 ev = ev or event(p.prompt_id)
                 call = "clone" if pol.name == config.clone_policy else "targets"
                 calls[call].append(((prompt, ev.tokens[model_key], pol.temperature), (key, p, pol, ev)))
             skey = self_key(p.prompt_id, pol.name)
-            if p.prompt_id in checked[pol.name] and not work.done(skey):
+            if p.prompt_id in checked[pol.name] and not work.settled(skey):
                 own = responses[(p.prompt_id, pol.name)]
                 calls["self"].append(((prompt, own.token_ids, pol.temperature), (skey, p, pol, None)))
     for pairs in calls.values():
@@ -206,11 +226,12 @@ def _score_prompts(config: Config, model: LlamaModel, model_key: str, prompts: l
         results = model.teacher_force_many([item for item, _ in pairs])
         for ((_, tokens, _), (key, p, pol, ev)), values in zip(pairs, results):
             if isinstance(values, Exception):   # too long for the context
-                rows.append(failed_row(key, str(values)))
+                rows.append(failed_row(key, str(values), deterministic=True, prompt_id=p.prompt_id))
                 continue
             total = math.fsum(values)
             if not math.isfinite(total) or any(v > 0 for v in values):
-                rows.append(failed_row(key, f"invalid log-probability {total!r} (positive or NaN)"))
+                rows.append(failed_row(key, f"invalid log-probability {total!r} (positive or NaN)",
+                                       deterministic=True, prompt_id=p.prompt_id))
                 continue
             if ev is None:
                 record = SelfCheck(prompt_id=p.prompt_id, policy=pol.name, token_logprobs=list(values))

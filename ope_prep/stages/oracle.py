@@ -29,13 +29,12 @@ from itertools import chain
 
 from ..config import Config
 from ..fingerprint import api_keys
-from ..errors import UnitsFailedError
 from ..records import OracleLabel, Response
 from ..stage_cli import work_path
-from ..store import WorkFile, read_jsonl, write_json, write_jsonl
+from ..store import WorkFile, read_jsonl, write_json
 from .scoring import (RUBRICS, BudgetExceeded, FatalApiError, Judgement, ScoringUnit, Tally, open_scorer,
-                      report, rubric_digest, score_units, stage_inputs, stopped)
-from .units import RESPONSES, load_prompts, read_run_seed, unit_seed
+                      report, rubric_digest, score_units, stage_inputs, stopped, unit_input)
+from .units import RESPONSES, finish, load_prompts, read_run_seed, run_identity, unit_seed
 
 ORACLE_LABELS = "oracle_labels.jsonl"
 ORACLE_USAGE = "oracle_usage.json"
@@ -44,8 +43,12 @@ SPLITS = ("calibration", "validation")
 
 
 def fingerprint(config: Config, args, ck: dict) -> dict:
-    return {**stage_inputs(ck), **api_keys(config, "oracle"),
+    return {**run_identity(ck), **api_keys(config, "oracle"),
             "oracle.rubric_digest": rubric_digest(RUBRICS[config.oracle.rubric])}
+
+
+def inputs(config: Config, args, ck: dict) -> dict:
+    return stage_inputs(ck)
 
 
 def labeled(run_seed: int, fraction: float, *unit: str) -> bool:
@@ -71,14 +74,16 @@ def run(config: Config, args, fp: dict) -> dict:
     prompts = {p.prompt_id: p.prompt for p in load_prompts(data_dir)}
     responses = read_jsonl(data_dir / RESPONSES, Response)
     selected = select_units(config, responses, read_run_seed(data_dir))
-    keys = {s: [split_key(s, r) for r in selected[s]] for s in SPLITS}
-    works = {s: WorkFile(work_path(data_dir, f"oracle_{s}"), fp) for s in SPLITS}
+    units = {s: [ScoringUnit(split_key(s, r), r.prompt_id, r.policy, prompts[r.prompt_id], r.response)
+                 for r in selected[s]] for s in SPLITS}
+    keys = {s: [u.key for u in units[s]] for s in SPLITS}
+    works = {s: WorkFile(work_path(data_dir, f"oracle_{s}"), fp, inputs={u.key: unit_input(u) for u in units[s]},
+                         quarantine_after=config.run.quarantine_after) for s in SPLITS}
     try:
         for s, w in works.items():
             if w.repaired_bytes:
                 print(f"[oracle] cut a torn last line ({w.repaired_bytes} bytes) from {w.path}")
-        todo = {s: [ScoringUnit(k, r.prompt_id, r.policy, prompts[r.prompt_id], r.response)
-                    for k, r in zip(keys[s], selected[s]) if not works[s].done(k)] for s in SPLITS}
+        todo = {s: [u for u in units[s] if not works[s].settled(u.key)] for s in SPLITS}
         print(f"[oracle] {len(keys['calibration'])} calibration labels ({config.base_policy}), "
               f"{len(keys['validation'])} validation labels ({', '.join(config.target_policies)}); "
               f"{sum(len(keys[s]) - len(todo[s]) for s in SPLITS)} already done; oracle: "
@@ -101,17 +106,9 @@ def run(config: Config, args, fp: dict) -> dict:
                 report("oracle", scorer, sum(len(t) for t in todo.values()), tally, time.monotonic() - started)
                 usage = write_json(data_dir / ORACLE_USAGE, asdict(scorer.usage(tally.failed)))
 
-        missing = [(s, k) for s in SPLITS for k in keys[s] if not works[s].done(k)]
-        if missing:
-            failures = {**works["calibration"].failures(), **works["validation"].failures()}
-            sample = "; ".join(f"{k}: {failures[k]['error']}" for _, k in missing[:3] if k in failures)
-            raise UnitsFailedError(
-                f"stage oracle: {len(missing)} of {sum(len(k) for k in keys.values())} units not done "
-                f"({sample or 'not run'}); rerun to retry only those (their records are in "
-                f"{works['calibration'].path} and {works['validation'].path})")
-        labels = write_jsonl(data_dir / ORACLE_LABELS,
-                             chain.from_iterable(works[s].ok_records(keys[s]) for s in SPLITS))
-        return {ORACLE_LABELS: labels, ORACLE_USAGE: usage}
+        labels = finish("oracle", data_dir, list(works.values()),
+                        {ORACLE_LABELS: [k for s in SPLITS for k in keys[s]]})
+        return {**labels, ORACLE_USAGE: usage}
     finally:
         for w in works.values():
             w.close()

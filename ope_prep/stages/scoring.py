@@ -47,8 +47,8 @@ from ..errors import PipelineError
 from ..fingerprint import model_identity
 from ..records import UsageTotals
 from ..rubrics import RUBRICS, Rubric
-from ..store import WorkFile, failed_row, ok_row
-from .units import RESPONSES, RUN_PARAMS, progress
+from ..store import WorkFile, failed_row, input_digest, ok_row
+from .units import progress, upstream_digests
 
 __all__ = ["BudgetExceeded", "FatalApiError"]   # what a stage catches around score_units
 
@@ -207,7 +207,8 @@ class Tally:
 @dataclass
 class Failure:
     reason: str
-    raw: str = ""      # the judge's text, when it answered something unreadable
+    deterministic: bool  # it would fail the same way again (quarantined; see store.WorkFile)
+    raw: str = ""        # the judge's text, when it answered something unreadable
 
 
 Outcome = Union[Judgement, Failure]
@@ -249,8 +250,8 @@ class LocalScorer:
             chunk = units[a:a + self._UNITS_PER_CALL]
             prompts = [self.prompt_tokens(u) for u in chunk]
             for unit, tokens, values in zip(chunk, prompts, self.model.answer_logprobs_many(prompts, self.candidates)):
-                if isinstance(values, Exception):
-                    yield unit, Failure(str(values))
+                if isinstance(values, Exception):      # too long for the context
+                    yield unit, Failure(str(values), deterministic=True)
                     continue
                 self.tokens_done += len(tokens)
                 by_digit: dict[int, float] = {}
@@ -299,13 +300,13 @@ class ApiScorer:
             try:
                 return parse_judgement(self.rubric, reply, self.need_distribution)
             except Unparsable as e:
-                return Failure(f"unparsable {self.stage} output: {e}", reply.content or "")
+                return Failure(f"unparsable {self.stage} output: {e}", True, reply.content or "")
 
         if any(self.client.cached(self.body(u)) is None for u in units):
             self.client.connect()   # from this (the main) thread: a local server starts only if needed
         for unit, result in self.client.run_all(units, one):
             if isinstance(result, RequestFailed):
-                result = Failure(str(result))
+                result = Failure(str(result), result.deterministic)
             elif isinstance(result, BaseException):
                 raise result
             yield unit, result
@@ -388,7 +389,8 @@ def score_units(stage: str, scorer: Scorer, work: WorkFile, units: list[ScoringU
             else:
                 tally.errors[outcome.reason] += 1
                 extra = {"raw": outcome.raw} if outcome.raw else {}
-                pending.append(failed_row(unit.key, outcome.reason, **extra))
+                pending.append(failed_row(unit.key, outcome.reason, deterministic=outcome.deterministic,
+                                          prompt_id=unit.prompt_id, **extra))
             bar.update(1)
             if len(pending) >= scorer.save_every or time.monotonic() - last_append > _APPEND_EVERY_S:
                 work.append(pending)
@@ -416,7 +418,10 @@ def stopped(stage: str, e: PipelineError, *works_and_keys) -> PipelineError:
                    "fix the cause (e.g. raise the budget) and rerun the same command to do only the rest")
 
 
+def unit_input(unit: ScoringUnit) -> str:
+    """What a score is computed from: the prompt and the response under judgment."""
+    return input_digest(unit.prompt, unit.response)
+
+
 def stage_inputs(ck: dict) -> dict:
-    return {"input.prompts": ck["prepare"]["outputs"]["prompts.jsonl"]["sha256"],
-            "input.run": ck["prepare"]["outputs"][RUN_PARAMS]["sha256"],
-            "input.responses": ck["generate"]["outputs"][RESPONSES]["sha256"]}
+    return upstream_digests(ck, ["prepare", "generate"])

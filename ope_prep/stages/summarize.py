@@ -42,9 +42,10 @@ from ..config import Config
 from ..export import cje_readiness
 from ..fingerprint import flatten
 from ..errors import InputError, ValidationFailed
-from ..records import JudgeScore, OracleLabel, Prompt, Response, SelfCheck, TeacherForced
+from ..records import JudgeScore, OracleLabel, Prompt, Quarantined, Response, SelfCheck, TeacherForced
 from ..store import read_jsonl, write_json
-from .units import LOGPROBS, PROMPTS, RESPONSES, RUN_PARAMS, SELF_CONSISTENCY, self_check_prompts
+from .units import (LOGPROBS, PROMPTS, RESPONSES, RUN_PARAMS, SELF_CONSISTENCY, quarantine_file, run_identity,
+                    self_check_prompts, upstream_digests)
 
 JUDGE = "judge_scores.jsonl"
 ORACLE = "oracle_labels.jsonl"
@@ -67,19 +68,18 @@ QUANTILES = (0.5, 0.9, 0.99)
 
 
 def fingerprint(config: Config, args, ck: dict) -> dict:
-    fp: dict[str, object] = {}
-    for stage in UPSTREAM:
-        for rel, manifest in sorted(ck[stage]["outputs"].items()):
-            # Usage counts describe one run of a stage, not its data: a judge stage redone for
-            # one torn unit writes the same scores and other counts, and must not make the
-            # summary look out of date.
-            if not rel.endswith("_usage.json"):
-                fp[f"input.{stage}.{rel}"] = manifest["sha256"]
+    fp: dict[str, object] = run_identity(ck)
     # Which policy is the base and which is the clone changes the checks and the export.
     fp["base_policy"] = config.base_policy
     fp["clone_policy"] = config.clone_policy
     fp.update(flatten(config.validation.model_dump(), "validation."))
     return fp
+
+
+def inputs(config: Config, args, ck: dict) -> dict:
+    # Usage counts describe one run of a stage, not its data: a judge stage redone for one torn
+    # unit writes the same scores and other counts, and must not make the summary look out of date.
+    return upstream_digests(ck, UPSTREAM)
 
 
 # ---- loading and checking ------------------------------------------------------------------------
@@ -104,6 +104,10 @@ class Data:
     judge: dict[tuple[str, str], JudgeScore] = field(default_factory=dict)
     oracle: dict[tuple[str, str], OracleLabel] = field(default_factory=dict)
     lines: dict[tuple[str, str, str], int] = field(default_factory=dict)   # (file, pid, pol) -> line
+    # Prompts left out of the dataset (prompt_id -> the quarantined units and why); `prompts` and
+    # every record above hold only the others.
+    excluded: dict[str, list[Quarantined]] = field(default_factory=dict)
+    all_prompt_ids: list[str] = field(default_factory=list)
 
 
 class Problems:
@@ -176,6 +180,25 @@ def _read_run(problems: Problems, data_dir: Path) -> dict:
         problems.add(f"{path}: not a run record (needs an integer 'seed')")
         return {}
     return run
+
+
+def _read_quarantine(problems: Problems, data_dir: Path, config: Config, prompt_ids: set[str]) -> dict:
+    """prompt_id -> its quarantined units, from every unit stage's quarantine file; a problem when
+    more of the run's prompts are left out than validation.max_excluded_fraction allows."""
+    excluded: dict[str, list[Quarantined]] = {}
+    for stage in UPSTREAM[1:]:
+        if (data_dir / quarantine_file(stage)).exists():
+            for q in _read(problems, data_dir, quarantine_file(stage), Quarantined) or []:
+                excluded.setdefault(q.prompt_id, []).append(q)
+    problems.rule("quarantine", "quarantined units name a prompt that is not in the run",
+                  [f"{q.stage} {q.key}" for pid, qs in excluded.items() if pid not in prompt_ids for q in qs])
+    limit = config.validation.max_excluded_fraction
+    if prompt_ids and len(excluded) > limit * len(prompt_ids):
+        problems.rule("quarantine", f"of {len(prompt_ids)} prompts are left out of the dataset because a unit "
+                      f"of theirs was quarantined, more than validation.max_excluded_fraction "
+                      f"({limit:g}) allows", [f"{pid} ({qs[0].stage} {qs[0].key}: {qs[0].error})"
+                                               for pid, qs in sorted(excluded.items())])
+    return excluded
 
 
 def _index(problems: Problems, data: Data, name: str, records: list, expected: set | None,
@@ -256,8 +279,16 @@ def load_and_check(config: Config) -> tuple[Data, dict, list[str]]:
                       [f"{pid!r} x{n}" for pid, n in ids.items() if n > 1])
         if not prompts:
             problems.add(f"{data_dir / PROMPTS}: holds no prompts")
-        data.prompts = prompts
-        expected = {(p.prompt_id, pol) for p in prompts if isinstance(p.prompt_id, str) for pol in policies}
+        data.all_prompt_ids = [p.prompt_id for p in prompts if isinstance(p.prompt_id, str)]
+        data.excluded = _read_quarantine(problems, data_dir, config, set(data.all_prompt_ids))
+        data.prompts = [p for p in prompts if p.prompt_id not in data.excluded]
+        expected = {(p.prompt_id, pol) for p in data.prompts if isinstance(p.prompt_id, str) for pol in policies}
+
+    def included(records: list | None) -> list | None:
+        """The records of prompts that are in the dataset (a left-out prompt's are not checked)."""
+        if records is None or not data.excluded:
+            return records
+        return [r for r in records if r.prompt_id not in data.excluded]
 
     bad_lp: dict[str, dict[str, list[str]]] = {}
 
@@ -273,7 +304,7 @@ def load_and_check(config: Config) -> tuple[Data, dict, list[str]]:
                 shape.append(where)
         problems.rule(name, f"records are malformed ({fields})", shape)
 
-    responses = _read(problems, data_dir, RESPONSES, Response)
+    responses = included(_read(problems, data_dir, RESPONSES, Response))
     if responses is not None:
         data.responses = _index(problems, data, RESPONSES, responses, expected)
         check_logprob_records(
@@ -285,7 +316,7 @@ def load_and_check(config: Config) -> tuple[Data, dict, list[str]]:
             "response text, token_ids, n_tokens = len(token_ids), finish_reason stop/length, "
             "token_logprobs: one finite value <= 0 per token, summing to sampling_logprob")
 
-    logprobs = _read(problems, data_dir, LOGPROBS, TeacherForced)
+    logprobs = included(_read(problems, data_dir, LOGPROBS, TeacherForced))
     if logprobs is not None:
         data.logprobs = _index(problems, data, LOGPROBS, logprobs, expected)
         check_logprob_records(
@@ -298,13 +329,14 @@ def load_and_check(config: Config) -> tuple[Data, dict, list[str]]:
             "n_tokens = len(token_ids), scored_bytes, complete, token_logprobs: one finite value "
             "<= 0 per token, summing to logprob")
 
-    self_checks = _read(problems, data_dir, SELF_CONSISTENCY, SelfCheck)
+    self_checks = included(_read(problems, data_dir, SELF_CONSISTENCY, SelfCheck))
     if self_checks is not None:
         seed = data.run.get("seed")
         wanted = None
         if expected is not None and seed is not None:
-            ids = [p.prompt_id for p in data.prompts if isinstance(p.prompt_id, str)]
-            wanted = {(pid, pol) for pol in policies for pid in self_check_prompts(seed, ids, pol)}
+            # Chosen among all the run's prompts, as stage 2b chose them.
+            wanted = {(pid, pol) for pol in policies for pid in self_check_prompts(seed, data.all_prompt_ids, pol)
+                      if pid not in data.excluded}
         data.self_checks = _index(problems, data, SELF_CONSISTENCY, self_checks, wanted)
         problems.rule(SELF_CONSISTENCY, "records are malformed (token_logprobs: finite values <= 0)",
                       [f"line {i} {r.prompt_id}/{r.policy}" for i, r in enumerate(self_checks, 1)
@@ -314,7 +346,7 @@ def load_and_check(config: Config) -> tuple[Data, dict, list[str]]:
         for what, items in rules.items():
             problems.rule(name, f"log-probabilities are {what}", items)
 
-    judge = _read(problems, data_dir, JUDGE, JudgeScore)
+    judge = included(_read(problems, data_dir, JUDGE, JudgeScore))
     if judge is not None:
         data.judge = _index(problems, data, JUDGE, judge, expected)
         out_of_range = []
@@ -327,7 +359,7 @@ def load_and_check(config: Config) -> tuple[Data, dict, list[str]]:
         problems.rule(JUDGE, "judge values are outside [0, 1] (variance outside [0, 0.25]) or "
                       "not finite numbers", out_of_range)
 
-    oracle = _read(problems, data_dir, ORACLE, OracleLabel)
+    oracle = included(_read(problems, data_dir, ORACLE, OracleLabel))
     if oracle is not None:
         data.oracle = _index(problems, data, ORACLE, oracle, expected, check_missing=False)
         out_of_range, wrong_split = [], []
@@ -609,6 +641,8 @@ def diagnostics(config: Config, data: Data, checks: dict) -> dict:
     return {
         "format": "ope_prep/dataset_info/1",
         "run": {"n_prompts": n, "samples": data.run.get("samples"), "seed": data.run["seed"],
+                "excluded_prompts": {pid: [{"stage": q.stage, "key": q.key, "error": q.error, "tries": q.tries}
+                                           for q in qs] for pid, qs in sorted(data.excluded.items())},
                 "oracle_seed": data.run["seed"], "skipped": data.run.get("skipped"),
                 "base_policy": base, "clone_policy": config.clone_policy,
                 "target_policies": config.target_policies,

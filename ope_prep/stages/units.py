@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import UnitsFailedError
-from ..records import Prompt
+from ..records import Prompt, Quarantined
 from ..store import WorkFile, read_jsonl, write_jsonl
 
 PROMPTS = "prompts.jsonl"
@@ -18,6 +18,7 @@ RUN_PARAMS = "run.json"     # the run's samples and seed (stage 1), read by the 
 RESPONSES = "responses.jsonl"
 LOGPROBS = "logprobs.jsonl"
 SELF_CONSISTENCY = "self_consistency.jsonl"
+QUARANTINE_DIR = "quarantine"   # quarantine/<stage>.jsonl: the units a stage gave up on, and why
 
 # Each policy's own responses teacher-forced by stage 2b to check its sampling propensities:
 # all of them up to this many prompts, this many (a seeded choice) beyond.
@@ -60,18 +61,48 @@ def progress(stage: str, total: int, unit: str, desc: str = "") -> tqdm:
                 smoothing=0.1)
 
 
-def finish(stage: str, work: WorkFile, outputs: dict[Path, list[str]]) -> dict[str, dict]:
-    """Write each final file (path -> its unit keys, in order) from the work file when every
-    unit is done, else fail listing why. Returns the manifests by file name."""
+def quarantine_file(stage: str) -> str:
+    return f"{QUARANTINE_DIR}/{stage}.jsonl"
+
+
+def run_identity(ck: dict) -> dict:
+    """Stage 1's fingerprint (source, seed, ...) as part of a later stage's: what makes a prompt
+    id mean the same prompt, and a unit's seed the same seed. Not the number of prompts: a run
+    grows without invalidating its work."""
+    return {f"run.{k}": v for k, v in ck["prepare"]["fingerprint"].items()}
+
+
+def upstream_digests(ck: dict, stages: list[str]) -> dict:
+    """The digests of the files a stage reads: when they change (a run grew), the stage is redone
+    and keeps every unit whose own inputs are unchanged. Usage counts are no input."""
+    return {f"{stage}.{rel}": m["sha256"] for stage in stages
+            for rel, m in sorted(ck[stage]["outputs"].items()) if not rel.endswith("_usage.json")}
+
+
+def finish(stage: str, data_dir: Path, works: list[WorkFile], outputs: dict[str, list[str]]) -> dict[str, dict]:
+    """Write each final file (name -> its unit keys, in order; each key in one of ``works``)
+    from the work files when every unit is settled, else fail listing why. Quarantined units are
+    left out and listed in quarantine/<stage>.jsonl. Returns the manifests by file name."""
+    owner = {k: w for w in works for k in w.inputs}
     keys = [k for ks in outputs.values() for k in ks]
-    missing = [k for k in keys if not work.done(k)]
+    missing = [k for k in keys if not owner[k].settled(k)]
     if missing:
-        failures = work.failures()
+        failures = {k: r for w in works for k, r in w.failures().items()}
         sample = "; ".join(f"{k}: {failures[k]['error']}" for k in missing[:3] if k in failures)
-        work.close()
+        where = " and ".join(str(w.path) for w in works)
         raise UnitsFailedError(
             f"stage {stage}: {len(missing)} of {len(keys)} units not done ({sample or 'not run'}); "
-            f"rerun to retry only those (their records are in {work.path})")
-    manifests = {path.name: write_jsonl(path, work.ok_records(ks)) for path, ks in outputs.items()}
-    work.close()
+            f"rerun to retry only those (their records are in {where})")
+    manifests = {name: write_jsonl(data_dir / name, (owner[k].results[k]["record"] for k in ks if owner[k].done(k)))
+                 for name, ks in outputs.items()}
+    quarantined = [Quarantined(stage=stage, key=k, prompt_id=owner[k].results[k]["prompt_id"],
+                               error=owner[k].results[k]["error"], tries=owner[k].results[k]["tries"])
+                   for k in keys if owner[k].quarantined(k)]
+    manifests[quarantine_file(stage)] = write_jsonl(data_dir / quarantine_file(stage), quarantined)
+    if quarantined:
+        print(f"[{stage}] {len(quarantined)} unit(s) quarantined (failed the same way every time; "
+              f"their prompts are left out of the dataset): "
+              + "; ".join(f"{q.key}: {q.error}" for q in quarantined[:3])
+              + f" (all in {data_dir / quarantine_file(stage)})")
     return manifests
+

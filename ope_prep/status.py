@@ -1,0 +1,145 @@
+"""`python run_pipeline.py --status`: where a run stands, read from its files while it runs.
+
+Read-only and lock-free: it never takes the run's lock, never repairs a file (a torn last line
+is skipped, not cut), and writes nothing. For each unit stage it counts, among the units of the
+current round, those done, failed and quarantined, from the latest line per unit of the work
+files; throughput is over the units saved in the last 10 minutes (each work line has its time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from . import checkpoint
+from .config import Config
+from .errors import PipelineError
+from .stages import STAGE_NAMES
+from .stages.units import PROMPTS, RUN_PARAMS, SELF_CHECKS_PER_POLICY
+
+WINDOW_S = 600.0
+
+
+def _rows(path: Path) -> dict[str, dict]:
+    """Latest line per unit key of a work file, skipping a torn or half-written last line."""
+    latest: dict[str, dict] = {}
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return latest
+    for line in data.split(b"\n")[1:]:
+        try:
+            row = json.loads(line)
+            latest[row["key"]] = row
+        except (ValueError, KeyError, TypeError):
+            continue
+    return latest
+
+
+def _n_prompts(data_dir: Path) -> int:
+    try:
+        return sum(1 for line in (data_dir / PROMPTS).read_bytes().split(b"\n") if line.strip())
+    except OSError:
+        return 0
+
+
+def unit_totals(config: Config, n: int) -> dict[str, int]:
+    """Units each stage has for n prompts (the oracle's share is its expected count)."""
+    p = len(config.policies)
+    targets = len(config.target_policies)
+    return {"generate": n * p, "logprobs": n * p + p * min(n, SELF_CHECKS_PER_POLICY), "judge": n * p,
+            "oracle": round(n * config.oracle.calibration_fraction + n * targets * config.oracle.validation_fraction)}
+
+
+def _fmt_eta(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def status_text(config: Config, now: float | None = None) -> str:
+    data_dir = config.data_dir
+    now = time.time() if now is None else now
+    if not data_dir.exists():
+        return f"{data_dir}: no run here yet"
+    out = [f"run in {data_dir}"]
+    try:
+        state = json.loads((data_dir / "run_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        state = {}
+    if state:
+        alive = _alive(state.get("pid"))
+        rounds = state.get("rounds", [])
+        where = (f"round {state.get('round')}/{len(rounds)} ({state.get('round_size')} prompts; rounds "
+                 f"{', '.join(map(str, rounds))})" if rounds else "")
+        if state.get("stage") and alive:
+            out.append(f"runner: running (pid {state['pid']}), {where}, stage {state['stage']} for "
+                       f"{_fmt_eta(now - state.get('stage_started_at', now))}; target {state.get('samples')} prompts")
+        elif state.get("finished_at") and state.get("round") == len(rounds):
+            out.append(f"runner: finished all {len(rounds)} round(s) ({state.get('samples')} prompts)")
+        else:
+            out.append(f"runner: not running (last: {where}, stage {state.get('stage')}); rerun the same "
+                       "command to resume")
+        out.append(f"log: {state.get('log')}")
+    try:
+        ck = checkpoint.load(data_dir)["stages"]
+    except PipelineError as e:
+        ck = {}
+        out.append(f"checkpoint: {e}")
+    n = _n_prompts(data_dir)
+    try:
+        samples = json.loads((data_dir / RUN_PARAMS).read_text(encoding="utf-8"))["samples"]
+    except (OSError, ValueError, KeyError, TypeError):
+        samples = None
+    out.append(f"prompts: {n} in {PROMPTS}" + (f" (stage 1 asked for {samples})" if samples else ""))
+    totals = unit_totals(config, n)
+    quarantine_after = config.run.quarantine_after
+    for stage in STAGE_NAMES:
+        mark = "complete" if stage in ck else "not complete"
+        if stage not in totals:
+            out.append(f"  {stage:<9} {mark}")
+            continue
+        rows: dict[str, dict] = {}
+        for path in sorted((data_dir / "work").glob(f"{stage}*.jsonl")):
+            rows.update(_rows(path))
+        if stage in ck:
+            out.append(f"  {stage:<9} complete ({len(rows)} units in its work files over all rounds)")
+            continue
+        done = sum(r["status"] == "ok" for r in rows.values())
+        quarantined = sum(r["status"] == "failed" and r.get("deterministic") and r.get("tries", 1) >= quarantine_after
+                          for r in rows.values())
+        failed = sum(r["status"] == "failed" for r in rows.values()) - quarantined
+        recent = [r["t"] for r in rows.values() if r.get("t", 0) >= now - WINDOW_S]
+        total = totals[stage]
+        line = f"  {stage:<9} {done}/{total} done"
+        if stage == "oracle":
+            line = f"  {stage:<9} {done}/~{total} done"
+        line += f", {failed} failed, {quarantined} quarantined"
+        if recent:
+            rate = len(recent) / max(now - min(recent), 1.0)
+            left = max(total - done - quarantined, 0)
+            line += f"; {rate * 60:.1f} units/min over the last {_fmt_eta(now - min(recent))}, ETA {_fmt_eta(left / rate)}"
+        elif rows:
+            last = max((r.get("t", 0) for r in rows.values()), default=0)
+            line += f"; last unit saved {_fmt_eta(now - last)} ago" if last else ""
+        out.append(line)
+    snaps = sorted((p for p in (data_dir / "snapshots").glob("*_prompts") if p.is_dir()),
+                   key=lambda p: int(p.name.split("_")[0]))
+    out.append(f"latest snapshot: {snaps[-1]}" if snaps else "latest snapshot: none yet")
+    return "\n".join(out)
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
