@@ -36,8 +36,14 @@ class RunConfig(_Strict):
     # 0: one pass over all N.
     first_round: int = Field(100, ge=0)
     round_growth: float = Field(2.0, gt=1)
-    # A unit that failed deterministically this many times in a row is quarantined.
-    quarantine_after: int = Field(1, ge=1)
+    # A unit that failed deterministically (an unreadable answer, a request the API refuses)
+    # this many times in a row is quarantined; one too long for a context, at once.
+    quarantine_after: int = Field(3, ge=1)
+    # run_pipeline.py runs a unit stage that ended with failed units again, up to this many
+    # times in all, waiting retry_wait_s, then twice that, ... between: transient failures
+    # (an API outage) do not stop an unattended run, and deterministic ones get quarantined.
+    stage_attempts: int = Field(3, ge=1)
+    retry_wait_s: float = Field(60.0, ge=0)
     # A stage whose work files have not grown for this long is reported as stalled in the log.
     stall_warning_minutes: float = Field(30.0, gt=0)
     # Free disk space a stage must leave after its estimated output, or it does not start.

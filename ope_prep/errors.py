@@ -3,6 +3,8 @@
 EXIT_OK = 0
 EXIT_UNITS_FAILED = 1   # the stage ran, but some units failed: rerun to retry only those
 EXIT_BAD_INPUT = 2      # bad config, bad input, refusal: nothing was written
+EXIT_STOPPED = 3        # stopped before the work was done (a budget, an API refusing every request):
+                        # finished units are kept; rerunning helps only once the user acts
 
 
 class PipelineError(Exception):
@@ -31,3 +33,13 @@ class ValidationFailed(PipelineError):
     """Stage 5 found data that must not go to an estimator."""
 
     exit_code = EXIT_UNITS_FAILED
+
+
+class BudgetExceeded(PipelineError):
+    exit_code = EXIT_STOPPED
+
+
+class FatalApiError(PipelineError):
+    """Every further request would fail the same way (bad key, no access, unknown model)."""
+
+    exit_code = EXIT_STOPPED

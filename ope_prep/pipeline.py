@@ -11,7 +11,7 @@ first ``run.first_round`` prompts through every stage to a validated report and 
 units (a run grows without redoing anything, see stages/prepare.py), and each round's results
 are kept in ``<data_dir>/snapshots/<n>_prompts/`` (hard links: no copy, and later rounds replace
 files by renaming, so a snapshot never changes). Where the run stands is in
-``<data_dir>/run_state.json``, which ``--status`` reads.
+``<data_dir>/logs/run_state.json``, which ``--status`` reads.
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ from pathlib import Path
 
 from . import checkpoint
 from .config import PROJECT_DIR, Config, load_config
-from .errors import EXIT_BAD_INPUT, PipelineError
+from .errors import EXIT_BAD_INPUT, EXIT_UNITS_FAILED, PipelineError
 from .report import cje_line
 from .stages import STAGE_NAMES, STAGES, later_stages
 from .stages.summarize import DATASET_INFO
 from .stages.units import RUN_PARAMS
+from .status import RUN_STATE, status_text
 from .store import fsync_dir, write_json
 
 STAGE_ALIASES = {"1": "prepare", "2": "generate", "2b": "logprobs", "3": "judge", "4": "oracle",
                  "5": "summarize"}
-RUN_STATE = "run_state.json"
 SNAPSHOTS = "snapshots"
 
 
@@ -107,13 +107,16 @@ def snapshot(data_dir: Path, n: int) -> Path:
     return final
 
 
-def _tee(proc: subprocess.Popen, log, on_idle) -> None:
-    """Copy the stage's output to the terminal and the log; call on_idle() every 30 s."""
+def _tee(proc: subprocess.Popen, log, on_idle, every_s: float = 30.0) -> None:
+    """Copy the stage's output to the terminal and the log; call on_idle() every every_s."""
     fd = proc.stdout.fileno()
+    last = time.monotonic()
     while True:
-        ready, _, _ = select.select([fd], [], [], 30.0)
-        if not ready:
+        ready, _, _ = select.select([fd], [], [], every_s)
+        if time.monotonic() - last >= every_s:
             on_idle()
+            last = time.monotonic()
+        if not ready:
             continue
         chunk = os.read(fd, 65536)
         if not chunk:
@@ -158,7 +161,6 @@ def main(argv=None) -> int:
                                     f"({', '.join(STAGE_NAMES)} or {', '.join(STAGE_ALIASES)})")
         config = load_config(args.config)
         if args.status:
-            from .status import status_text
             print(status_text(config))
             return 0
     except PipelineError as e:
@@ -190,7 +192,12 @@ def main(argv=None) -> int:
         run_started = time.time()
         for r, n in enumerate(rounds, 1):
             force = set(later_stages(forced)) if forced and r == 1 else set()
-            rc = run_round(config, args, n, force, say, log, {**state, "round": r, "round_size": n})
+            try:
+                rc = run_round(config, args, n, force, say, log,
+                               {**state, "round": r, "round_size": n, "round_started_at": time.time()})
+            except KeyboardInterrupt:
+                say("\ninterrupted; finished units are saved. Resume with the same command.")
+                return 130
             if rc != 0:
                 return rc
             snap = snapshot(data_dir, n)
@@ -206,11 +213,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def run_stage(cmd: list[str], log, watch: "StallWatch") -> int:
+    """One stage's process; its exit code (130 if interrupted)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_DIR)
+    try:
+        _tee(proc, log, watch, every_s=min(30.0, watch.limit / 2))
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()
+        return 130
+
+
 def run_round(config: Config, args, n: int, force: set[str], say, log, state: dict) -> int:
     """Every stage on the first n prompts; 0, or the exit code of the stage that failed."""
     data_dir = config.data_dir
     config_arg = ["--config", str(Path(config.config_path))]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     timings = []
     for i, (name, script) in enumerate(STAGES, 1):
         cmd = [sys.executable, str(PROJECT_DIR / script), *config_arg]
@@ -223,15 +241,21 @@ def run_round(config: Config, args, n: int, force: set[str], say, log, state: di
         where = f"round {state['round']}/{len(state['rounds'])}, {n} prompts: " if len(state["rounds"]) > 1 else ""
         say(f"\n=== [{i}/{len(STAGES)}] {where}{name}: {' '.join(cmd[1:])}")
         started = time.time()
-        write_json(data_dir / RUN_STATE, {**state, "stage": name, "stage_started_at": started})
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_DIR)
-        try:
-            _tee(proc, log, StallWatch(data_dir, name, config.run.stall_warning_minutes, say))
-            rc = proc.wait()
-        except KeyboardInterrupt:
-            rc = proc.wait()
-            say(f"\ninterrupted during {name}; finished units are saved. Resume with the same command.")
-            return 130
+        for attempt in range(1, config.run.stage_attempts + 1):
+            write_json(data_dir / RUN_STATE, {**state, "stage": name, "stage_started_at": started,
+                                              "attempt": attempt})
+            rc = run_stage(cmd, log, StallWatch(data_dir, name, config.run.stall_warning_minutes, say))
+            if rc == 130:
+                say(f"\ninterrupted during {name}; finished units are saved. Resume with the same command.")
+                return 130
+            if rc != EXIT_UNITS_FAILED or name in ("prepare", "summarize") or attempt == config.run.stage_attempts:
+                break
+            # Units failed: transient ones (an API outage) may pass later, deterministic ones are
+            # quarantined after run.quarantine_after tries. Either way the run goes on by itself.
+            wait = config.run.retry_wait_s * 2 ** (attempt - 1)
+            say(f"\n[runner] stage {name} ended with failed units; running it again in {wait:.0f}s "
+                f"(attempt {attempt + 1} of run.stage_attempts {config.run.stage_attempts}); finished units are kept")
+            time.sleep(wait)
         timings.append((name, time.time() - started))
         if rc != 0:
             say(f"\nstage {name} failed (exit {rc}); it is not marked complete. "

@@ -17,9 +17,11 @@ from . import checkpoint
 from .config import Config
 from .errors import PipelineError
 from .stages import STAGE_NAMES
+from .store import is_quarantined
 from .stages.units import PROMPTS, RUN_PARAMS, SELF_CHECKS_PER_POLICY
 
 WINDOW_S = 600.0
+RUN_STATE = "logs/run_state.json"     # written by the runner (pipeline.py)
 
 
 def _rows(path: Path) -> dict[str, dict]:
@@ -68,7 +70,7 @@ def status_text(config: Config, now: float | None = None) -> str:
         return f"{data_dir}: no run here yet"
     out = [f"run in {data_dir}"]
     try:
-        state = json.loads((data_dir / "run_state.json").read_text(encoding="utf-8"))
+        state = json.loads((data_dir / RUN_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         state = {}
     if state:
@@ -98,20 +100,22 @@ def status_text(config: Config, now: float | None = None) -> str:
     out.append(f"prompts: {n} in {PROMPTS}" + (f" (stage 1 asked for {samples})" if samples else ""))
     totals = unit_totals(config, n)
     quarantine_after = config.run.quarantine_after
+    round_start = state.get("round_started_at", 0.0)
     for stage in STAGE_NAMES:
-        mark = "complete" if stage in ck else "not complete"
+        # Complete for this round: marked complete since the round began (a stage completed in
+        # an earlier round is redone for the new prompts when its turn comes).
+        complete = stage in ck and time.mktime(time.strptime(ck[stage]["completed_at"], "%Y-%m-%dT%H:%M:%S")) >= int(round_start)
         if stage not in totals:
-            out.append(f"  {stage:<9} {mark}")
+            out.append(f"  {stage:<9} {'complete' if complete else 'not complete'}")
+            continue
+        if complete:
+            out.append(f"  {stage:<9} complete")
             continue
         rows: dict[str, dict] = {}
         for path in sorted((data_dir / "work").glob(f"{stage}*.jsonl")):
             rows.update(_rows(path))
-        if stage in ck:
-            out.append(f"  {stage:<9} complete ({len(rows)} units in its work files over all rounds)")
-            continue
         done = sum(r["status"] == "ok" for r in rows.values())
-        quarantined = sum(r["status"] == "failed" and r.get("deterministic") and r.get("tries", 1) >= quarantine_after
-                          for r in rows.values())
+        quarantined = sum(is_quarantined(r, quarantine_after) for r in rows.values())
         failed = sum(r["status"] == "failed" for r in rows.values()) - quarantined
         recent = [r["t"] for r in rows.values() if r.get("t", 0) >= now - WINDOW_S]
         total = totals[stage]

@@ -137,10 +137,11 @@ class WorkFile:
     ``inputs`` maps each unit key of this run to the digest of its inputs (see `input_digest`);
     a line made from other inputs is stale: kept in the file, never counted as done.
 
-    A unit whose failure is deterministic (it would fail the same way again: too long for a
-    context, an answer that cannot be read) is quarantined once it has failed so
-    ``quarantine_after`` times in a row: it is no longer retried, and the stage finishes
-    without it (its prompt is left out of the dataset by stage 5).
+    A unit whose failure is deterministic (an answer that cannot be read, a request the API
+    refuses) is quarantined once it has failed so ``quarantine_after`` times in a row, and one
+    whose failure is certain (too long for a context: the same inputs fail the same way) at
+    once: it is no longer retried, and the stage finishes without it (stage 5 leaves its prompt
+    out of the dataset). Transient failures (timeouts, 5xx) are always retried.
     """
 
     def __init__(self, path: Path, fingerprint_keys: dict[str, object], inputs: dict[str, str] | None = None,
@@ -204,8 +205,7 @@ class WorkFile:
 
     def quarantined(self, key: str) -> bool:
         row = self._current(key)
-        return (row is not None and row["status"] == FAILED and row.get("deterministic", False)
-                and row.get("tries", 1) >= self.quarantine_after)
+        return row is not None and is_quarantined(row, self.quarantine_after)
 
     def settled(self, key: str) -> bool:
         """Done, or quarantined: nothing more will be tried for it."""
@@ -259,18 +259,23 @@ def _trace(work_name: str, rows: list[dict]) -> None:
             f.write("".join(f"{work_name}\t{r['key']}\t{r['status']}\n" for r in rows))
 
 
+def is_quarantined(row: dict, quarantine_after: int) -> bool:
+    """Whether a unit's latest work line gives it up (see WorkFile)."""
+    return (row["status"] == FAILED and row.get("deterministic", False)
+            and (row.get("certain", False) or row.get("tries", 1) >= quarantine_after))
+
+
 def ok_row(key: str, record) -> dict:
     return {"key": key, "status": OK, "record": asdict(record) if is_dataclass(record) else record}
 
 
-def failed_row(key: str, error: str, *, deterministic: bool = False, prompt_id: str | None = None,
-               **extra) -> dict:
-    """A failed unit. deterministic: it would fail the same way on every try (see WorkFile);
-    prompt_id: the prompt that is left out of the dataset if the unit is quarantined."""
+def failed_row(key: str, error: str, *, deterministic: bool = False, certain: bool = False,
+               prompt_id: str | None = None, **extra) -> dict:
+    """A failed unit. deterministic: it would likely fail the same way again; certain: it
+    will (see WorkFile); prompt_id: the prompt left out of the dataset if it is quarantined."""
     row = {"key": key, "status": FAILED, "error": error, **extra}
-    if deterministic:
-        row["deterministic"] = True
-        row["prompt_id"] = prompt_id
+    if deterministic or certain:
+        row.update(deterministic=True, certain=certain, prompt_id=prompt_id)
     return row
 
 

@@ -337,7 +337,7 @@ def test_budget_cap_stops_cleanly_and_resumes(tmp_path, smollm_server):
                                                    usd_per_1k_input_tokens=1.0, usd_per_1k_output_tokens=1.0))
         data = tmp_path / "data"
         p = run("03_judge_scores.py", path)
-        assert p.returncode == 1, p.stdout + p.stderr
+        assert p.returncode == 3, p.stdout + p.stderr         # stopped: the runner does not retry it
         print("\n" + p.stderr.splitlines()[-1])
         assert "budget_usd" in p.stderr and "done and saved" in p.stderr and "Traceback" not in p.stderr
         done = [r for r in rows(data / "work" / "judge.jsonl") if r["status"] == "ok"]
@@ -438,7 +438,7 @@ def test_wrong_key_stops_at_once_and_the_key_is_not_echoed(tmp_path):
         path = make_data(tmp_path, **api_overrides("judge", stub.url + "/v1", grammar=False, concurrency=1))
         data = tmp_path / "data"
         p = run("03_judge_scores.py", path)
-        assert p.returncode == 1, p.stdout + p.stderr
+        assert p.returncode == 3, p.stdout + p.stderr
         assert "HTTP 401" in p.stderr and "stopping" in p.stderr and "Traceback" not in p.stderr
         assert stub.counts["requests"] == 1                      # no retry, no other unit
         assert_no_marker(data, p.stdout, p.stderr)

@@ -581,14 +581,16 @@ def test_no_clone_policy_skips_the_clone_rule(tmp_path):
     assert strict_json(run.data_dir / "dataset_info.json")["checks"]["clone"] is None
 
 
-def test_fingerprint_covers_every_upstream_output_and_validation(tmp_path):
+def test_inputs_cover_every_upstream_output_and_fingerprint_the_validation(tmp_path):
     run = make_run(tmp_path, n=8, seed=11)
     config = load_config(run.config_path)
     ck = checkpoint.load(run.data_dir)["stages"]
     fp = summarize.fingerprint(config, argparse.Namespace(), ck)
+    inputs = summarize.inputs(config, argparse.Namespace(), ck)
     for stage in summarize.UPSTREAM:
         for rel, m in ck[stage]["outputs"].items():
-            assert fp[f"input.{stage}.{rel}"] == m["sha256"]
+            if not rel.endswith("_usage.json"):
+                assert inputs[f"{stage}.{rel}"] == m["sha256"]
     assert fp["validation.clone_tolerance"] == 1e-4
     assert fp["validation.suspicious_per_token_logprob"] == -10.0
     assert fp["clone_policy"] == CLONE and fp["base_policy"] == BASE

@@ -38,7 +38,7 @@ import openai
 import tenacity
 
 from ..config import ApiConfig
-from ..errors import EXIT_UNITS_FAILED, PipelineError
+from ..errors import BudgetExceeded, FatalApiError, PipelineError
 from ..records import UsageTotals
 from ..store import WorkFile, failed_row, ok_row
 
@@ -53,16 +53,6 @@ CACHE_VERSION = "api-cache-v1"
 # (English is about 0.25); the largest ratio seen so far is used afterwards, with a margin.
 _INITIAL_TOKENS_PER_BYTE = 0.5
 _MESSAGE_OVERHEAD_TOKENS = 8
-
-
-class BudgetExceeded(PipelineError):
-    exit_code = EXIT_UNITS_FAILED
-
-
-class FatalApiError(PipelineError):
-    """Every further request would fail the same way (bad key, no access, unknown model)."""
-
-    exit_code = EXIT_UNITS_FAILED
 
 
 class RequestFailed(Exception):

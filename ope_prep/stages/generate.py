@@ -65,7 +65,7 @@ def run(config: Config, args, fp: dict) -> dict:
                     rows.append(failed_row(unit_key(p.prompt_id, pol.name),
                                 f"prompt is {len(prompt)} tokens; with max_tokens {max_tokens} it "
                                 f"exceeds models.{model_key}.n_ctx {model.n_ctx_per_seq}",
-                                deterministic=True, prompt_id=p.prompt_id))
+                                certain=True, prompt_id=p.prompt_id))
                     continue
                 seed = unit_seed(run_seed, p.prompt_id, pol.name)
                 units.append((p, pol, seed))

@@ -226,12 +226,12 @@ def _score_prompts(config: Config, model: LlamaModel, model_key: str, prompts: l
         results = model.teacher_force_many([item for item, _ in pairs])
         for ((_, tokens, _), (key, p, pol, ev)), values in zip(pairs, results):
             if isinstance(values, Exception):   # too long for the context
-                rows.append(failed_row(key, str(values), deterministic=True, prompt_id=p.prompt_id))
+                rows.append(failed_row(key, str(values), certain=True, prompt_id=p.prompt_id))
                 continue
             total = math.fsum(values)
             if not math.isfinite(total) or any(v > 0 for v in values):
                 rows.append(failed_row(key, f"invalid log-probability {total!r} (positive or NaN)",
-                                       deterministic=True, prompt_id=p.prompt_id))
+                                       certain=True, prompt_id=p.prompt_id))
                 continue
             if ev is None:
                 record = SelfCheck(prompt_id=p.prompt_id, policy=pol.name, token_logprobs=list(values))

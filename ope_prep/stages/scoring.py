@@ -40,7 +40,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 
-from ..backends.api import ApiClient, BudgetExceeded, FatalApiError, Reply, RequestFailed
+from ..backends.api import ApiClient, Reply, RequestFailed
 from ..backends.server import LlamaServer, vocab_texts
 from ..config import Config
 from ..errors import PipelineError
@@ -49,9 +49,6 @@ from ..records import UsageTotals
 from ..rubrics import RUBRICS, Rubric
 from ..store import WorkFile, failed_row, input_digest, ok_row
 from .units import progress, upstream_digests
-
-__all__ = ["BudgetExceeded", "FatalApiError"]   # what a stage catches around score_units
-
 
 # ---- the prompt ---------------------------------------------------------------------------
 
@@ -207,8 +204,9 @@ class Tally:
 @dataclass
 class Failure:
     reason: str
-    deterministic: bool  # it would fail the same way again (quarantined; see store.WorkFile)
+    deterministic: bool  # it would likely fail the same way again (see store.WorkFile)
     raw: str = ""        # the judge's text, when it answered something unreadable
+    certain: bool = False  # it will fail the same way again: quarantined at once
 
 
 Outcome = Union[Judgement, Failure]
@@ -251,7 +249,7 @@ class LocalScorer:
             prompts = [self.prompt_tokens(u) for u in chunk]
             for unit, tokens, values in zip(chunk, prompts, self.model.answer_logprobs_many(prompts, self.candidates)):
                 if isinstance(values, Exception):      # too long for the context
-                    yield unit, Failure(str(values), deterministic=True)
+                    yield unit, Failure(str(values), deterministic=True, certain=True)
                     continue
                 self.tokens_done += len(tokens)
                 by_digit: dict[int, float] = {}
@@ -390,7 +388,7 @@ def score_units(stage: str, scorer: Scorer, work: WorkFile, units: list[ScoringU
                 tally.errors[outcome.reason] += 1
                 extra = {"raw": outcome.raw} if outcome.raw else {}
                 pending.append(failed_row(unit.key, outcome.reason, deterministic=outcome.deterministic,
-                                          prompt_id=unit.prompt_id, **extra))
+                                          certain=outcome.certain, prompt_id=unit.prompt_id, **extra))
             bar.update(1)
             if len(pending) >= scorer.save_every or time.monotonic() - last_append > _APPEND_EVERY_S:
                 work.append(pending)
