@@ -1,0 +1,242 @@
+"""Multi-day runs on the real models: growing a finished run keeps every unit, rounds leave
+validated snapshots that stage 5 and cje-eval 0.3 accept, a prompt too long for one model is
+quarantined and the run completes without it, --status reads a running run from another
+process, and a stage that cannot finish its files on the disk does not start."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+
+from conftest import ROOT, run_script, small_config, write_config
+from pipeline_harness import comparable, computed_ok, records, run, start, wait_for
+
+from ope_prep.backends.llama import load_tokenizer
+from ope_prep.rubrics import RUBRICS
+from ope_prep.stages.oracle import labeled
+from ope_prep.stages.scoring import judge_messages
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import cje_env  # noqa: E402
+
+POLICIES = ["p0", "pi_clone", "pi_bad", "pi_bigger_model"]
+
+
+def new_units(trace) -> Counter:
+    """Units computed, per work file."""
+    return Counter(w for (w, _), n in computed_ok(trace).items() for _ in range(n))
+
+
+def oracle_units(prompt_ids: list[str], seed: int = 42) -> int:
+    return (sum(labeled(seed, 0.25, "oracle-calibration", pid) for pid in prompt_ids)
+            + sum(labeled(seed, 0.25, "oracle-validation", pol, pid) for pid in prompt_ids for pol in POLICIES[1:]))
+
+
+def test_grow_3_to_6_computes_only_the_new_units_and_back_to_3_computes_nothing(reference, tmp_path):
+    ref_base = reference[0]
+    shutil.copytree(ref_base / "data", tmp_path / "data")
+    config = write_config(tmp_path / "config.yaml", small_config(tmp_path / "data"))
+    trace = tmp_path / "trace.tsv"
+
+    grown = run(config, 6, trace)
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    assert "inputs changed (samples: 3 -> 6)" in grown.stdout
+    prompts = [r["prompt_id"] for r in records(tmp_path / "data" / "prompts.jsonl")]
+    old, new = prompts[:3], prompts[3:]
+    assert old == [r["prompt_id"] for r in records(ref_base / "data" / "prompts.jsonl")]
+    # Exactly the three new prompts' units, each once: nothing of the first three again.
+    assert set(computed_ok(trace).values()) == {1}
+    assert all(key.split("/")[0] in new or key.split("/")[1] in new for _, key in computed_ok(trace))
+    counts = new_units(trace)
+    assert counts["generate"] == 3 * 4 and counts["judge"] == 3 * 4
+    assert counts["logprobs"] == 3 * 4 * 2                       # under every policy + self-checks
+    assert counts["oracle_calibration"] + counts["oracle_validation"] == oracle_units(new)
+    # The grown run's records of the first three prompts are the 3-prompt run's.
+    for name in ["responses.jsonl", "logprobs.jsonl", "judge_scores.jsonl"]:
+        ref = records(ref_base / "data" / name)
+        assert [r for r in records(tmp_path / "data" / name) if r["prompt_id"] in old] == ref, name
+    info = json.loads((tmp_path / "data" / "dataset_info.json").read_text())
+    assert info["run"]["n_prompts"] == 6 and info["checks"]["passed"]
+
+    # Back to 3: the first three prompts, summarized again, exactly the 3-prompt run's outputs.
+    before = sum(computed_ok(trace).values())
+    shrunk = run(config, 3, trace)
+    assert shrunk.returncode == 0, shrunk.stdout[-3000:] + shrunk.stderr[-3000:]
+    assert sum(computed_ok(trace).values()) == before
+    assert comparable(tmp_path / "data") == comparable(ref_base / "data")
+    work = (tmp_path / "data" / "work" / "generate.jsonl").read_text().splitlines()
+    assert len(work) == 1 + 6 * 4                                  # nothing deleted
+
+    # Another seed is refused naming the flag, not the config.
+    refused = run(config, 3, trace, "--seed", "7")
+    assert refused.returncode == 2
+    err = [line for line in (refused.stdout + refused.stderr).splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "--seed 7" in err[0] and "made with 42" in err[0], err
+    assert "restore the config" not in err[0]
+    # Another source is refused naming the key.
+    write_config(config, small_config(tmp_path / "data", **{"source.max_prompt_chars": 500}))
+    refused = run(config, 6, trace)
+    assert refused.returncode == 2 and "source.max_prompt_chars: 600 -> 500" in refused.stderr + refused.stdout
+    assert sum(computed_ok(trace).values()) == before
+
+
+def test_rounds_leave_snapshots_that_stage_5_and_cje_03_accept_and_status_reads_the_run(tmp_path):
+    data = tmp_path / "data"
+    config = write_config(tmp_path / "config.yaml", small_config(data, **{"run.first_round": 3}))
+    trace = tmp_path / "trace.tsv"
+    proc = start(config, 6, trace, log=tmp_path / "run.log")
+    seen = []
+
+    def status_shows_a_running_stage():
+        p = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--status", "--config", str(config)],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert p.returncode == 0, p.stdout + p.stderr
+        seen.append(p.stdout)
+        return "runner: running" in p.stdout and "round 2/2" in p.stdout and "judge" in p.stdout
+
+    # Read from a second process while the run holds its lock (status takes none).
+    assert wait_for(status_shows_a_running_stage, 900, proc, every=1.0), (
+        seen[-1:], (tmp_path / "run.log").read_text()[-3000:])
+    assert proc.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    last = seen[-1]
+    assert "(6 prompts; rounds 3, 6)" in last and "latest snapshot: " + str(data / "snapshots" / "3_prompts") in last
+    assert any(line.strip().startswith(("judge", "oracle")) and "done" in line for line in last.splitlines()), last
+
+    # Every unit once over both rounds, as many as a single pass.
+    assert set(computed_ok(trace).values()) == {1}
+    counts = new_units(trace)
+    assert counts["generate"] == counts["judge"] == 6 * 4 and counts["logprobs"] == 6 * 4 * 2
+
+    log = (tmp_path / "run.log").read_text()
+    assert "rounds: 3, 6 prompts" in log and "round 1/2 done: 3 prompts" in log
+    for n in (3, 6):
+        snap = data / "snapshots" / f"{n}_prompts"
+        info = json.loads((snap / "dataset_info.json").read_text())
+        assert info["run"]["n_prompts"] == n and info["checks"]["passed"]
+        assert len(records(snap / "responses.jsonl")) == n * 4
+    # The first round's snapshot did not change when the second round rewrote the files.
+    first = records(data / "snapshots" / "3_prompts" / "prompts.jsonl")
+    assert first == records(data / "prompts.jsonl")[:3]
+
+    # Stage 5 accepts the snapshot as a data directory of its own.
+    snap_config = write_config(tmp_path / "snap.yaml", small_config(data / "snapshots" / "3_prompts"))
+    p = run_script("05_validate_and_summarize.py", "--config", str(snap_config), "--force")
+    assert p.returncode == 0 and "all checks passed" in p.stdout, p.stdout + p.stderr
+    # And cje-eval 0.3 reads its export and estimates every target.
+    python = cje_env.ensure(quiet=True)
+    p = subprocess.run([str(python), str(ROOT / "scripts" / "cje_roundtrip.py"),
+                        str(data / "snapshots" / "3_prompts" / "cje")], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = json.loads(p.stdout)
+    assert out["n_samples"] == 3 and sorted(out["target_policies"]) == sorted(POLICIES[1:]), out
+    for estimator, per_policy in out["estimates"].items():
+        assert sorted(per_policy) == sorted(POLICIES[1:]), estimator
+
+
+def judge_prompt_lengths(data, model_path, seed: int = 42) -> dict[tuple[str, str], int]:
+    tok = load_tokenizer(str(model_path))
+    prompts = {r["prompt_id"]: r["prompt"] for r in records(data / "prompts.jsonl")}
+    rubric = RUBRICS[small_config(data)["judge"]["rubric"]]
+    return {(r["prompt_id"], r["policy"]): len(tok.chat_tokens(judge_messages(rubric, prompts[r["prompt_id"]],
+                                                                              r["response"], seed)))
+            for r in records(data / "responses.jsonl")}
+
+
+def test_a_prompt_too_long_for_the_judge_is_quarantined_and_the_run_completes_without_it(tmp_path):
+    data = tmp_path / "data"
+    cfg = small_config(data, **{"validation.max_excluded_fraction": 0.5})
+    # The judge: SmolLM2 with a context of its own, set below from the real judge prompts.
+    cfg["models"]["judge_ctx"] = dict(cfg["models"]["smollm2_135m"])
+    cfg["judge"]["model"] = "judge_ctx"
+    config = write_config(tmp_path / "config.yaml", cfg)
+    for script, extra in (("01_prepare_data.py", ["--samples", "4"]), ("02_generate_responses.py", [])):
+        run_script(script, "--config", str(config), *extra, check=True)
+    lengths = judge_prompt_lengths(data, cfg["models"]["judge_ctx"]["path"])
+    by_prompt = {pid: max(n for (p, _), n in lengths.items() if p == pid) for pid, _ in lengths}
+    longest = max(by_prompt, key=by_prompt.get)
+    n_ctx = sorted(set(by_prompt.values()))[-1]          # the longest judge prompt + its answer do not fit
+    assert sorted(by_prompt.values())[-2] + 1 <= n_ctx    # every other prompt's do
+    cfg["models"]["judge_ctx"]["n_ctx"] = n_ctx
+    write_config(config, cfg)
+    too_long = {(pid, pol) for (pid, pol), n in lengths.items() if n + 1 > n_ctx}
+    assert {pid for pid, _ in too_long} == {longest}
+
+    trace = tmp_path / "trace.tsv"
+    p = run(config, 4, trace)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "quarantined" in p.stdout
+    quarantined = records(data / "quarantine" / "judge.jsonl")
+    assert {(q["prompt_id"], q["key"].split("/")[1]) for q in quarantined} == too_long
+    assert all("exceeds the context" in q["error"] for q in quarantined)
+    info = json.loads((data / "dataset_info.json").read_text())
+    assert set(info["run"]["excluded_prompts"]) == {longest} and info["run"]["n_prompts"] == 3
+    assert "**1 of 4 prompts are left out**" in (data / "report.md").read_text()
+    logged = records(data / "cje" / "logged_data.jsonl")
+    assert len(logged) == 3 and longest not in {r["prompt_id"] for r in logged}
+    # Tried once, not on every rerun: a rerun computes nothing.
+    before = sum(computed_ok(trace).values())
+    again = run(config, 4, trace)
+    assert again.returncode == 0 and sum(computed_ok(trace).values()) == before
+
+    # The default limit (1% of the prompts) fails the run, naming the prompt; nothing is written.
+    cfg["validation"]["max_excluded_fraction"] = 0.01
+    write_config(config, cfg)
+    report_before = (data / "report.md").read_bytes()
+    strict = run(config, 4, trace, "--force-step", "summarize")
+    assert strict.returncode == 1, strict.stdout[-3000:]
+    assert "1 of 4 prompts are left out" in strict.stdout and longest in strict.stdout
+    assert not (data / "report.md").exists() or (data / "report.md").read_bytes() != report_before
+
+
+def test_stage_1_drops_prompts_too_long_for_one_policy_model(tmp_path):
+    data = tmp_path / "data"
+    cfg = small_config(data, **{"models.gemma3_270m.n_ctx": 96, "source.max_prompt_chars": 2000})
+    config = write_config(tmp_path / "config.yaml", cfg)
+    p = run_script("01_prepare_data.py", "--config", str(config), "--samples", "8")
+    assert p.returncode == 0, p.stdout + p.stderr
+    skipped = json.loads((data / "run.json").read_text())["skipped"]
+    reason = "prompt + generation.max_tokens over models.gemma3_270m.n_ctx (96)"
+    assert skipped.get(reason, 0) >= 1 and reason in p.stdout
+    gemma = load_tokenizer(cfg["models"]["gemma3_270m"]["path"], cfg["models"]["gemma3_270m"]["chat_template"])
+    system = next(x["system_prompt"] for x in cfg["policies"] if x["model"] == "gemma3_270m")
+    for r in records(data / "prompts.jsonl"):
+        assert len(gemma.prompt_tokens(system, r["prompt"])) + cfg["generation"]["max_tokens"] <= 96
+
+
+def test_a_stage_that_cannot_finish_its_files_does_not_start(tmp_path):
+    data = tmp_path / "data"
+    config = write_config(tmp_path / "config.yaml", small_config(data, **{"run.min_free_disk_mb": 10**9}))
+    p = run(config, 3, tmp_path / "trace.tsv")
+    assert p.returncode == 2, p.stdout + p.stderr
+    err = [line for line in (p.stdout + p.stderr).splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "MB free" in err[0] and "run.min_free_disk_mb" in err[0], err
+    assert not (data / "prompts.jsonl").exists()
+
+
+def test_status_without_a_run_and_while_stalled(tmp_path):
+    """--status on an empty directory; a stage that saves nothing for a while is reported stalled."""
+    from fault_proxy import ScriptedChatServer
+    data = tmp_path / "data"
+    config = write_config(tmp_path / "config.yaml", small_config(data))
+    p = run_script("run_pipeline.py", "--status", "--config", str(config))
+    assert p.returncode == 0 and "no run here yet" in p.stdout and not data.exists()
+
+    def hang(body):
+        time.sleep(30)
+        return "3"
+    with ScriptedChatServer(hang) as stub:
+        cfg = small_config(data, **{"run.stall_warning_minutes": 0.05, "judge.provider": "openai",
+                                    "judge.base_url": stub.url + "/v1", "judge.api_key_env": "OPE_TEST_KEY",
+                                    "judge.timeout_s": 60.0, "judge.concurrency": 1})
+        write_config(config, cfg)
+        proc = start(config, 3, tmp_path / "trace.tsv", log=tmp_path / "run.log", env={"OPE_TEST_KEY": "x"})
+        try:
+            assert wait_for(lambda: "stage judge has saved no unit for" in (tmp_path / "run.log").read_text(),
+                            600, proc, every=0.5), (tmp_path / "run.log").read_text()[-3000:]
+        finally:
+            from pipeline_harness import kill_group
+            kill_group(proc)
