@@ -22,9 +22,8 @@ from .config import load_config
 from .fingerprint import diff_keys
 from .errors import EXIT_OK, InputError, PipelineError, RefusedError
 from .stages import STAGE_NAMES
-from .store import file_manifest
+from .store import WORK_DIR, file_manifest
 
-WORK_DIR = "work"
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -73,9 +72,6 @@ def require_complete(data_dir: Path, stages: list[str]) -> dict[str, dict]:
                              f"--force-step {name})")
     return ck
 
-
-def work_path(data_dir: Path, name: str) -> Path:
-    return data_dir / WORK_DIR / f"{name}.jsonl"
 
 
 def supersede(data_dir: Path, stage: str, outputs: list[str]) -> None:

@@ -14,8 +14,7 @@ from ..backends.providers import local_model
 from ..config import Config
 from ..fingerprint import policies_keys
 from ..records import Response
-from ..stage_cli import work_path
-from ..store import WorkFile, failed_row, input_digest, ok_row
+from ..store import WorkFile, work_path, failed_row, input_digest, ok_row
 from .units import (RESPONSES, finish, load_prompts, progress, read_run_seed, run_identity, unit_key, unit_seed,
                     upstream_digests)
 

@@ -37,8 +37,7 @@ from ..backends.providers import local_model, local_tokenizer
 from ..config import Config
 from ..fingerprint import policies_keys
 from ..records import Response, SelfCheck, TeacherForced
-from ..stage_cli import work_path
-from ..store import WorkFile, failed_row, input_digest, ok_row, read_jsonl
+from ..store import WorkFile, work_path, failed_row, input_digest, ok_row, read_jsonl
 from .units import (LOGPROBS, RESPONSES, SELF_CONSISTENCY, finish, load_prompts, progress, read_run_seed,
                     run_identity, self_check_prompts, unit_key, upstream_digests)
 

@@ -31,8 +31,7 @@ from ..config import Config
 from ..errors import BudgetExceeded, FatalApiError
 from ..fingerprint import api_keys
 from ..records import OracleLabel, Response
-from ..stage_cli import work_path
-from ..store import WorkFile, read_jsonl, write_json
+from ..store import WorkFile, work_path, read_jsonl, write_json
 from .scoring import (RUBRICS, Judgement, ScoringUnit, Tally, open_scorer,
                       report, rubric_digest, score_units, stage_inputs, stopped, unit_input)
 from .units import RESPONSES, finish, load_prompts, read_run_seed, run_identity, unit_seed

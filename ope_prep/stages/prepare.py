@@ -32,13 +32,9 @@ def run_seed(config: Config, args) -> int:
 
 
 def fingerprint(config: Config, args, ck: dict) -> dict:
-    """What decides which prompts a run holds, in which order: the source, the seed, and what
-    decides whether a prompt fits each policy's context. Not N: a run grows."""
-    fit: dict[str, object] = {"fit.max_tokens": config.generation.max_tokens}
-    for pol in config.policies:
-        fit[f"fit.{pol.name}.system_prompt"] = pol.system_prompt
-        fit.update(flatten(model_identity(config, pol.model), f"fit.{pol.name}.model."))
-    return {**flatten(config.source.model_dump(), "source."), "seed": run_seed(config, args), **fit}
+    """What decides which prompts a run holds, in which order: the source and the seed. Not N:
+    a run grows."""
+    return {**flatten(config.source.model_dump(), "source."), "seed": run_seed(config, args)}
 
 
 def cli_keys(args) -> dict[str, str]:
@@ -46,9 +42,15 @@ def cli_keys(args) -> dict[str, str]:
 
 
 def inputs(config: Config, args, ck: dict) -> dict:
+    """N, and what decides whether a prompt fits each policy's context: when these change the
+    sample is drawn again, and must agree with the run's earlier one (see _check_extends)."""
     if args.samples < 1:
         raise InputError(f"--samples must be at least 1 (got {args.samples})")
-    return {"samples": args.samples}
+    fit: dict[str, object] = {"fit.max_tokens": config.generation.max_tokens}
+    for pol in config.policies:
+        fit[f"fit.{pol.name}.system_prompt"] = pol.system_prompt
+        fit.update(flatten(model_identity(config, pol.model), f"fit.{pol.name}.model."))
+    return {"samples": args.samples, **fit}
 
 
 def context_check(config: Config):
@@ -91,6 +93,7 @@ def _check_extends(path, prompts: list[Prompt]) -> None:
     for i, (a, b) in enumerate(zip(old, prompts)):
         if (a.prompt_id, a.prompt) != (b.prompt_id, b.prompt):
             raise RefusedError(
-                f"{path}: prompt {i + 1} of the earlier sample ({a.prompt_id}) differs from this "
-                f"sample's ({b.prompt_id}): the source's data changed under the same config. Start a "
-                "new run in another data directory, or with --fresh (the old one is kept)")
+                f"{path}: prompt {i + 1} of the run's sample ({a.prompt_id}) differs from this "
+                f"sample's ({b.prompt_id}): the source's data changed, or which prompts fit the policies' "
+                "contexts did (generation.max_tokens, a policy's model, n_ctx or system prompt). Restore "
+                "it, or start a new run in another data directory, or with --fresh (the old one is kept)")
