@@ -239,8 +239,11 @@ class WorkFile:
                 row["input"] = self.inputs[key]
             row["t"] = round(time.time(), 1)     # when it was saved: throughput for --status
             if row["status"] == FAILED:
+                # Deterministic failures in a row: a transient one in between does not count.
                 before = self._current(key)
-                row["tries"] = before.get("tries", 1) + 1 if before is not None and before["status"] == FAILED else 1
+                again = (before is not None and before["status"] == FAILED and before.get("deterministic")
+                         and row.get("deterministic"))
+                row["tries"] = before.get("tries", 1) + 1 if again else 1
         # Traced before the write: a unit that is durable is always in the trace (the tests
         # count computations across kills; a kill between the two only over-counts a unit that
         # was not saved and is computed again anyway).

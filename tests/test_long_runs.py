@@ -240,3 +240,47 @@ def test_status_without_a_run_and_while_stalled(tmp_path):
         finally:
             from pipeline_harness import kill_group
             kill_group(proc)
+
+
+def test_the_runner_retries_transient_failures_and_quarantines_a_unit_that_never_parses(tmp_path):
+    """Through the real openai client to a local server: the first request of each unit of one
+    prompt gets HTTP 503 (transient: retried, then scored); every unit of another prompt gets an
+    answer that cannot be read (deterministic: quarantined after run.quarantine_after tries).
+    The runner reruns the judge stage by itself and the run completes without that prompt."""
+    from fault_proxy import ScriptedChatServer
+    data = tmp_path / "data"
+    overrides = {"judge.rubric": "helpful_0_9_fewshot", "judge.provider": "openai", "judge.grammar": False,
+                 "judge.max_tokens": 8, "judge.max_attempts": 1, "judge.concurrency": 1,
+                 "judge.api_key_env": "OPE_TEST_KEY", "run.retry_wait_s": 0.2, "run.stage_attempts": 4,
+                 "run.quarantine_after": 3, "validation.max_excluded_fraction": 0.5}
+    config = write_config(tmp_path / "config.yaml", small_config(data, **overrides))
+    env = {"OPE_TEST_KEY": "sk-test-x"}
+    run_script("01_prepare_data.py", "--config", str(config), "--samples", "3", env=env, check=True)
+    texts = [r["prompt"] for r in records(data / "prompts.jsonl")]
+    asked: Counter = Counter()
+
+    def answer(body):
+        content = body["messages"][-1]["content"]
+        asked[content] += 1
+        if texts[0] in content:
+            return "This response is quite good overall."
+        if texts[1] in content and asked[content] == 1:
+            return (503, "overloaded, try again")
+        return "7"
+
+    with ScriptedChatServer(answer) as stub:
+        write_config(config, small_config(data, **overrides, **{"judge.base_url": stub.url + "/v1"}))
+        p = run(config, 3, tmp_path / "trace.tsv", env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("[runner] stage judge ended with failed units; running it again") == 2
+    first, second = records(data / "prompts.jsonl")[:2]
+    quarantined = records(data / "quarantine" / "judge.jsonl")
+    assert {q["prompt_id"] for q in quarantined} == {first["prompt_id"]} and len(quarantined) == 4
+    assert all(q["tries"] == 3 and "unparsable judge output" in q["error"] for q in quarantined)
+    # Asked three times each (then given up), the 503'd ones twice, the rest once.
+    by_prompt = {i: sorted(n for c, n in asked.items() if t in c) for i, t in enumerate(texts)}
+    assert by_prompt == {0: [3] * 4, 1: [2] * 4, 2: [1] * 4}, by_prompt
+    scored = {(r["prompt_id"], r["policy"]) for r in records(data / "judge_scores.jsonl")}
+    assert {pid for pid, _ in scored} == {second["prompt_id"], records(data / "prompts.jsonl")[2]["prompt_id"]}
+    info = json.loads((data / "dataset_info.json").read_text())
+    assert list(info["run"]["excluded_prompts"]) == [first["prompt_id"]]
