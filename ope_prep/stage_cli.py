@@ -1,9 +1,11 @@
 """What every numbered script does around its stage: config, lock, skip, refuse, mark complete.
 
-A stage is skipped only when the checkpoint says it completed with the same fingerprint and
-its output files still parse and match their recorded digests. It refuses to touch work made
-with another config (and lists the changed keys) unless given --force, which moves that work
-aside to ``<data_dir>/superseded/`` rather than deleting it.
+A stage is skipped only when the checkpoint says it completed with the same fingerprint and the
+same inputs, and its output files still parse and match their recorded digests. It refuses to
+touch work made with another config (and lists the changed keys) unless given --force, which
+moves that work aside to ``<data_dir>/superseded/`` rather than deleting it. When only its
+inputs changed (a run grown to more prompts), it is redone, keeping every finished unit whose
+own inputs are unchanged. Before it starts, the disk must have room for what it writes.
 """
 
 from __future__ import annotations

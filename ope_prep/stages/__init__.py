@@ -1,4 +1,6 @@
-"""The stages, in order. Each module has `fingerprint(config, args)` and `run(config, args, fp)`."""
+"""The stages, in order. Each module has `fingerprint(config, args, ck)` (the config its work
+belongs to: a change is refused), `inputs(config, args, ck)` (what it read: a change redoes it,
+keeping finished units), `run(config, args, fp)` and OUTPUTS; optionally `cli_keys(args)`."""
 
 STAGES = [
     # (name, script)
