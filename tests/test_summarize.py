@@ -675,3 +675,19 @@ def test_self_checks_beyond_200_prompts_are_a_seeded_200_per_policy(tmp_path):
     run.write(mark=False)
     with pytest.raises(ValidationFailed, match="self_consistency.jsonl: 120 records for an unknown prompt or policy"):
         run_stage(run)
+
+
+def test_quarantine_records_that_are_corrupt_or_name_an_unknown_prompt_fail_the_run(tmp_path):
+    """Stage 5's quarantine checks can fail: a quarantine line that is no record, and one that
+    leaves out a prompt the run does not hold."""
+    run = make_run(tmp_path, n=N, seed=21)
+    qdir = run.data_dir / "quarantine"
+    qdir.mkdir()
+    (qdir / "judge.jsonl").write_text('{"stage": "judge", "key": "q0001/p0"}\n')   # fields missing
+    with pytest.raises(ValidationFailed, match=r"quarantine/judge.jsonl: line 1: not a Quarantined record"):
+        run_stage(run)
+    (qdir / "judge.jsonl").write_text(json.dumps(
+        {"stage": "judge", "key": "nope/p0", "prompt_id": "nope", "error": "x", "tries": 1}) + "\n")
+    with pytest.raises(ValidationFailed, match="quarantined units name a prompt that is not in the run: judge nope/p0"):
+        run_stage(run)
+    assert not (run.data_dir / "report.md").exists()
