@@ -24,7 +24,7 @@ from .config import load_config
 from .fingerprint import diff_keys
 from .errors import EXIT_OK, InputError, PipelineError, RefusedError
 from .stages import STAGE_NAMES
-from .store import WORK_DIR, file_manifest
+from .store import WORK_DIR, count_records, file_manifest
 
 
 
@@ -127,11 +127,7 @@ def disk_estimate(config, stage: str, args) -> int:
     data_dir = config.data_dir
     if stage == "prepare":
         return args.samples * (config.source.max_prompt_chars * 4 + 300)
-    try:
-        n = sum(1 for line in (data_dir / "prompts.jsonl").read_bytes().split(b"\n") if line.strip())
-    except OSError:
-        n = 0
-    units = n * len(config.policies)
+    units = count_records(data_dir / "prompts.jsonl") * len(config.policies)
     per_token = 40 * config.generation.max_tokens
     per_unit = {"generate": per_token + 2000, "logprobs": 2 * (per_token + 500), "judge": 1000,
                 "oracle": 1000}.get(stage)

@@ -17,7 +17,7 @@ from . import checkpoint
 from .config import Config
 from .errors import PipelineError
 from .stages import STAGE_NAMES
-from .store import is_quarantined
+from .store import count_records, is_quarantined
 from .stages.units import PROMPTS, RUN_PARAMS, SELF_CHECKS_PER_POLICY
 
 WINDOW_S = 600.0
@@ -38,13 +38,6 @@ def _rows(path: Path) -> dict[str, dict]:
         except (ValueError, KeyError, TypeError):
             continue
     return latest
-
-
-def _n_prompts(data_dir: Path) -> int:
-    try:
-        return sum(1 for line in (data_dir / PROMPTS).read_bytes().split(b"\n") if line.strip())
-    except OSError:
-        return 0
 
 
 def unit_totals(config: Config, n: int) -> dict[str, int]:
@@ -92,7 +85,7 @@ def status_text(config: Config, now: float | None = None) -> str:
     except PipelineError as e:
         ck = {}
         out.append(f"checkpoint: {e}")
-    n = _n_prompts(data_dir)
+    n = count_records(data_dir / PROMPTS)
     try:
         samples = json.loads((data_dir / RUN_PARAMS).read_text(encoding="utf-8"))["samples"]
     except (OSError, ValueError, KeyError, TypeError):

@@ -87,6 +87,15 @@ def write_json(path: Path, obj) -> dict:
     return {"sha256": hashlib.sha256(data).hexdigest(), "records": 1}
 
 
+def count_records(path: Path) -> int:
+    """Non-empty lines of a JSONL file, without parsing them (0 if it cannot be read): for
+    progress and estimates, never for results."""
+    try:
+        return sum(1 for line in path.read_bytes().split(b"\n") if line.strip())
+    except OSError:
+        return 0
+
+
 def read_jsonl(path: Path, cls: type[T] | None = None) -> list:
     """Read a whole JSONL file strictly: any bad line is an InputError naming file and line."""
     if not path.is_file():
