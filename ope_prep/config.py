@@ -68,10 +68,50 @@ class SourceConfig(_Strict):
         return self
 
 
+class EndpointConfig(_Strict):
+    """How to talk to an OpenAI-compatible endpoint: transport, politeness and money. None of
+    these keys changes a result (they are left out of fingerprints)."""
+
+    base_url: Optional[str] = None   # None: api.openai.com (judge and oracle only)
+    api_key_env: Optional[str] = "OPENAI_API_KEY"   # None: no key (a server of your own)
+    concurrency: int = Field(2, ge=1)               # requests in flight per base URL
+    requests_per_minute: int = Field(600, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    max_attempts: int = Field(6, ge=1)
+    budget_usd: float = Field(10.0, ge=0)           # over all runs in this data dir, per stage
+    usd_per_1k_input_tokens: float = Field(0.0, ge=0)
+    usd_per_1k_output_tokens: float = Field(0.0, ge=0)
+
+
+class ModelEndpoint(EndpointConfig):
+    """A policy model served by an inference engine: stages 2 and 2b send it requests instead of
+    running the GGUF file in process. The file (models.<key>.path) still gives the tokenizer and
+    chat template, so prompts are rendered, and responses split into tokens, exactly as in process.
+
+    engine: llama_cpp (llama-cpp-python's server: text prompts, teacher forcing by echo) or vllm
+    (token-id prompts, teacher forcing by prompt_logprobs, token ids returned); both through the
+    completions API. Engines return log-probabilities at temperature 1, so every policy on an
+    endpoint must have temperature 1.0."""
+
+    engine: Literal["llama_cpp", "vllm"]
+    model: str                                   # the served model name
+    base_url: str                                # required here
+    more_base_urls: list[str] = []               # replicas of the same model; requests go to the least busy
+    api_key_env: Optional[str] = None
+    # teacher forcing on the endpoint (true) or in process from models.<key>.path (false)
+    teacher_force: bool = True
+    # The engine check (before stages 2 and 2b, and `run_pipeline.py --check-providers`): the
+    # log-probabilities the engine returned while generating check_prompts responses must equal
+    # the teacher-forced ones within this, per token.
+    check_prompts: int = Field(3, ge=1)
+    check_tolerance_per_token: float = Field(1e-3, gt=0)
+
+
 class ModelConfig(_Strict):
-    path: str
+    path: str                                # the GGUF file (in process), or its tokenizer and template
     n_ctx: int = Field(2048, ge=64)          # per sequence
     chat_template: Optional[str] = None      # Jinja; None: the GGUF file's own
+    endpoint: Optional[ModelEndpoint] = None  # None: in process
 
 
 class PolicyConfig(_Strict):
@@ -87,28 +127,19 @@ class GenerationConfig(_Strict):
     batch_size: int = Field(7, ge=1, le=64)   # sequences decoded together (7: one llama_decode call per step)
 
 
-class ApiConfig(_Strict):
+class ApiConfig(EndpointConfig):
     """A judge or oracle: a local model in process, or a model behind an OpenAI-compatible
-    endpoint. The keys from base_url on are for the endpoint (local_server, openai) only."""
+    endpoint. The endpoint keys (EndpointConfig) are for local_server and openai only."""
 
     # local: in process on llama.cpp (a key of `models`); local_server: that model behind a managed
     # llama_cpp.server; openai: any OpenAI-compatible endpoint (base_url), the API model name
     provider: Literal["local", "local_server", "openai"]
     model: str
     rubric: str = DEFAULT_RUBRIC     # a key of ope_prep/rubrics.py's RUBRICS
-    base_url: Optional[str] = None   # openai: None means api.openai.com
-    api_key_env: str = "OPENAI_API_KEY"
     grammar: bool = False            # llama.cpp servers only (local_server, or openai with a base_url
                                      # that is a llama.cpp server): the answer is one digit
     max_tokens: int = Field(4, ge=1)
     top_logprobs: int = Field(20, ge=1, le=20)
-    concurrency: int = Field(2, ge=1)
-    requests_per_minute: int = Field(600, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
-    max_attempts: int = Field(6, ge=1)
-    budget_usd: float = Field(10.0, ge=0)
-    usd_per_1k_input_tokens: float = Field(0.0, ge=0)
-    usd_per_1k_output_tokens: float = Field(0.0, ge=0)
 
 
 class OracleConfig(ApiConfig):
@@ -156,6 +187,11 @@ class Config(_Strict):
         for i, p in enumerate(self.policies):
             if p.model not in self.models:
                 raise ValueError(f"policies.{i}.model: {p.model!r} is not a key of models")
+            if self.models[p.model].endpoint is not None and p.temperature != 1.0:
+                raise ValueError(
+                    f"policies.{i}.temperature: {p.temperature:g}, but models.{p.model} is served by an "
+                    "endpoint, and engines return log-probabilities at temperature 1: the propensities "
+                    "would be wrong. Use temperature 1.0, or run the model in process (no endpoint)")
         for key, api in (("judge", self.judge), ("oracle", self.oracle)):
             if api.provider in ("local", "local_server") and api.model not in self.models:
                 raise ValueError(f"{key}.model: {api.model!r} is not a key of models")
@@ -177,6 +213,14 @@ class Config(_Strict):
 
     def policy(self, name: str) -> PolicyConfig:
         return next(p for p in self.policies if p.name == name)
+
+    def tf_tolerance(self, policy: str) -> float:
+        """How far, per token, a policy's teacher-forced log-probability may be from its sampling
+        one: float noise in process; the engine check's tolerance on an endpoint (an engine's
+        generation and scoring take other numeric paths)."""
+        endpoint = self.models[self.policy(policy).model].endpoint
+        tol = self.validation.tf_vs_sampling_tolerance_per_token
+        return max(tol, endpoint.check_tolerance_per_token) if endpoint else tol
 
     @property
     def target_policies(self) -> list[str]:
@@ -224,10 +268,13 @@ def _check_files(config: Config, path: Path) -> None:
             raise ConfigError(
                 f"{path}: models.{key}.path: model file not found: {config.model_path(key)}"
                 " (run `python -m ope_prep.fetch_models` for the embedded default)")
-    for key, api in (("judge", config.judge), ("oracle", config.oracle)):
-        if api.provider == "openai" and not os.environ.get(api.api_key_env):
-            raise ConfigError(f"{path}: {key}.api_key_env: environment variable "
-                              f"{api.api_key_env} is not set (the API key is read only from there)")
+    endpoints = [(f"{key}.", api) for key, api in (("judge", config.judge), ("oracle", config.oracle))
+                 if api.provider == "openai"]
+    endpoints += [(f"models.{k}.endpoint.", m.endpoint) for k, m in config.models.items() if m.endpoint]
+    for key, ep in endpoints:
+        if ep.api_key_env and not os.environ.get(ep.api_key_env):
+            raise ConfigError(f"{path}: {key}api_key_env: environment variable "
+                              f"{ep.api_key_env} is not set (the API key is read only from there)")
     if config.source.type == "sharegpt" and config.source.path:
         if not config.resolve(config.source.path).is_file():
             raise ConfigError(f"{path}: source.path: file not found: {config.source.path}")

@@ -43,3 +43,7 @@ class FatalApiError(PipelineError):
     """Every further request would fail the same way (bad key, no access, unknown model)."""
 
     exit_code = EXIT_STOPPED
+
+
+class EngineRefused(PipelineError):
+    """An inference engine failed its check: its log-probabilities would give wrong weights."""

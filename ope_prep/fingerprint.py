@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from .config import ApiConfig, Config
+from .config import ApiConfig, Config, EndpointConfig
 
 DIGEST_CACHE = Path(os.environ.get("OPE_PREP_DIGEST_CACHE",
                                    Path.home() / ".cache" / "ope_prep" / "file_digests.json"))
@@ -78,14 +78,17 @@ def policies_keys(config: Config) -> dict[str, object]:
     for p in config.policies:
         out.update(flatten(p.model_dump(), f"policies.{p.name}."))
         out.update(flatten(model_identity(config, p.model), f"policies.{p.name}.model_file."))
+        endpoint = config.models[p.model].endpoint
+        if endpoint is not None:     # where it runs changes results; how fast or at what price does not
+            out.update({f"policies.{p.name}.endpoint.{k}": getattr(endpoint, k)
+                        for k in ("engine", "model", "teacher_force")})
     return out
 
 
 def api_keys(config: Config, which: str) -> dict[str, object]:
     api: ApiConfig = getattr(config, which)
     # Throughput, timeouts and money do not change results; everything else does.
-    ignore = {"concurrency", "requests_per_minute", "timeout_s", "max_attempts", "budget_usd",
-              "usd_per_1k_input_tokens", "usd_per_1k_output_tokens", "api_key_env"}
+    ignore = set(EndpointConfig.model_fields) - {"base_url"}
     if api.provider == "local":     # grammar, max_tokens, top_logprobs: not used in process
         ignore |= {"grammar", "max_tokens", "top_logprobs", "base_url"}
     out = {f"{which}.{k}": v for k, v in api.model_dump().items() if k not in ignore}

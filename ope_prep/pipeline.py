@@ -57,7 +57,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--status", action="store_true",
                    help="print where the run in the config's data directory stands, and exit (read-only; "
                         "safe while a run is going)")
+    p.add_argument("--check-providers", action="store_true",
+                   help="check every policy model served by an engine (models.<key>.endpoint): its "
+                        "generation and teacher-forcing log-probabilities must agree; then exit")
     return p.parse_args(argv)
+
+
+def check_providers(config: Config) -> int:
+    """The engine check of every policy model on an endpoint, alone: 0 if all pass."""
+    from .backends.providers import check_engine
+    keys = [k for k in dict.fromkeys(p.model for p in config.policies) if config.models[k].endpoint]
+    if not keys:
+        print("no policy model is served by an engine (models.<key>.endpoint): in process, nothing to check")
+        return 0
+    results = [check_engine(config, key, "check") for key in keys]
+    for r in results:
+        print(r.line())
+    return 0 if all(r.ok for r in results) else EXIT_BAD_INPUT
 
 
 def round_sizes(n: int, first: int, growth: float) -> list[int]:
@@ -163,6 +179,8 @@ def main(argv=None) -> int:
         if args.status:
             print(status_text(config))
             return 0
+        if args.check_providers:
+            return check_providers(config)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -227,9 +227,25 @@ def render_report(config: Config, info: dict) -> str:
             "validation labels are in `cje/validation/<policy>.jsonl` (field `oracle_label`), which no "
             "CJE loader reads unless told to: CJE 0.9 takes them as `--transport-probe "
             "<policy>=cje/validation/<policy>.jsonl`.", ""]
+    out += cost_section(info.get("cost") or [])
     out += ["## Files", "", "Machine-readable numbers: `dataset_info.json`.", ""]
     out += [_table(["file", "records"], [[f"`{rel}`", str(n)] for rel, n in info.get("outputs", {}).items()]), ""]
     return "\n".join(out)
+
+
+def cost_section(rows: list[dict]) -> list[str]:
+    """Requests, tokens and dollars per stage and model (each stage's last run; the request caches
+    in cache/ hold what was paid over all runs)."""
+    if not rows:
+        return []
+    total = sum(r["usd"] or 0.0 for r in rows)
+    return ["## Cost", "", f"Each stage's last run, per model: **${total:.4f}** in all (prices from the "
+            "config; in-process models cost nothing). A rerun is answered from the request caches in "
+            "`cache/`.", "",
+            _table(["stage", "model", "HTTP requests", "from cache", "input tokens", "output tokens", "USD"],
+                   [[r["stage"], r["model"], str(r["calls"] or 0), str(r["cached"] or 0),
+                     str(r["input_tokens"] or 0), str(r["output_tokens"] or 0), f"{r['usd'] or 0.0:.4f}"]
+                    for r in rows]), ""]
 
 
 def excluded_section(excluded: dict, n_included: int) -> list[str]:

@@ -7,6 +7,7 @@ requests with a fault instead of forwarding them:
         client = OpenAI(base_url=proxy.url + "/v1", ...)
         ...
         proxy.counts   # Counter: "forwarded", "429", "500", "503", "close", "hang", "requests"
+        proxy.max_inflight   # the most requests it was forwarding at once
 
 Faults: "429" (with Retry-After: 0 or 1), "500", "503", "close" (the connection is closed
 without an answer) and "hang" (no answer for ``hang_s`` seconds, then closed: use with a client
@@ -112,6 +113,8 @@ class FaultProxy(_Base):
         self.faults = tuple(faults)
         self.hang_s = hang_s
         self.pass_first = 0          # the first N POST requests always pass
+        self.inflight = 0            # requests being forwarded now, and the most at once
+        self.max_inflight = 0
         self.rng = random.Random(seed)
         super().__init__()
 
@@ -151,6 +154,15 @@ class FaultProxy(_Base):
             return
         with self.lock:
             self.counts["forwarded"] += 1
+            self.inflight += 1
+            self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            self._forward(h, method, body)
+        finally:
+            with self.lock:
+                self.inflight -= 1
+
+    def _forward(self, h: BaseHTTPRequestHandler, method: str, body: bytes) -> None:
         headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP_HEADERS}
         conn = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=600)
         try:

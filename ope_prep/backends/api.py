@@ -1,14 +1,16 @@
-"""One small client for any OpenAI-compatible chat endpoint (OpenAI, Fireworks, vLLM, llama.cpp).
+"""One small client for any OpenAI-compatible endpoint (OpenAI, Fireworks, vLLM, llama.cpp):
+chat completions (judge, oracle) and completions (policies on an engine, backends/remote.py).
 
 What it adds around the `openai` package:
 
 * retries with tenacity: exponential backoff with jitter, ``Retry-After`` honoured on 429,
   retried on 408/429/500/502/503/504, connection errors and timeouts, up to ``max_attempts``;
   the package's own retries are off (``max_retries=0``) so that this is the only retry loop;
-* concurrency: ``concurrency`` worker threads, under a rate limit of ``requests_per_minute``
-  (every attempt counts);
+* concurrency: ``concurrency`` worker threads per base URL, under a rate limit of
+  ``requests_per_minute`` (every attempt counts); with several base URLs (replicas of one model)
+  each request goes to the one with the fewest requests in flight;
 * a request cache: the sha256 of the request JSON (plus the endpoint's identity) -> the reply,
-  appended to ``<data_dir>/cache/<stage>_api_cache.jsonl`` (a store.WorkFile: fsynced, a torn
+  appended to ``<data_dir>/cache/<name>_api_cache.jsonl`` (a store.WorkFile: fsynced, a torn
   last line is cut off) as soon as it arrives, so a rerun or a resumed run pays nothing twice.
   A reply the caller cannot use (``accept`` returns False) is written too, for the spend
   ledger, but is never served from the cache: that unit is asked again on the next run;
@@ -17,8 +19,10 @@ What it adds around the `openai` package:
   each request, its worst-case cost is reserved against ``budget_usd``; a request that could
   exceed the budget is not sent (BudgetExceeded), and the stage ends cleanly.
 
-The API key is read only from ``os.environ[api_key_env]`` (a dummy for the local server), is
-never logged or stored, and is scrubbed from error texts before they are shown or recorded.
+The API key is read only from ``os.environ[api_key_env]`` (a dummy when api_key_env is None, for
+a server of your own), is never logged or stored, and is scrubbed from error texts before they
+are shown or recorded. A base URL on this machine (127.0.0.1, localhost) is reached directly,
+whatever HTTP(S)_PROXY says.
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Union
+from urllib.parse import urlparse
 
 import openai
 import tenacity
 
-from ..config import ApiConfig
+from ..config import EndpointConfig
 from ..errors import BudgetExceeded, FatalApiError, PipelineError
 from ..records import UsageTotals
 from ..store import WorkFile, failed_row, ok_row
@@ -59,11 +64,12 @@ class RequestFailed(Exception):
     """One request failed for good (after its retries, or not retryable); the unit fails.
     deterministic: the endpoint refused this request itself (a 4xx such as a context too long
     or a content filter), so asking again would fail the same way; otherwise (timeouts, 5xx,
-    connection errors) a later run retries it."""
+    connection errors) a later run retries it. certain: it cannot succeed (quarantined at once)."""
 
-    def __init__(self, message: str, deterministic: bool = False):
+    def __init__(self, message: str, deterministic: bool = False, certain: bool = False):
         super().__init__(message)
-        self.deterministic = deterministic
+        self.deterministic = deterministic or certain
+        self.certain = certain
 
 
 class _Stopped(Exception):
@@ -72,14 +78,16 @@ class _Stopped(Exception):
 
 @dataclass
 class Reply:
-    """The parts of a chat completion that the stages use (compact, JSON-ready)."""
+    """The parts of a (chat) completion that the stages use (compact, JSON-ready)."""
 
-    content: Optional[str]
+    content: Optional[str]              # the message, or a completion's text
     finish_reason: Optional[str]
     logprobs: Optional[list[dict]]      # [{"token", "logprob", "top": [[token, logprob], ...]}]
     prompt_tokens: int = 0
     completion_tokens: int = 0
     model: Optional[str] = None
+    # vLLM's completions extension: per prompt token, None or {token id: {"logprob", ...}}
+    prompt_logprobs: Optional[list] = None
     cached: bool = False
 
     def to_json(self) -> dict:
@@ -99,14 +107,26 @@ def _compact(completion) -> Reply:
                      prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0))
     choice = completion.choices[0]
     lps = None
-    if choice.logprobs is not None and choice.logprobs.content is not None:
-        lps = [{"token": t.token, "logprob": t.logprob,
-                "top": [[x.token, x.logprob] for x in (t.top_logprobs or [])]}
-               for t in choice.logprobs.content]
-    return Reply(content=choice.message.content, finish_reason=choice.finish_reason, logprobs=lps,
+    if hasattr(choice, "message"):          # chat: logprobs.content
+        content = choice.message.content
+        if choice.logprobs is not None and choice.logprobs.content is not None:
+            lps = [{"token": t.token, "logprob": t.logprob,
+                    "top": [[x.token, x.logprob] for x in (t.top_logprobs or [])]}
+                   for t in choice.logprobs.content]
+    else:                                   # completions: parallel lists tokens / token_logprobs
+        content = choice.text
+        if choice.logprobs is not None and choice.logprobs.tokens is not None:
+            lps = [{"token": t, "logprob": lp, "top": []}
+                   for t, lp in zip(choice.logprobs.tokens, choice.logprobs.token_logprobs or [])]
+    extra = getattr(choice, "model_extra", None) or {}
+    return Reply(content=content, finish_reason=choice.finish_reason, logprobs=lps,
                  prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
                  completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-                 model=completion.model)
+                 model=completion.model, prompt_logprobs=extra.get("prompt_logprobs"))
+
+
+def is_local(url: Optional[str]) -> bool:
+    return bool(url) and urlparse(url).hostname in ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -121,27 +141,32 @@ class _Counters:
 
 
 class ApiClient:
-    """Chat completions through the `openai` client, with retries, rate limit, cache and budget.
+    """(Chat) completions through the `openai` client, with retries, rate limit, cache and budget.
 
-    ``connect`` gives the base URL; it is called on the first request that is not in the cache
-    (so a local server is started only when something has to be asked). ``identity`` is what,
-    besides the request, decides the reply (for a local server: the model file); it is part of
-    the cache key.
+    A request body with ``messages`` goes to chat completions, one with ``prompt`` to completions;
+    keys the `openai` package does not know (llama.cpp's grammar and top_k, vLLM's
+    prompt_logprobs) go in ``extra_body``. ``connect`` gives the base URL(s); it is called on the
+    first request that is not in the cache (so a local server is started only when something has
+    to be asked). ``identity`` is what, besides the request, decides the reply (the model file, the
+    engine); it is part of the cache key. ``name`` names the cache file (one per stage and model).
     """
 
-    def __init__(self, api: ApiConfig, which: str, stage: str, data_dir: Path,
-                 connect: Callable[[], Optional[str]], identity: dict):
+    def __init__(self, api: EndpointConfig, which: str, stage: str, data_dir: Path,
+                 connect: Callable[[], Union[str, list[str], None]], identity: dict,
+                 name: Optional[str] = None, label: str = ""):
         self.api = api
-        self.which = which
+        self.which = which      # the config key, for messages: judge, models.<key>.endpoint
+        self.label = label or which
         self.stage = stage
         self.identity = identity
         self._connect = connect
-        self._client: Optional[openai.OpenAI] = None
+        self._clients: Optional[list[openai.OpenAI]] = None
+        self._inflight: list[int] = []       # requests in flight per client
         self._lock = threading.Lock()
         self._stop = threading.Event()      # interrupted: no retries, no new requests
         self._halted = threading.Event()    # budget or fatal error: no new requests
         self.counters = _Counters()
-        if api.provider == "local_server":
+        if api.api_key_env is None:
             self._key = LOCAL_DUMMY_KEY
         else:
             key = os.environ.get(api.api_key_env)
@@ -149,7 +174,7 @@ class ApiClient:
                 raise PipelineError(f"{which}.api_key_env: environment variable {api.api_key_env} "
                                     "is not set (the API key is read only from there)")
             self._key = key
-        self.cache_path = data_dir / "cache" / f"{stage}_api_cache.jsonl"
+        self.cache_path = data_dir / "cache" / f"{name or stage}_api_cache.jsonl"
         self._cache = WorkFile(self.cache_path, {"cache": CACHE_VERSION, "stage": stage})
         if self._cache.repaired_bytes:
             print(f"[{stage}] cut a torn last line ({self._cache.repaired_bytes} bytes) from {self.cache_path}")
@@ -159,22 +184,11 @@ class ApiClient:
         self._next_slot = 0.0
         self._interval = 60.0 / api.requests_per_minute
 
-    # ---- requests and the cache ------------------------------------------------------
-    def request(self, messages: list[dict], digits: str = "0-9") -> dict:
-        """The request body: temperature 0, one short answer, log-probabilities of its tokens;
-        with a grammar, the answer is one of `digits` (a character range)."""
-        body = {"model": self.api.model, "messages": messages, "temperature": 0,
-                "max_tokens": self.api.max_tokens, "logprobs": True,
-                "top_logprobs": self.api.top_logprobs}
-        if self.api.grammar:
-            # llama.cpp's own request field: for the local server, or an "openai" provider whose
-            # base_url is a llama.cpp server; OpenAI's API itself would reject it.
-            if self.api.provider != "local_server" and not self.api.base_url:
-                raise PipelineError(f"{self.which}.grammar: OpenAI's API takes no grammar; set it "
-                                    "only for a llama.cpp server (local_server, or a base_url)")
-            body["grammar"] = f"root ::= [{digits}]"
-        return body
+    @property
+    def concurrency(self) -> int:
+        return self.api.concurrency * max(1, len(self._clients or [None]))
 
+    # ---- requests and the cache ------------------------------------------------------
     def cache_key(self, body: dict) -> str:
         blob = json.dumps({"identity": self.identity, "request": body}, sort_keys=True,
                           ensure_ascii=False, separators=(",", ":"))
@@ -200,9 +214,12 @@ class ApiClient:
                 + output_tokens * self.api.usd_per_1k_output_tokens) / 1000.0
 
     def _estimate_usd(self, body: dict) -> tuple[float, int]:
-        nbytes = sum(len(json.dumps(m["content"], ensure_ascii=False).encode()) for m in body["messages"])
+        if isinstance(body.get("prompt"), list):     # token ids: exactly that many prompt tokens
+            return self._usd(len(body["prompt"]), body["max_tokens"]), 0
+        texts = [m["content"] for m in body["messages"]] if "messages" in body else [body["prompt"]]
+        nbytes = sum(len(json.dumps(t, ensure_ascii=False).encode()) for t in texts)
         ratio = self._tokens_per_byte * 1.25 if self._tokens_per_byte else _INITIAL_TOKENS_PER_BYTE
-        tokens = nbytes * ratio + _MESSAGE_OVERHEAD_TOKENS * (len(body["messages"]) + 1)
+        tokens = nbytes * ratio + _MESSAGE_OVERHEAD_TOKENS * (len(texts) + 1)
         return self._usd(tokens, body["max_tokens"]), nbytes
 
     @property
@@ -224,21 +241,40 @@ class ApiClient:
             self._reserved -= est
 
     # ---- sending -------------------------------------------------------------------
-    def _openai(self) -> openai.OpenAI:
+    def _openai(self) -> list[openai.OpenAI]:
         with self._lock:
-            if self._client is None:
-                base_url = self._connect()
-                # a server on this machine is reached directly, whatever HTTP(S)_PROXY says
-                local = self.api.provider == "local_server"
-                self._client = openai.OpenAI(
-                    base_url=base_url, api_key=self._key, max_retries=0, timeout=self.api.timeout_s,
-                    http_client=openai.DefaultHttpxClient(trust_env=False) if local else None)
-            return self._client
+            if self._clients is None:
+                urls = self._connect()
+                urls = urls if isinstance(urls, list) else [urls]
+                self._clients = [openai.OpenAI(
+                    base_url=url, api_key=self._key, max_retries=0, timeout=self.api.timeout_s,
+                    http_client=openai.DefaultHttpxClient(trust_env=False) if is_local(url) else None)
+                    for url in urls]
+                self._inflight = [0] * len(urls)
+            return self._clients
 
     def connect(self) -> None:
         """Connect now (for a local server: start it) rather than on the first request, which
         may come from a worker thread; the stages call this from the main thread."""
         self._openai()
+
+    def _create(self, body: dict):
+        """Send one request to the least busy base URL."""
+        clients = self._openai()
+        with self._lock:
+            i = min(range(len(clients)), key=lambda c: self._inflight[c])
+            self._inflight[i] += 1
+            self.counters.calls += 1
+        known = _CHAT_KEYS if "messages" in body else _COMPLETION_KEYS
+        params = {k: v for k, v in body.items() if k in known}
+        extra = {k: v for k, v in body.items() if k not in known} or None
+        try:
+            if "messages" in body:
+                return clients[i].chat.completions.create(**params, extra_body=extra)
+            return clients[i].completions.create(**params, extra_body=extra)
+        finally:
+            with self._lock:
+                self._inflight[i] -= 1
 
     def _rate_limit(self) -> None:
         with self._lock:
@@ -251,16 +287,11 @@ class ApiClient:
     def _send(self, body: dict) -> Reply:
         if self._stop.is_set() or self._halted.is_set():
             raise _Stopped()
-        client = self._openai()
         est, nbytes = self._estimate_usd(body)
         self._reserve(est)
         try:
             self._rate_limit()
-            params = {k: v for k, v in body.items() if k != "grammar"}
-            extra = {"grammar": body["grammar"]} if "grammar" in body else None
-            with self._lock:
-                self.counters.calls += 1
-            reply = _compact(client.chat.completions.create(**params, extra_body=extra))
+            reply = _compact(self._create(body))
         except BaseException:
             self._release(est)
             raise
@@ -349,11 +380,12 @@ class ApiClient:
         new submissions; the ones in flight finish and are yielded, then the error is raised."""
         items = iter(items)
         halt: Optional[BaseException] = None
-        pool = ThreadPoolExecutor(max_workers=self.api.concurrency, thread_name_prefix=f"{self.stage}-api")
+        self._openai()
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=f"{self.stage}-api")
         inflight: dict[Future, object] = {}
         try:
             while True:
-                while halt is None and len(inflight) < 2 * self.api.concurrency:
+                while halt is None and len(inflight) < 2 * self.concurrency:
                     item = next(items, _END)
                     if item is _END:
                         break
@@ -381,7 +413,7 @@ class ApiClient:
 
     def usage(self, failures: int) -> UsageTotals:
         c = self.counters
-        notes = (f"provider {self.api.provider}, model {self.api.model}; this run: {c.calls} HTTP requests "
+        notes = (f"{self.label}; this run: {c.calls} HTTP requests "
                  f"({c.retries} retries), {c.cached} answered from the cache, {c.unusable} unusable "
                  f"replies; spent over all runs in this data dir: ${self.spent_total:.6f} of budget "
                  f"${self.api.budget_usd:.4f}")
@@ -392,13 +424,17 @@ class ApiClient:
     def close(self) -> None:
         self._stop.set()
         with self._lock:
-            client, self._client = self._client, None
+            clients, self._clients = self._clients, None
             self._cache.close()
-        if client is not None:
+        for client in clients or []:
             client.close()
 
 
 _END = object()
+_CHAT_KEYS = {"model", "messages", "temperature", "top_p", "max_tokens", "logprobs", "top_logprobs", "seed",
+              "stop", "n", "presence_penalty", "frequency_penalty", "logit_bias"}
+_COMPLETION_KEYS = {"model", "prompt", "temperature", "top_p", "max_tokens", "logprobs", "echo", "seed", "stop",
+                    "n", "presence_penalty", "frequency_penalty", "logit_bias"}
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -1,9 +1,34 @@
-"""The one place that turns config into a model provider (stages never build one themselves)."""
+"""The one place that turns config into a model provider (stages never build one themselves).
+
+A policy model runs in process (``models.<key>`` without ``endpoint``) or on an inference engine
+(with one); `policy_model` gives either behind the same interface (``chat``, ``n_ctx_per_seq``,
+``generate_iter``, ``teacher_force_many``, ``usage``, ``close``), so stages do not branch on
+where a model runs. An engine is checked (`check_engine`) before a stage uses it.
+"""
 
 from __future__ import annotations
 
+import sys
+from typing import Optional, Union
+
 from ..config import Config
+from ..errors import EngineRefused
+from ..fingerprint import model_identity
+from ..records import UsageTotals
+from .api import ApiClient
 from .llama import ChatTokenizer, LlamaModel, load_tokenizer
+from .remote import EngineCheck, RemoteModel, engine_check
+
+# The engine check's prompts: short, varied, and the same for every run (so the check's requests
+# are answered from the cache after the first time).
+CHECK_PROMPTS = [
+    "Name three colors and say what each reminds you of.",
+    "How do I boil an egg?",
+    "Write one sentence about the sea.",
+    "What is 12 times 7? Explain briefly.",
+    "Give me a tip for learning a new language.",
+]
+CHECK_MAX_TOKENS = 48
 
 
 def local_model(config: Config, model_key: str, n_seq: int) -> LlamaModel:
@@ -16,3 +41,84 @@ def local_model(config: Config, model_key: str, n_seq: int) -> LlamaModel:
 def local_tokenizer(config: Config, model_key: str) -> ChatTokenizer:
     """A models.<key> GGUF's tokenizer and chat template only (no weights)."""
     return load_tokenizer(str(config.model_path(model_key)), config.models[model_key].chat_template)
+
+
+class _LocalTeacherForcer:
+    """Teacher forcing in process for a model on an engine (endpoint.teacher_force false); the
+    weights are loaded on the first call."""
+
+    def __init__(self, config: Config, model_key: str, n_seq: int):
+        self.config, self.model_key, self.n_seq = config, model_key, n_seq
+        self.model: Optional[LlamaModel] = None
+
+    def __call__(self, items):
+        if self.model is None:
+            self.model = local_model(self.config, self.model_key, self.n_seq)
+        return self.model.teacher_force_many(items)
+
+    def close(self) -> None:
+        if self.model is not None:
+            self.model.close()
+
+
+class _EngineModel(RemoteModel):
+    def __init__(self, *args, local_tf: Optional[_LocalTeacherForcer] = None, **kw):
+        super().__init__(*args, local_teacher_force=local_tf, **kw)
+        self._local = local_tf
+
+    def close(self) -> None:
+        super().close()
+        if self._local is not None:
+            self._local.close()
+
+
+PolicyModel = Union[LlamaModel, RemoteModel]
+
+
+def remote_model(config: Config, model_key: str, stage: str, n_seq: int = 4) -> RemoteModel:
+    m = config.models[model_key]
+    ep = m.endpoint
+    assert ep is not None
+    urls = [ep.base_url, *ep.more_base_urls]
+    identity = {"engine": ep.engine, "model": ep.model, **model_identity(config, model_key)}
+    client = ApiClient(ep, f"models.{model_key}.endpoint", stage, config.data_dir, lambda: urls, identity,
+                       name=f"{stage}_{model_key}", label=f"{ep.engine} engine, model {ep.model} at {', '.join(urls)}")
+    local_tf = None if ep.teacher_force else _LocalTeacherForcer(config, model_key, n_seq)
+    return _EngineModel(ep, local_tokenizer(config, model_key), m.n_ctx, client, local_tf=local_tf)
+
+
+def check_engine(config: Config, model_key: str, stage: str) -> EngineCheck:
+    """Trust but verify: generation and teacher forcing of models.<key>'s engine agree on the
+    check prompts (under the first policy on that model)."""
+    ep = config.models[model_key].endpoint
+    assert ep is not None
+    pol = next(p for p in config.policies if p.model == model_key)
+    model = remote_model(config, model_key, stage)
+    try:
+        prompts = CHECK_PROMPTS[:ep.check_prompts] if ep.check_prompts <= len(CHECK_PROMPTS) else \
+            [CHECK_PROMPTS[i % len(CHECK_PROMPTS)] + f" ({i})" for i in range(ep.check_prompts)]
+        jobs = [(model.chat.prompt_tokens(pol.system_prompt, text), 1.0, config.run.seed + i)
+                for i, text in enumerate(prompts)]
+        return engine_check(model_key, model, jobs, min(CHECK_MAX_TOKENS, config.generation.max_tokens),
+                            ep.check_tolerance_per_token)
+    finally:
+        model.close()
+
+
+def policy_model(config: Config, model_key: str, n_seq: int, stage: str) -> PolicyModel:
+    """models.<key> for generation or teacher forcing: in process, or on its engine once the
+    engine passed its check (else EngineRefused, saying why)."""
+    if config.models[model_key].endpoint is None:
+        return local_model(config, model_key, n_seq)
+    result = check_engine(config, model_key, stage)
+    print(f"[{stage}] engine check: {result.line()}", file=sys.stderr)
+    if not result.ok:
+        raise EngineRefused(result.line())
+    return remote_model(config, model_key, stage, n_seq)
+
+
+def model_usage(model: PolicyModel, tokens: int) -> UsageTotals:
+    """What a stage spent on one model: the engine's requests and money, or tokens in process."""
+    if isinstance(model, RemoteModel):
+        return model.usage()
+    return UsageTotals(input_tokens=tokens, notes="in process (llama.cpp)")

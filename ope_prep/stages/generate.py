@@ -1,24 +1,29 @@
 """Stage 2: one response per (prompt, policy), sampled with the policy's temperature only.
 
-Each model's units stream through `LlamaModel.generate_iter`: up to generation.batch_size
-sequences decode together, a finished sequence's slot takes the next unit at once, and units
-sharing a rendered prompt (p0 and pi_clone) share its prefill. Finished units are appended
+Each model's units stream through its provider's `generate_iter` (in process: up to
+generation.batch_size sequences decode together, a finished sequence's slot takes the next unit at once, and units
+sharing a rendered prompt (p0 and pi_clone) share its prefill; on an engine: concurrent
+requests, see backends/remote.py). Finished units are appended
 to the work file and fsynced every batch_size units; a unit's result depends only on its own
 seed, so a resumed run produces exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
-from ..backends.llama import response_text
-from ..backends.providers import local_model
-from ..config import Config
-from ..fingerprint import policies_keys
-from ..records import Response
-from ..store import WorkFile, work_path, failed_row, input_digest, ok_row
-from .units import (RESPONSES, finish, load_prompts, progress, read_run_seed, run_identity, unit_key, unit_seed,
-                    upstream_digests)
+from dataclasses import asdict
 
-OUTPUTS = [RESPONSES]
+from ..backends.llama import response_text
+from ..backends.providers import model_usage, policy_model
+from ..config import Config
+from ..errors import BudgetExceeded, FatalApiError
+from ..fingerprint import policies_keys
+from ..records import Response, UsageTotals
+from ..store import WorkFile, failed_row, input_digest, ok_row, work_path, write_json
+from .units import (RESPONSES, exception_row, finish, load_prompts, progress, read_run_seed, run_identity,
+                    stopped, unit_key, unit_seed, upstream_digests)
+
+GENERATE_USAGE = "generate_usage.json"
+OUTPUTS = [RESPONSES, GENERATE_USAGE]
 
 
 def fingerprint(config: Config, args, ck: dict) -> dict:
@@ -42,56 +47,73 @@ def run(config: Config, args, fp: dict) -> dict:
         print(f"[generate] cut a torn last line ({work.repaired_bytes} bytes) from {work.path}")
     todo_total = sum(not work.settled(k) for k in keys)
     print(f"[generate] {len(keys)} responses, {len(keys) - todo_total} already done")
+    bar = progress("generate", todo_total, "resp")
+    usage: dict[str, dict] = {}
+    try:
+        for model_key in dict.fromkeys(p.model for p in config.policies):
+            todo = [(p, pol) for p in prompts for pol in config.policies
+                    if pol.model == model_key and not work.settled(unit_key(p.prompt_id, pol.name))]
+            if todo:
+                bar.set_description(f"[generate] {model_key}")
+                usage[model_key] = asdict(_generate_model(config, model_key, todo, run_seed, work, bar))
+    except (BudgetExceeded, FatalApiError) as e:
+        raise stopped("generate", e, work, keys)
+    finally:
+        bar.close()
+    try:
+        usage_manifest = write_json(data_dir / GENERATE_USAGE, usage)
+        return {**finish("generate", data_dir, [work], {RESPONSES: keys}), GENERATE_USAGE: usage_manifest}
+    finally:
+        work.close()
+
+
+def _generate_model(config: Config, model_key: str, todo: list, run_seed: int, work: WorkFile, bar) -> UsageTotals:
+    """Generate one model's units (in process or on its engine), saving them as they finish."""
     max_tokens = config.generation.max_tokens
     flush_every = config.generation.batch_size
-    bar = progress("generate", todo_total, "resp")
-    for model_key in dict.fromkeys(p.model for p in config.policies):
-        todo = [(p, pol) for p in prompts for pol in config.policies
-                if pol.model == model_key and not work.settled(unit_key(p.prompt_id, pol.name))]
-        if not todo:
-            continue
-        bar.set_description(f"[generate] {model_key}")
-        model = local_model(config, model_key, config.generation.batch_size)
-        rows: list[dict] = []
-        units: list[tuple] = []     # job index -> (prompt, policy, seed)
+    model = policy_model(config, model_key, config.generation.batch_size, "generate")
+    rows: list[dict] = []
+    units: list[tuple] = []     # job index -> (prompt, policy, seed)
+    tokens = 0
 
-        def jobs():
-            """Units as jobs, rendered when a slot frees; one too long for the context is
-            recorded as failed instead."""
-            for p, pol in todo:
-                prompt = model.chat.prompt_tokens(pol.system_prompt, p.prompt)
-                if len(prompt) + max_tokens > model.n_ctx_per_seq:
-                    rows.append(failed_row(unit_key(p.prompt_id, pol.name),
-                                f"prompt is {len(prompt)} tokens; with max_tokens {max_tokens} it "
-                                f"exceeds models.{model_key}.n_ctx {model.n_ctx_per_seq}",
-                                certain=True, prompt_id=p.prompt_id))
-                    continue
-                seed = unit_seed(run_seed, p.prompt_id, pol.name)
-                units.append((p, pol, seed))
-                yield prompt, pol.temperature, seed
+    def jobs():
+        """Units as jobs, rendered when a slot frees; one too long for the context is
+        recorded as failed instead."""
+        for p, pol in todo:
+            prompt = model.chat.prompt_tokens(pol.system_prompt, p.prompt)
+            if len(prompt) + max_tokens > model.n_ctx_per_seq:
+                rows.append(failed_row(unit_key(p.prompt_id, pol.name),
+                            f"prompt is {len(prompt)} tokens; with max_tokens {max_tokens} it "
+                            f"exceeds models.{model_key}.n_ctx {model.n_ctx_per_seq}",
+                            certain=True, prompt_id=p.prompt_id))
+                continue
+            seed = unit_seed(run_seed, p.prompt_id, pol.name)
+            units.append((p, pol, seed))
+            yield prompt, pol.temperature, seed
 
-        def flush():
-            work.append(rows)
-            bar.update(len(rows))
-            rows.clear()
+    def flush():
+        work.append(rows)
+        bar.update(len(rows))
+        rows.clear()
 
-        try:
-            for j, g in model.generate_iter(jobs(), max_tokens):
-                p, pol, seed = units[j]
+    try:
+        for j, g in model.generate_iter(jobs(), max_tokens):
+            p, pol, seed = units[j]
+            key = unit_key(p.prompt_id, pol.name)
+            if isinstance(g, Exception):
+                rows.append(exception_row(key, g, p.prompt_id))
+            else:
+                tokens += len(g.token_ids)
                 text_ids = g.token_ids[:-1] if g.finish_reason == "stop" else g.token_ids
                 text, text_bytes_hex = response_text(model.chat, text_ids)
-                rows.append(ok_row(unit_key(p.prompt_id, pol.name), Response(
+                rows.append(ok_row(key, Response(
                     prompt_id=p.prompt_id, policy=pol.name, response=text, token_ids=g.token_ids,
                     token_logprobs=g.token_logprobs, sampling_logprob=g.logprob,
                     n_tokens=len(g.token_ids), finish_reason=g.finish_reason, seed=seed,
                     text_bytes_hex=text_bytes_hex)))
-                if len(rows) >= flush_every:
-                    flush()
-            flush()
-        finally:
-            model.close()
-    bar.close()
-    try:
-        return finish("generate", data_dir, [work], {RESPONSES: keys})
+            if len(rows) >= flush_every:
+                flush()
+        return model_usage(model, tokens)
     finally:
-        work.close()
+        flush()
+        model.close()

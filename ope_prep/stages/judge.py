@@ -15,8 +15,8 @@ from ..fingerprint import api_keys
 from ..records import JudgeScore, Response
 from ..store import WorkFile, work_path, read_jsonl, write_json
 from .scoring import (RUBRICS, Judgement, ScoringUnit, Tally, open_scorer,
-                      report, rubric_digest, score_units, stage_inputs, stopped, unit_input)
-from .units import RESPONSES, finish, load_prompts, read_run_seed, run_identity, unit_key
+                      report, rubric_digest, score_units, stage_inputs, unit_input)
+from .units import stopped, RESPONSES, finish, load_prompts, read_run_seed, run_identity, unit_key
 
 JUDGE_SCORES = "judge_scores.jsonl"
 JUDGE_USAGE = "judge_usage.json"

@@ -32,16 +32,18 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from ..backends.llama import ChatTokenizer, LlamaModel
-from ..backends.providers import local_model, local_tokenizer
+from ..backends.llama import ChatTokenizer
+from ..backends.providers import PolicyModel, local_tokenizer, model_usage, policy_model
 from ..config import Config
+from ..errors import BudgetExceeded, FatalApiError
 from ..fingerprint import policies_keys
 from ..records import Response, SelfCheck, TeacherForced
-from ..store import WorkFile, work_path, failed_row, input_digest, ok_row, read_jsonl
-from .units import (LOGPROBS, RESPONSES, SELF_CONSISTENCY, finish, load_prompts, progress, read_run_seed,
-                    run_identity, self_check_prompts, unit_key, upstream_digests)
+from ..store import WorkFile, failed_row, input_digest, ok_row, read_jsonl, work_path, write_json
+from .units import (LOGPROBS, RESPONSES, SELF_CONSISTENCY, exception_row, finish, load_prompts, progress,
+                    read_run_seed, run_identity, self_check_prompts, stopped, unit_key, upstream_digests)
 
-OUTPUTS = [LOGPROBS, SELF_CONSISTENCY]
+LOGPROBS_USAGE = "logprobs_usage.json"
+OUTPUTS = [LOGPROBS, SELF_CONSISTENCY, LOGPROBS_USAGE]
 
 PROMPTS_PER_CALL = 16   # prompts whose units are scored (and made durable) together
 TF_SEQUENCES = 4        # sequences in flight per model; each has the model's n_ctx cells
@@ -178,30 +180,40 @@ def run(config: Config, args, fp: dict) -> dict:
 
     bar = progress("logprobs", todo_total, "seq")
     wanted = set(tf_keys) | set(self_keys)
-    for model_key in model_keys:
-        policies = [pol for pol in config.policies if pol.model == model_key]
-        todo = [p for p in prompts if any(k in wanted and not work.settled(k) for pol in policies
-                                          for k in (unit_key(p.prompt_id, pol.name), self_key(p.prompt_id, pol.name)))]
-        if not todo:
-            continue
-        bar.set_description(f"[logprobs] {model_key}")
-        model = local_model(config, model_key, n_seq=TF_SEQUENCES)
-        try:
-            for i in range(0, len(todo), PROMPTS_PER_CALL):
-                rows = _score_prompts(config, model, model_key, todo[i:i + PROMPTS_PER_CALL], policies,
-                                      responses, event, checked, work)
-                work.append(rows)
-                bar.update(len(rows))
-        finally:
-            model.close()
-    bar.close()
+    usage: dict[str, dict] = {}
     try:
-        return finish("logprobs", data_dir, [work], {LOGPROBS: tf_keys, SELF_CONSISTENCY: self_keys})
+        for model_key in model_keys:
+            policies = [pol for pol in config.policies if pol.model == model_key]
+            todo = [p for p in prompts if any(k in wanted and not work.settled(k) for pol in policies
+                                              for k in (unit_key(p.prompt_id, pol.name), self_key(p.prompt_id, pol.name)))]
+            if not todo:
+                continue
+            bar.set_description(f"[logprobs] {model_key}")
+            model = policy_model(config, model_key, TF_SEQUENCES, "logprobs")
+            tokens = 0
+            try:
+                for i in range(0, len(todo), PROMPTS_PER_CALL):
+                    rows = _score_prompts(config, model, model_key, todo[i:i + PROMPTS_PER_CALL], policies,
+                                          responses, event, checked, work)
+                    work.append(rows)
+                    tokens += sum(r["record"]["n_tokens"] for r in rows if r["status"] == "ok" and "n_tokens" in r["record"])
+                    bar.update(len(rows))
+                usage[model_key] = asdict(model_usage(model, tokens))
+            finally:
+                model.close()
+    except (BudgetExceeded, FatalApiError) as e:
+        raise stopped("logprobs", e, work, tf_keys + self_keys)
+    finally:
+        bar.close()
+    try:
+        usage_manifest = write_json(data_dir / LOGPROBS_USAGE, usage)
+        return {**finish("logprobs", data_dir, [work], {LOGPROBS: tf_keys, SELF_CONSISTENCY: self_keys}),
+                LOGPROBS_USAGE: usage_manifest}
     finally:
         work.close()
 
 
-def _score_prompts(config: Config, model: LlamaModel, model_key: str, prompts: list, policies: list,
+def _score_prompts(config: Config, model: PolicyModel, model_key: str, prompts: list, policies: list,
                    responses: dict, event, checked: dict, work: WorkFile) -> list[dict]:
     """One call's units of one model: rows for the work file (ok or failed)."""
     rows: list[dict] = []
@@ -224,8 +236,8 @@ def _score_prompts(config: Config, model: LlamaModel, model_key: str, prompts: l
             continue
         results = model.teacher_force_many([item for item, _ in pairs])
         for ((_, tokens, _), (key, p, pol, ev)), values in zip(pairs, results):
-            if isinstance(values, Exception):   # too long for the context
-                rows.append(failed_row(key, str(values), certain=True, prompt_id=p.prompt_id))
+            if isinstance(values, Exception):   # too long for the context, a request that failed
+                rows.append(exception_row(key, values, p.prompt_id))
                 continue
             total = math.fsum(values)
             if not math.isfinite(total) or any(v > 0 for v in values):

@@ -33,8 +33,8 @@ from ..fingerprint import api_keys
 from ..records import OracleLabel, Response
 from ..store import WorkFile, work_path, read_jsonl, write_json
 from .scoring import (RUBRICS, Judgement, ScoringUnit, Tally, open_scorer,
-                      report, rubric_digest, score_units, stage_inputs, stopped, unit_input)
-from .units import RESPONSES, finish, load_prompts, read_run_seed, run_identity, unit_seed
+                      report, rubric_digest, score_units, stage_inputs, unit_input)
+from .units import stopped, RESPONSES, finish, load_prompts, read_run_seed, run_identity, unit_seed
 
 ORACLE_LABELS = "oracle_labels.jsonl"
 ORACLE_USAGE = "oracle_usage.json"

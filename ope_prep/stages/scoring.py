@@ -42,7 +42,7 @@ import numpy as np
 
 from ..backends.api import ApiClient, Reply, RequestFailed
 from ..backends.server import LlamaServer, vocab_texts
-from ..config import Config
+from ..config import ApiConfig, Config
 from ..errors import PipelineError
 from ..fingerprint import model_identity
 from ..records import UsageTotals
@@ -272,9 +272,9 @@ class ApiScorer:
 
     save_every = 32          # rows appended per batch (or every 2 s), as replies stream in
 
-    def __init__(self, stage: str, client: ApiClient, specials: frozenset[str], rubric: Rubric,
+    def __init__(self, stage: str, api: ApiConfig, client: ApiClient, specials: frozenset[str], rubric: Rubric,
                  run_seed: int, need_distribution: bool):
-        self.stage = stage
+        self.stage, self.api = stage, api
         self.client, self.specials, self.rubric, self.run_seed = client, specials, rubric, run_seed
         self.need_distribution = need_distribution
 
@@ -282,8 +282,19 @@ class ApiScorer:
         self.client.close()
 
     def body(self, unit: ScoringUnit) -> dict:
-        return self.client.request(judge_messages(self.rubric, unit.prompt, unit.response, self.run_seed,
-                                                  self.specials), digits=f"{self.rubric.lo}-{self.rubric.hi}")
+        """Temperature 0, one short answer, log-probabilities of its tokens; with a grammar, the
+        answer is one digit of the scale."""
+        body = {"model": self.api.model, "temperature": 0, "max_tokens": self.api.max_tokens,
+                "logprobs": True, "top_logprobs": self.api.top_logprobs,
+                "messages": judge_messages(self.rubric, unit.prompt, unit.response, self.run_seed, self.specials)}
+        if self.api.grammar:
+            # llama.cpp's own request field: for the local server, or an "openai" provider whose
+            # base_url is a llama.cpp server; OpenAI's API itself would reject it.
+            if self.api.provider != "local_server" and not self.api.base_url:
+                raise PipelineError(f"{self.stage}.grammar: OpenAI's API takes no grammar; set it "
+                                    "only for a llama.cpp server (local_server, or a base_url)")
+            body["grammar"] = f"root ::= [{self.rubric.lo}-{self.rubric.hi}]"
+        return body
 
     def score(self, units: list[ScoringUnit]) -> Iterator[tuple[ScoringUnit, Outcome]]:
         def accept(reply: Reply) -> bool:
@@ -353,13 +364,16 @@ def open_scorer(config: Config, which: str, stage: str, run_seed: int,
 
             identity = {"provider": "local_server", **model_identity(config, api.model)}
             specials = vocab_texts(str(config.model_path(api.model)))[2]
+            endpoint = api.model_copy(update={"api_key_env": None})   # our own server needs no key
         else:
             def connect() -> Optional[str]:
                 return api.base_url
             identity = {"provider": api.provider, "base_url": api.base_url}
             specials = frozenset()
-        client = ApiClient(api, which, stage, config.data_dir, connect, identity)
-        scorer = ApiScorer(stage, client, specials, rubric, run_seed, need_distribution)
+            endpoint = api
+        client = ApiClient(endpoint, which, stage, config.data_dir, connect, identity,
+                           label=f"provider {api.provider}, model {api.model}")
+        scorer = ApiScorer(stage, api, client, specials, rubric, run_seed, need_distribution)
         stack.callback(scorer.close)
         yield scorer
 
@@ -404,16 +418,6 @@ def report(stage: str, scorer: Scorer, n_todo: int, tally: Tally, seconds: float
     if tally.errors:
         print(f"[{stage}] {tally.failed} units failed: "
               + "; ".join(f"{n} x {e}" for e, n in tally.errors.most_common(5)), file=sys.stderr)
-
-
-def stopped(stage: str, e: PipelineError, *works_and_keys) -> PipelineError:
-    """The error that ends a stage early, saying what was kept. Arguments: work, keys, work, keys..."""
-    pairs = list(zip(works_and_keys[::2], works_and_keys[1::2]))
-    done = sum(w.done(k) for w, keys in pairs for k in keys)
-    total = sum(len(keys) for _, keys in pairs)
-    where = ", ".join(str(w.path) for w, _ in pairs)
-    return type(e)(f"stage {stage} stopped: {e}. {done} of {total} units are done and saved ({where}); "
-                   "fix the cause (e.g. raise the budget) and rerun the same command to do only the rest")
 
 
 def unit_input(unit: ScoringUnit) -> str:

@@ -400,7 +400,7 @@ def _spread(diffs: list[float]) -> dict:
 def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
     """The clone, TF-vs-sampling and self-consistency rules; the zero and suspicious values."""
     vcfg = config.validation
-    tol = vcfg.tf_vs_sampling_tolerance_per_token
+    tol = config.tf_tolerance(config.base_policy)
     base, clone = config.base_policy, config.clone_policy
     pids = [p.prompt_id for p in data.prompts if isinstance(p.prompt_id, str)]
     checks: dict = {}
@@ -462,7 +462,7 @@ def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
     # Every policy's own responses under itself, computed in a pass of its own by stage 2b.
     consistency, over, mismatch = {}, [], []
     for pol in config.policies:
-        ds = []
+        ds, tol = [], config.tf_tolerance(pol.name)
         for (pid, name), sc in data.self_checks.items():
             r = data.responses.get((pid, name))
             if name != pol.name or r is None or not _shape_ok(r, "sampling_logprob"):
@@ -475,12 +475,13 @@ def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
             d = _worst_token(sc.token_logprobs, r.token_logprobs)
             ds.append(d)
             if d > tol:
-                over.append((d, f"{where(SELF_CONSISTENCY, pid, name)}: a token {d:.3g} nats off"))
+                over.append((d, f"{where(SELF_CONSISTENCY, pid, name)}: a token {d:.3g} nats off "
+                                f"(tolerance {tol:g})"))
         consistency[pol.name] = _spread(ds)
     over.sort(key=lambda t: -t[0])
     problems.rule(SELF_CONSISTENCY, "records do not have one value per token of their response", mismatch)
-    problems.rule(SELF_CONSISTENCY, f"responses have a token whose teacher-forced log-probability "
-                  f"differs from its sampling log-probability by more than {tol:g} nats (largest first)",
+    problems.rule(SELF_CONSISTENCY, "responses have a token whose teacher-forced log-probability "
+                  "differs from its sampling log-probability by more than the tolerance (largest first)",
                   [s for _, s in over])
     checks["self_consistency"] = consistency
 
@@ -656,6 +657,27 @@ def diagnostics(config: Config, data: Data, checks: dict) -> dict:
     }
 
 
+USAGE_FILES = {"generate": "generate_usage.json", "logprobs": "logprobs_usage.json",
+               "judge": "judge_usage.json", "oracle": "oracle_usage.json"}
+
+
+def usage_rows(config: Config, data_dir: Path) -> list[dict]:
+    """What each stage's last run spent, per model: requests, tokens, dollars (from the price
+    tables in the config). Stages 2 and 2b write one entry per model, judge and oracle one."""
+    rows = []
+    for stage, name in USAGE_FILES.items():
+        try:
+            usage = json.loads((data_dir / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if stage in ("judge", "oracle"):
+            usage = {getattr(config, stage).model: usage}
+        for model, u in usage.items():
+            rows.append({"stage": stage, "model": model, **{k: u.get(k) for k in
+                         ("calls", "cached", "input_tokens", "output_tokens", "usd", "notes")}})
+    return rows
+
+
 def clean_json(obj):
     """NaN and infinities become null: dataset_info.json is strict JSON."""
     if isinstance(obj, dict):
@@ -684,6 +706,7 @@ def run(config: Config, args, fp: dict) -> dict:
                                f"{len(problems)} problem(s):\n"
                                + "\n".join(f"  - {p}" for p in problems))
     info = clean_json(diagnostics(config, data, checks))
+    info["cost"] = usage_rows(config, data_dir)
     outputs: dict[str, dict] = {}
     outputs.update(export.write_all(config, data))
     outputs.update(report.write_plots(config, data, info))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import UnitsFailedError
+from ..errors import PipelineError, UnitsFailedError
 from ..records import Prompt, Quarantined
-from ..store import WorkFile, read_jsonl, write_jsonl
+from ..store import WorkFile, failed_row, read_jsonl, write_jsonl
 
 PROMPTS = "prompts.jsonl"
 RUN_PARAMS = "run.json"     # the run's samples and seed (stage 1), read by the later stages
@@ -106,3 +106,22 @@ def finish(stage: str, data_dir: Path, works: list[WorkFile], outputs: dict[str,
               + f" (all in {data_dir / quarantine_file(stage)})")
     return manifests
 
+
+def stopped(stage: str, e: PipelineError, *works_and_keys) -> PipelineError:
+    """The error that ends a stage early, saying what was kept. Arguments: work, keys, work, keys..."""
+    pairs = list(zip(works_and_keys[::2], works_and_keys[1::2]))
+    done = sum(w.done(k) for w, keys in pairs for k in keys)
+    total = sum(len(keys) for _, keys in pairs)
+    where = ", ".join(str(w.path) for w, _ in pairs)
+    return type(e)(f"stage {stage} stopped: {e}. {done} of {total} units are done and saved ({where}); "
+                   "fix the cause (e.g. raise the budget) and rerun the same command to do only the rest")
+
+
+def exception_row(key: str, exc: Exception, prompt_id: str) -> dict:
+    """The failed row for a unit a provider could not do: a request that failed (transient, or
+    refused by the endpoint: see RequestFailed), or a ValueError (too long for the context, ...),
+    which will fail the same way every time."""
+    from ..backends.api import RequestFailed
+    if isinstance(exc, RequestFailed):
+        return failed_row(key, str(exc), deterministic=exc.deterministic, certain=exc.certain, prompt_id=prompt_id)
+    return failed_row(key, str(exc), certain=True, prompt_id=prompt_id)

@@ -1,0 +1,263 @@
+"""A policy model behind an OpenAI-compatible inference engine (``models.<key>.endpoint``), with
+the in-process model's interface for stages 2 and 2b: ``generate_iter`` and ``teacher_force_many``.
+
+The local GGUF file still gives the tokenizer and the chat template (``chat``): prompts are the
+token ids stage 2 renders in process, and a response is split into those same token ids, so the
+records and the checks are the same whichever provider made them. Both engines go through the
+completions API (never chat completions: the engine's own template rendering could differ from
+the one teacher forcing uses).
+
+* ``vllm``: the prompt is sent as token ids; generated tokens come back as ids
+  (``return_tokens_as_token_ids``); teacher forcing reads ``prompt_logprobs`` of the prompt and
+  response sent together (its first entry is null), with ``max_tokens`` 1 (0 is rejected).
+* ``llama_cpp`` (llama-cpp-python's server): the prompt is sent as text (its leading BOS text left
+  out when the server adds BOS itself), and ``usage.prompt_tokens`` must equal our count; a
+  response's tokens are its text's tokens under the local tokenizer, which must spell exactly
+  the returned tokens; teacher forcing is ``echo`` with ``logprobs`` and ``max_tokens`` 1 (0
+  means "until the context is full"): the echoed listing leaves out BOS tokens, its first value
+  is null, and the one extra token it generates is absent when it is end-of-text
+  (``usage.completion_tokens`` says), so values are located from the end and every token of the
+  response is checked by its text.
+
+Known traps that no parsing can fix are left to the engine check (``engine_check``): an engine
+whose teacher-forced values are shifted by one token (llama-cpp-python's echo, for a prompt that
+does not start with the model's BOS token), or whose generation and teacher forcing disagree,
+is refused with the reason. Engines return log-probabilities at temperature 1 (raw), so the
+config allows only temperature 1.0 for a policy on an endpoint, and this module checks it again.
+
+A response that ended by itself has the end-of-turn token's log-probability added by a teacher
+forcing request of its own: engines do not return the stop token's log-probability.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+
+from ..config import ModelEndpoint
+from .api import ApiClient, Reply, RequestFailed
+from .llama.chat import ChatTokenizer
+from .llama.generate import Generation
+
+TeacherForce = Callable[[Sequence[tuple[Sequence[int], Sequence[int], float]]], list]
+
+# Sampling parameters that leave softmax(logits / T) alone (llama.cpp's defaults would not).
+_NEUTRAL = {
+    "llama_cpp": {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0,
+                  "presence_penalty": 0.0, "frequency_penalty": 0.0},
+    "vllm": {"top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+             "frequency_penalty": 0.0, "return_tokens_as_token_ids": True, "skip_special_tokens": False},
+}
+
+
+class RemoteModel:
+    def __init__(self, endpoint: ModelEndpoint, chat: ChatTokenizer, n_ctx: int, client: ApiClient,
+                 local_teacher_force: Optional[TeacherForce] = None):
+        """local_teacher_force: teacher forcing in process (endpoint.teacher_force false), used
+        for the end-of-turn token's log-probability too."""
+        self.endpoint, self.chat, self.n_ctx_per_seq, self.client = endpoint, chat, n_ctx, client
+        self._local_tf = local_teacher_force
+        self._bos = chat.model.token_bos()
+        self._adds_bos = chat.model.add_bos_token()
+
+    def close(self) -> None:
+        self.client.close()
+
+    # ---- requests ------------------------------------------------------------------------
+    def _prompt(self, ids: Sequence[int]) -> Union[str, list[int]]:
+        if self.endpoint.engine == "vllm":
+            return list(ids)
+        if self._adds_bos and ids and ids[0] == self._bos:
+            ids = ids[1:]                      # the server puts BOS in front itself
+        return self.chat.token_bytes(ids).decode("utf-8")
+
+    def generation_body(self, prompt: Sequence[int], temperature: float, seed: int, max_tokens: int) -> dict:
+        return {"model": self.endpoint.model, "prompt": self._prompt(prompt), "max_tokens": max_tokens,
+                "temperature": temperature, "seed": seed, "logprobs": 1, **_NEUTRAL[self.endpoint.engine]}
+
+    def teacher_force_body(self, tokens: Sequence[int]) -> dict:
+        body = {"model": self.endpoint.model, "prompt": self._prompt(tokens), "max_tokens": 1,
+                "temperature": 1.0, **_NEUTRAL[self.endpoint.engine]}
+        if self.endpoint.engine == "vllm":
+            body["prompt_logprobs"] = 0        # the prompt token's own log-probability only
+        else:
+            body.update(echo=True, logprobs=1)
+        return body
+
+    # ---- generation ------------------------------------------------------------------------
+    def generate_iter(self, jobs: Iterable[tuple[list[int], float, int]], max_tokens: int
+                      ) -> Iterator[tuple[int, Union[Generation, RequestFailed]]]:
+        """(job index, Generation or the RequestFailed that says why not) as replies arrive,
+        ``concurrency`` requests in flight per base URL."""
+        def one(item):
+            _, (prompt, temperature, seed) = item
+            if temperature != 1.0:
+                raise ValueError(f"temperature {temperature:g}: an endpoint gives log-probabilities at 1 only")
+            reply = self.client.call(self.generation_body(prompt, temperature, seed, max_tokens))
+            return self._generation(reply, prompt)
+
+        for (j, _), result in self.client.run_all(enumerate(jobs), one):
+            if isinstance(result, BaseException) and not isinstance(result, RequestFailed):
+                raise result
+            yield j, result
+
+    def _generation(self, reply: Reply, prompt: Sequence[int]) -> Generation:
+        if reply.prompt_tokens and reply.prompt_tokens != len(prompt):
+            raise RequestFailed(
+                f"the engine read the prompt as {reply.prompt_tokens} tokens, not {len(prompt)}: it "
+                "tokenized the text otherwise (a control token spelled in the prompt?)", certain=True)
+        if reply.finish_reason not in ("stop", "length"):
+            raise RequestFailed(f"finish_reason {reply.finish_reason!r}", deterministic=True)
+        listing = reply.logprobs or []
+        ids = self._sampled_ids(listing, reply.content or "")
+        values = [e["logprob"] for e in listing]
+        if any(v is None for v in values):
+            raise RequestFailed("a generated token has no log-probability", deterministic=True)
+        stopped = reply.finish_reason == "stop"
+        if stopped and not (ids and self.chat.is_end_of_generation(ids[-1])):
+            # the stop token is not in the reply: its log-probability by teacher forcing
+            eot = self._teacher_force_one(prompt, ids + [self.chat.end_of_turn])
+            ids, values = ids + [self.chat.end_of_turn], values + [eot[-1]]
+        return Generation(ids, [float(v) for v in values], "stop" if stopped else "length")
+
+    def _sampled_ids(self, listing: list[dict], text: str) -> list[int]:
+        tokens = [e["token"] for e in listing]
+        if self.endpoint.engine == "vllm":
+            try:
+                return [int(t.split(":", 1)[1]) for t in tokens]
+            except (IndexError, ValueError):
+                raise RequestFailed("tokens are not 'token_id:N' (return_tokens_as_token_ids)", deterministic=True)
+        ids = self.chat.tokenize_text(text)
+        if self._pieces(ids) == tokens:
+            return ids
+        raise RequestFailed(
+            f"the returned tokens ({len(tokens)}) are not the local tokenizer's tokens of the text "
+            f"({len(ids)}): a non-canonical tokenization or a character cut in two", deterministic=True)
+
+    def _pieces(self, ids: Sequence[int]) -> list[str]:
+        return [self.chat.piece_bytes(t).decode("utf-8", "ignore") for t in ids]
+
+    # ---- teacher forcing ---------------------------------------------------------------------
+    def teacher_force_many(self, items: Sequence[tuple[Sequence[int], Sequence[int], float]]
+                           ) -> list[Union[list[float], Exception]]:
+        """Per-token log-probabilities of each (prompt, response, temperature) item's response;
+        or the exception that says why not (ValueError: never scorable; RequestFailed)."""
+        if self._local_tf is not None:
+            return self._local_tf(items)
+        results: list = [None] * len(items)
+
+        def one(i: int) -> list[float]:
+            prompt, response, temperature = items[i]
+            if temperature != 1.0:
+                raise ValueError(f"temperature {temperature:g}: an endpoint gives log-probabilities at 1 only")
+            if len(prompt) + len(response) + 1 > self.n_ctx_per_seq:
+                raise ValueError(f"prompt + response of {len(prompt) + len(response)} tokens exceed the "
+                                 f"context of {self.n_ctx_per_seq}")
+            return self._teacher_force_one(prompt, list(response)) if response else []
+
+        for i, result in self.client.run_all(range(len(items)), one):
+            results[i] = result
+        return results
+
+    def _teacher_force_one(self, prompt: Sequence[int], response: list[int]) -> list[float]:
+        tokens = list(prompt) + response
+        if self._local_tf is not None:
+            out = self._local_tf([(prompt, response, 1.0)])[0]
+            if isinstance(out, Exception):
+                raise out
+            return out
+        reply = self.client.call(self.teacher_force_body(tokens))
+        if self.endpoint.engine == "vllm":
+            return self._from_prompt_logprobs(reply, tokens, len(prompt))
+        return self._from_echo(reply, tokens, len(response))
+
+    def _from_prompt_logprobs(self, reply: Reply, tokens: list[int], n_prompt: int) -> list[float]:
+        rows = reply.prompt_logprobs
+        if rows is None or len(rows) != len(tokens):
+            raise RequestFailed(f"prompt_logprobs has {len(rows) if rows is not None else 'no'} entries "
+                                f"for {len(tokens)} tokens", deterministic=True)
+        out = []
+        for pos in range(n_prompt, len(tokens)):
+            row = rows[pos] or {}
+            entry = row.get(str(tokens[pos]), row.get(tokens[pos]))
+            if entry is None:
+                raise RequestFailed(f"prompt_logprobs at position {pos} has no entry for token {tokens[pos]}",
+                                    deterministic=True)
+            out.append(float(entry["logprob"] if isinstance(entry, dict) else entry))
+        return out
+
+    def _from_echo(self, reply: Reply, tokens: list[int], n_response: int) -> list[float]:
+        listing = reply.logprobs or []
+        extra = reply.completion_tokens          # the generated token, absent when it was end-of-text
+        response = tokens[len(tokens) - n_response:]
+        if self._bos in response:
+            raise RequestFailed("the response holds the BOS token, which the echo listing leaves out",
+                                certain=True)
+        shown = [t for t in (tokens[1:] if tokens[0] == self._bos else tokens) if t != self._bos]
+        if len(listing) - extra != len(shown):
+            raise RequestFailed(f"the echo lists {len(listing) - extra} tokens, not {len(shown)}: the "
+                                "engine tokenized the text otherwise", certain=True)
+        part = listing[len(shown) - n_response:len(shown)]
+        # llama-cpp-python shows a control token (the end of turn) as ""
+        spelled = [e["token"] in (piece, "" if not self.chat.is_text_token(t) else piece)
+                   for e, t, piece in zip(part, response, self._pieces(response))]
+        if not all(spelled):
+            raise RequestFailed(f"the echoed tokens do not spell the response's tokens (token "
+                                f"{spelled.index(False)} of {len(response)})", certain=True)
+        values = [e["logprob"] for e in part]
+        if any(v is None for v in values):
+            raise RequestFailed("the echo has no log-probability for a response token", deterministic=True)
+        return [float(v) for v in values]
+
+    def usage(self):
+        return self.client.usage(0)
+
+
+# ---- trust but verify ---------------------------------------------------------------------------
+
+@dataclass
+class EngineCheck:
+    model_key: str
+    ok: bool
+    tokens: int               # tokens compared
+    max_diff: float           # largest |generation - teacher forcing| per token
+    detail: str
+
+    def line(self) -> str:
+        verdict = "ok" if self.ok else "REFUSED"
+        return f"models.{self.model_key}.endpoint: {verdict}: {self.detail}"
+
+
+def engine_check(model_key: str, model: RemoteModel, jobs: list[tuple[list[int], float, int]],
+                 max_tokens: int, tolerance: float) -> EngineCheck:
+    """Generate a response per job on the engine, teacher-force each (on the engine, or in
+    process when endpoint.teacher_force is false) and compare the two log-probabilities of every
+    token. Disagreement refuses the engine, with what it looks like."""
+    gens = [g for _, g in sorted(model.generate_iter(jobs, max_tokens), key=lambda x: x[0])]
+    failed = [g for g in gens if isinstance(g, Exception)]
+    if failed:
+        return EngineCheck(model_key, False, 0, math.inf, f"a check request failed: {failed[0]}")
+    tf = model.teacher_force_many([(p, g.token_ids, t) for (p, t, _), g in zip(jobs, gens)])
+    bad = [v for v in tf if isinstance(v, Exception)]
+    if bad:
+        return EngineCheck(model_key, False, 0, math.inf, f"teacher forcing failed: {bad[0]}")
+    diffs, shifted = [], []
+    for g, values in zip(gens, tf):
+        diffs += [abs(a - b) for a, b in zip(g.token_logprobs, values)]
+        shifted += [abs(a - b) for a, b in zip(g.token_logprobs[1:], values)]
+    worst = max(diffs, default=0.0)
+    where = "in process" if model._local_tf is not None else "on the engine"
+    if worst <= tolerance:
+        return EngineCheck(model_key, True, len(diffs), worst,
+                           f"{len(jobs)} responses, {len(diffs)} tokens: generation and teacher forcing "
+                           f"({where}) agree within {worst:.2g} per token (tolerance {tolerance:g})")
+    why = (f"generation and teacher forcing ({where}) disagree by up to {worst:.3g} nats on a token "
+           f"(tolerance {tolerance:g}, {len(diffs)} tokens)")
+    if shifted and max(shifted) <= tolerance:
+        why += ("; its teacher-forced values are shifted by one token (llama-cpp-python's echo does this "
+                "for a prompt that does not start with the model's BOS token)")
+    return EngineCheck(model_key, False, len(diffs), worst,
+                       why + ". Its log-probabilities would give wrong weights: set "
+                       f"models.{model_key}.endpoint.teacher_force: false to teacher-force in process, or "
+                       "fix the engine")

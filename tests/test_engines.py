@@ -1,0 +1,213 @@
+"""Policies, judge and oracle on OpenAI-compatible inference engines (models.<key>.endpoint).
+
+The real llama_cpp.server on 127.0.0.1 serves both default models, reached through the real
+openai client (via counting proxies: two replicas of one server); vLLM's response shape is served
+by tests/vllm_shape_server.py, computed by the real model in process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import ROOT, run_script, small_config, write_config
+
+N = 2
+
+
+def engine_config(data_dir, urls: dict, engine: str = "llama_cpp", **overrides) -> dict:
+    """Every policy on an engine (temperature 1.0: engines give raw log-probabilities)."""
+    cfg = small_config(data_dir, **overrides)
+    for key, m in cfg["models"].items():
+        first, *more = urls[key]
+        m["endpoint"] = {"engine": engine, "model": key, "base_url": first, "more_base_urls": more,
+                         "api_key_env": None, "check_prompts": 2}
+    for p in cfg["policies"]:
+        p["temperature"] = 1.0
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    """llama_cpp.server with both default models, as the pipeline manages it (one numeric path)."""
+    from ope_prep.backends.server import LlamaServer
+    from ope_prep.config import load_config
+    base = tmp_path_factory.mktemp("engine_server")
+    config = load_config(write_config(base / "config.yaml", small_config(base / "data")))
+    server = LlamaServer(config, list(config.models), "engine_test").start()
+    yield server
+    server.stop()
+
+
+def in_process(model_key: str, n_seq: int = 2):
+    from ope_prep.backends.providers import local_model
+    from ope_prep.config import load_config
+    return local_model(load_config(), model_key, n_seq)
+
+
+def read(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_stage_on_engines_agrees_with_in_process_and_a_rerun_sends_no_request(llama_server, tmp_path):
+    from fault_proxy import FaultProxy
+    upstream = llama_server.base_url[:-len("/v1")]
+    with FaultProxy(upstream, fail_rate=0) as a, FaultProxy(upstream, fail_rate=0) as b:
+        urls = {k: [a.url + "/v1", b.url + "/v1"] for k in ("smollm2_135m", "gemma3_270m")}
+        cfg = engine_config(tmp_path / "data", urls)
+        for which in ("judge", "oracle"):
+            cfg[which].update(provider="openai", base_url=a.url + "/v1", api_key_env=None, grammar=True)
+        config = write_config(tmp_path / "config.yaml", cfg)
+        proc = run_script("run_pipeline.py", str(N), "--config", str(config), timeout=1500)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out = proc.stdout + proc.stderr
+        assert out.count("engine check: models.") >= 4 and "REFUSED" not in out
+        sent = a.counts["forwarded"] + b.counts["forwarded"]
+        # requests were spread over both replicas, and were in flight together
+        assert a.counts["forwarded"] > 0 and b.counts["forwarded"] > 0
+        assert max(a.max_inflight, b.max_inflight) >= 2, (a.max_inflight, b.max_inflight)
+
+        data = tmp_path / "data"
+        prompts = {p["prompt_id"]: p["prompt"] for p in read(data / "prompts.jsonl")}
+        responses = read(data / "responses.jsonl")
+        records = read(data / "logprobs.jsonl")
+        policies = {p["name"]: p for p in cfg["policies"]}
+        assert len(responses) == N * len(policies)
+        for model_key in ("smollm2_135m", "gemma3_270m"):
+            model = in_process(model_key)
+            try:
+                # the engine's sampling log-probabilities are the in-process model's
+                for r in (r for r in responses if policies[r["policy"]]["model"] == model_key):
+                    pol = policies[r["policy"]]
+                    prompt = model.chat.prompt_tokens(pol["system_prompt"], prompts[r["prompt_id"]])
+                    local = model.teacher_force(prompt, r["token_ids"], 1.0)
+                    assert max(abs(x - y) for x, y in zip(local, r["token_logprobs"])) < 1e-3, r["prompt_id"]
+                # and so are its teacher-forced ones
+                for t in (t for t in records if policies[t["policy"]]["model"] == model_key):
+                    pol = policies[t["policy"]]
+                    prompt = model.chat.prompt_tokens(pol["system_prompt"], prompts[t["prompt_id"]])
+                    local = model.teacher_force(prompt, t["token_ids"], 1.0)
+                    assert math.isclose(math.fsum(local), t["logprob"], abs_tol=1e-3 * len(local))
+            finally:
+                model.close()
+        info = json.loads((data / "dataset_info.json").read_text())
+        assert info["checks"]["passed"]
+        cost = {(r["stage"], r["model"]): r for r in info["cost"]}
+        assert cost[("generate", "smollm2_135m")]["calls"] > 0
+        assert "## Cost" in (data / "report.md").read_text()
+
+        # Everything again from stage 2 on: every request is answered from the request caches.
+        before = (data / "responses.jsonl").read_bytes()
+        proc = run_script("run_pipeline.py", str(N), "--config", str(config), "--force-step", "generate",
+                          timeout=1500)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert a.counts["forwarded"] + b.counts["forwarded"] == sent
+        assert (data / "responses.jsonl").read_bytes() == before
+
+
+SHIFTING_TEMPLATE = (   # starts with text, not SmolLM2's BOS token (<|im_start|>)
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_an_engine_whose_echo_is_shifted_by_one_token_is_refused(llama_server, tmp_path):
+    """llama-cpp-python's echo pairs each token with the logits after it when the prompt does
+    not start with BOS: the check sees it and refuses the engine for teacher forcing."""
+    urls = {k: [llama_server.base_url] for k in ("smollm2_135m", "gemma3_270m")}
+    cfg = engine_config(tmp_path / "data", urls)
+    cfg["models"]["smollm2_135m"]["chat_template"] = SHIFTING_TEMPLATE
+    cfg["policies"] = [p for p in cfg["policies"] if p["name"] in ("p0", "pi_clone")]
+    config = write_config(tmp_path / "config.yaml", cfg)
+    proc = run_script("run_pipeline.py", "--check-providers", "--config", str(config))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "models.smollm2_135m.endpoint: REFUSED" in proc.stdout
+    assert "shifted by one token" in proc.stdout and "teacher_force: false" in proc.stdout
+
+    run_script("01_prepare_data.py", "--config", str(config), "--samples", "1", check=True)
+    proc = run_script("02_generate_responses.py", "--config", str(config))
+    assert proc.returncode == 2 and "shifted by one token" in proc.stderr, proc.stdout + proc.stderr
+    assert not (tmp_path / "data" / "responses.jsonl").exists()
+
+    # Teacher forcing in process instead: the engine's generation agrees with it.
+    cfg["models"]["smollm2_135m"]["endpoint"]["teacher_force"] = False
+    write_config(config, cfg)
+    proc = run_script("run_pipeline.py", "--check-providers", "--config", str(config))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "models.smollm2_135m.endpoint: ok" in proc.stdout and "(in process)" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def vllm_server():
+    from vllm_shape_server import VllmShapeServer
+    models = {k: in_process(k, n_seq=1) for k in ("smollm2_135m", "gemma3_270m")}
+    with VllmShapeServer(models) as server:
+        yield server
+    for m in models.values():
+        m.close()
+
+
+def test_vllm_prompt_logprobs_and_token_ids_give_the_in_process_values(vllm_server, tmp_path):
+    urls = {k: [vllm_server.url + "/v1"] for k in ("smollm2_135m", "gemma3_270m")}
+    cfg = engine_config(tmp_path / "data", urls, engine="vllm")
+    config = write_config(tmp_path / "config.yaml", cfg)
+    for script, extra in (("01_prepare_data.py", ["--samples", str(N)]), ("02_generate_responses.py", []),
+                          ("02b_compute_logprobs.py", [])):
+        run_script(script, "--config", str(config), *extra, check=True)
+    data = tmp_path / "data"
+    prompts = {p["prompt_id"]: p["prompt"] for p in read(data / "prompts.jsonl")}
+    policies = {p["name"]: p for p in cfg["policies"]}
+    responses = {(r["prompt_id"], r["policy"]): r for r in read(data / "responses.jsonl")}
+    for t in read(data / "logprobs.jsonl"):
+        pol = policies[t["policy"]]
+        model = vllm_server.models[pol["model"]]
+        prompt = model.chat.prompt_tokens(pol["system_prompt"], prompts[t["prompt_id"]])
+        assert t["token_logprobs"] == pytest.approx(model.teacher_force(prompt, t["token_ids"], 1.0), abs=1e-9)
+    for (pid, name), r in responses.items():
+        model = vllm_server.models[policies[name]["model"]]
+        prompt = model.chat.prompt_tokens(policies[name]["system_prompt"], prompts[pid])
+        assert r["token_logprobs"] == pytest.approx(model.teacher_force(prompt, r["token_ids"], 1.0), abs=1e-9)
+    sent = vllm_server.requests_log
+    assert all(isinstance(q["prompt"], list) for q in sent)          # token ids, never text
+    tf = [q for q in sent if "prompt_logprobs" in q]
+    assert tf and all(q["max_tokens"] == 1 for q in tf)              # 0 is refused by vLLM
+
+
+def test_the_budget_cap_stops_generation_cleanly_and_a_rerun_does_only_the_rest(vllm_server, tmp_path):
+    urls = {k: [vllm_server.url + "/v1"] for k in ("smollm2_135m", "gemma3_270m")}
+    cfg = engine_config(tmp_path / "data", urls, engine="vllm")
+    for m in cfg["models"].values():
+        m["endpoint"].update(usd_per_1k_input_tokens=1.0, usd_per_1k_output_tokens=1.0, budget_usd=0.5,
+                             concurrency=1)
+    config = write_config(tmp_path / "config.yaml", cfg)
+    run_script("01_prepare_data.py", "--config", str(config), "--samples", "3", check=True)
+    proc = run_script("02_generate_responses.py", "--config", str(config))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "models.smollm2_135m.endpoint.budget_usd" in proc.stderr and "are done and saved" in proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "data" / "work" / "generate.jsonl").read_text().splitlines()[1:]]
+    done = {r["key"] for r in rows if r["status"] == "ok"}
+    assert 0 < len(done) < 3 * len(cfg["policies"]), len(done)
+
+    for m in cfg["models"].values():
+        m["endpoint"]["budget_usd"] = 100.0
+    write_config(config, cfg)
+    asked = len(vllm_server.requests_log)
+    run_script("02_generate_responses.py", "--config", str(config), check=True)
+    new = vllm_server.requests_log[asked:]
+    check_seeds = {42, 43}     # run.seed + i: the engine check's (gemma's runs now for the first time)
+    generated = [q for q in new if "prompt_logprobs" not in q and q["seed"] not in check_seeds]
+    # only the units not done are asked (fewer when a reply paid before the stop is in the cache)
+    assert 0 < len(generated) <= 3 * len(cfg["policies"]) - len(done)
+    rows = [json.loads(line) for line in (tmp_path / "data" / "work" / "generate.jsonl").read_text().splitlines()[1:]]
+    assert len({r["key"] for r in rows if r["status"] == "ok"}) == 3 * len(cfg["policies"])
+
+
+def test_a_policy_on_an_engine_must_have_temperature_1(tmp_path):
+    cfg = engine_config(tmp_path / "data", {k: ["http://127.0.0.1:9/v1"] for k in ("smollm2_135m", "gemma3_270m")})
+    cfg["policies"][2]["temperature"] = 0.7
+    config = write_config(tmp_path / "config.yaml", cfg)
+    proc = run_script("01_prepare_data.py", "--config", str(config), "--samples", "1")
+    assert proc.returncode == 2
+    assert "policies.2.temperature" in proc.stderr and "temperature 1" in proc.stderr, proc.stderr
+    assert not (tmp_path / "data").exists()
