@@ -107,14 +107,14 @@ def test_every_stage_on_engines_agrees_with_in_process_and_a_rerun_sends_no_requ
         assert (data / "responses.jsonl").read_bytes() == before
 
 
-SHIFTING_TEMPLATE = (   # starts with text, not SmolLM2's BOS token (<|im_start|>)
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}")
+SHIFTING_TEMPLATE = (   # ChatML without <|im_start|>: starts with text, not SmolLM2's BOS token
+    "{% for m in messages %}{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant\n{% endif %}")
 
 
-def test_an_engine_whose_echo_is_shifted_by_one_token_is_refused(llama_server, tmp_path):
-    """llama-cpp-python's echo pairs each token with the logits after it when the prompt does
-    not start with BOS: the check sees it and refuses the engine for teacher forcing."""
+def test_an_engine_whose_echo_is_misaligned_is_refused(llama_server, tmp_path):
+    """llama-cpp-python's echo reads each token's value from the logits after it when the prompt
+    does not start with BOS: the check sees it and refuses the engine for teacher forcing."""
     urls = {k: [llama_server.base_url] for k in ("smollm2_135m", "gemma3_270m")}
     cfg = engine_config(tmp_path / "data", urls)
     cfg["models"]["smollm2_135m"]["chat_template"] = SHIFTING_TEMPLATE
@@ -123,11 +123,11 @@ def test_an_engine_whose_echo_is_shifted_by_one_token_is_refused(llama_server, t
     proc = run_script("run_pipeline.py", "--check-providers", "--config", str(config))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "models.smollm2_135m.endpoint: REFUSED" in proc.stdout
-    assert "shifted by one token" in proc.stdout and "teacher_force: false" in proc.stdout
+    assert "echo is misaligned" in proc.stdout and "teacher_force: false" in proc.stdout
 
     run_script("01_prepare_data.py", "--config", str(config), "--samples", "1", check=True)
     proc = run_script("02_generate_responses.py", "--config", str(config))
-    assert proc.returncode == 2 and "shifted by one token" in proc.stderr, proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "echo is misaligned" in proc.stderr, proc.stdout + proc.stderr
     assert not (tmp_path / "data" / "responses.jsonl").exists()
 
     # Teacher forcing in process instead: the engine's generation agrees with it.

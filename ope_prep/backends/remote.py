@@ -19,10 +19,11 @@ the one teacher forcing uses).
   (``usage.completion_tokens`` says), so values are located from the end and every token of the
   response is checked by its text.
 
-Known traps that no parsing can fix are left to the engine check (``engine_check``): an engine
-whose teacher-forced values are shifted by one token (llama-cpp-python's echo, for a prompt that
-does not start with the model's BOS token), or whose generation and teacher forcing disagree,
-is refused with the reason. Engines return log-probabilities at temperature 1 (raw), so the
+llama-cpp-python's echo is misaligned for a prompt that does not start with the model's BOS token
+(each token gets the value read from the logits after it; the generated token falls off the end
+of the listing): that signature is recognized and the unit refused. Whatever no parsing can
+catch is left to the engine check (``engine_check``): an engine whose generation and teacher
+forcing disagree is refused with the reason. Engines return log-probabilities at temperature 1 (raw), so the
 config allows only temperature 1.0 for a policy on an endpoint, and this module checks it again.
 
 A response that ended by itself has the end-of-turn token's log-probability added by a teacher
@@ -194,7 +195,14 @@ class RemoteModel:
         if self._bos in response:
             raise RequestFailed("the response holds the BOS token, which the echo listing leaves out",
                                 certain=True)
-        shown = [t for t in (tokens[1:] if tokens[0] == self._bos else tokens) if t != self._bos]
+        starts_with_bos = tokens[0] == self._bos
+        shown = [t for t in (tokens[1:] if starts_with_bos else tokens) if t != self._bos]
+        if not starts_with_bos and extra and len(listing) == len(shown):
+            # llama-cpp-python 0.3: without a leading BOS, each listed token gets the log-probability
+            # read from the logits *after* it, and the generated token falls off the end
+            raise RequestFailed("the echo is misaligned: its values are read one position late (llama-cpp-"
+                                "python's echo, for a prompt that does not start with the model's BOS "
+                                "token)", certain=True)
         if len(listing) - extra != len(shown):
             raise RequestFailed(f"the echo lists {len(listing) - extra} tokens, not {len(shown)}: the "
                                 "engine tokenized the text otherwise", certain=True)
@@ -238,26 +246,20 @@ def engine_check(model_key: str, model: RemoteModel, jobs: list[tuple[list[int],
     failed = [g for g in gens if isinstance(g, Exception)]
     if failed:
         return EngineCheck(model_key, False, 0, math.inf, f"a check request failed: {failed[0]}")
+    where = "in process" if model._local_tf is not None else "on the engine"
+    hint = (f". Its log-probabilities would give wrong weights; set models.{model_key}.endpoint.teacher_force: "
+            "false to teacher-force in process from models.{model_key}.path, or fix the engine").replace(
+                "{model_key}", model_key)
     tf = model.teacher_force_many([(p, g.token_ids, t) for (p, t, _), g in zip(jobs, gens)])
     bad = [v for v in tf if isinstance(v, Exception)]
     if bad:
-        return EngineCheck(model_key, False, 0, math.inf, f"teacher forcing failed: {bad[0]}")
-    diffs, shifted = [], []
-    for g, values in zip(gens, tf):
-        diffs += [abs(a - b) for a, b in zip(g.token_logprobs, values)]
-        shifted += [abs(a - b) for a, b in zip(g.token_logprobs[1:], values)]
+        return EngineCheck(model_key, False, 0, math.inf, f"teacher forcing ({where}) failed: {bad[0]}{hint}")
+    diffs = [abs(a - b) for g, values in zip(gens, tf) for a, b in zip(g.token_logprobs, values)]
     worst = max(diffs, default=0.0)
-    where = "in process" if model._local_tf is not None else "on the engine"
     if worst <= tolerance:
         return EngineCheck(model_key, True, len(diffs), worst,
                            f"{len(jobs)} responses, {len(diffs)} tokens: generation and teacher forcing "
                            f"({where}) agree within {worst:.2g} per token (tolerance {tolerance:g})")
-    why = (f"generation and teacher forcing ({where}) disagree by up to {worst:.3g} nats on a token "
-           f"(tolerance {tolerance:g}, {len(diffs)} tokens)")
-    if shifted and max(shifted) <= tolerance:
-        why += ("; its teacher-forced values are shifted by one token (llama-cpp-python's echo does this "
-                "for a prompt that does not start with the model's BOS token)")
     return EngineCheck(model_key, False, len(diffs), worst,
-                       why + ". Its log-probabilities would give wrong weights: set "
-                       f"models.{model_key}.endpoint.teacher_force: false to teacher-force in process, or "
-                       "fix the engine")
+                       f"generation and teacher forcing ({where}) disagree by up to {worst:.3g} nats on a "
+                       f"token (tolerance {tolerance:g}, {len(diffs)} tokens){hint}")
