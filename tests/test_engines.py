@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from conftest import ROOT, run_script, small_config, write_config
+from conftest import run_script, small_config, write_config
 
 N = 2
 
@@ -30,15 +30,19 @@ def engine_config(data_dir, urls: dict, engine: str = "llama_cpp", **overrides) 
 
 
 @pytest.fixture(scope="module")
-def llama_server(tmp_path_factory):
-    """llama_cpp.server with both default models, as the pipeline manages it (one numeric path)."""
+def llama_servers(tmp_path_factory):
+    """llama_cpp.server for each default model, as the pipeline manages it (one numeric path);
+    one server per model, since a server with several loads one model at a time."""
     from ope_prep.backends.server import LlamaServer
     from ope_prep.config import load_config
     base = tmp_path_factory.mktemp("engine_server")
     config = load_config(write_config(base / "config.yaml", small_config(base / "data")))
-    server = LlamaServer(config, list(config.models), "engine_test").start()
-    yield server
-    server.stop()
+    servers = {key: LlamaServer(config, [key], f"engine_test_{key}") for key in config.models}
+    try:
+        yield {key: server.start() for key, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
 def in_process(model_key: str, n_seq: int = 2):
@@ -51,20 +55,25 @@ def read(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_every_stage_on_engines_agrees_with_in_process_and_a_rerun_sends_no_request(llama_server, tmp_path):
+def test_every_stage_on_engines_agrees_with_in_process_and_a_rerun_sends_no_request(llama_servers, tmp_path):
+    """SmolLM2 on two replicas (counting proxies in front of one server), Gemma on its own server
+    with teacher forcing in process (llama-cpp-python's echo sorts Gemma's 262k-token vocabulary
+    in Python for every listed token: minutes per run here); judge and oracle on the servers."""
     from fault_proxy import FaultProxy
-    upstream = llama_server.base_url[:-len("/v1")]
-    with FaultProxy(upstream, fail_rate=0) as a, FaultProxy(upstream, fail_rate=0) as b:
-        urls = {k: [a.url + "/v1", b.url + "/v1"] for k in ("smollm2_135m", "gemma3_270m")}
+    smol, gemma = llama_servers["smollm2_135m"].base_url, llama_servers["gemma3_270m"].base_url
+    with FaultProxy(smol[:-len("/v1")], fail_rate=0) as a, FaultProxy(smol[:-len("/v1")], fail_rate=0) as b, \
+            FaultProxy(gemma[:-len("/v1")], fail_rate=0) as g:
+        urls = {"smollm2_135m": [a.url + "/v1", b.url + "/v1"], "gemma3_270m": [g.url + "/v1"]}
         cfg = engine_config(tmp_path / "data", urls)
-        for which in ("judge", "oracle"):
-            cfg[which].update(provider="openai", base_url=a.url + "/v1", api_key_env=None, grammar=True)
+        cfg["models"]["gemma3_270m"]["endpoint"]["teacher_force"] = False
+        cfg["judge"].update(provider="openai", base_url=a.url + "/v1", api_key_env=None, grammar=True)
+        cfg["oracle"].update(provider="openai", base_url=g.url + "/v1", api_key_env=None, grammar=True)
         config = write_config(tmp_path / "config.yaml", cfg)
         proc = run_script("run_pipeline.py", str(N), "--config", str(config), timeout=1500)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         out = proc.stdout + proc.stderr
         assert out.count("engine check: models.") >= 4 and "REFUSED" not in out
-        sent = a.counts["forwarded"] + b.counts["forwarded"]
+        sent = a.counts["forwarded"] + b.counts["forwarded"] + g.counts["forwarded"]
         # requests were spread over both replicas, and were in flight together
         assert a.counts["forwarded"] > 0 and b.counts["forwarded"] > 0
         assert max(a.max_inflight, b.max_inflight) >= 2, (a.max_inflight, b.max_inflight)
@@ -103,7 +112,7 @@ def test_every_stage_on_engines_agrees_with_in_process_and_a_rerun_sends_no_requ
         proc = run_script("run_pipeline.py", str(N), "--config", str(config), "--force-step", "generate",
                           timeout=1500)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert a.counts["forwarded"] + b.counts["forwarded"] == sent
+        assert a.counts["forwarded"] + b.counts["forwarded"] + g.counts["forwarded"] == sent
         assert (data / "responses.jsonl").read_bytes() == before
 
 
@@ -112,10 +121,10 @@ SHIFTING_TEMPLATE = (   # ChatML without <|im_start|>: starts with text, not Smo
     "{% if add_generation_prompt %}assistant\n{% endif %}")
 
 
-def test_an_engine_whose_echo_is_misaligned_is_refused(llama_server, tmp_path):
+def test_an_engine_whose_echo_is_misaligned_is_refused(llama_servers, tmp_path):
     """llama-cpp-python's echo reads each token's value from the logits after it when the prompt
     does not start with BOS: the check sees it and refuses the engine for teacher forcing."""
-    urls = {k: [llama_server.base_url] for k in ("smollm2_135m", "gemma3_270m")}
+    urls = {k: [server.base_url] for k, server in llama_servers.items()}
     cfg = engine_config(tmp_path / "data", urls)
     cfg["models"]["smollm2_135m"]["chat_template"] = SHIFTING_TEMPLATE
     cfg["policies"] = [p for p in cfg["policies"] if p["name"] in ("p0", "pi_clone")]

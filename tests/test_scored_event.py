@@ -109,3 +109,17 @@ def test_pieces_longer_than_the_buffer_are_read_whole(toks):
     piece = s.piece_bytes(longest)
     assert len(piece) > 64                                  # the first buffer's size
     assert s.tokenize_text(piece.decode()) == [longest]
+
+
+def test_a_cut_prefix_is_what_each_tokenizer_makes_of_its_text_alone(toks):
+    """"code:\n\n```" is ":", "\n", "\n", "```" in SmolLM2, but "code:\n\n" alone ends in one "\n\n"
+    token: a prefix ending there would be other tokens to an engine that takes text prompts."""
+    tokenizers, vocab = toks
+    s = tokenizers["smol"]
+    ids = s.tokenize_text("Here is the code:\n\n```")
+    assert [s.piece_bytes(t) for t in ids[-4:]] == [b":", b"\n", b"\n", b"```"]
+    ev = scored_event(response(ids, "length"), "smol", tokenizers, vocab)
+    text = s.token_bytes(ids)[:ev.scored_bytes].decode()
+    assert 0 < ev.scored_bytes < len(s.token_bytes(ids))
+    for k, t in tokenizers.items():
+        assert t.tokenize_text(text) == ev.tokens[k], (k, text)

@@ -15,7 +15,8 @@ scored as sampled. When some policy's tokenizer differs:
   UTF-8): "the response starts with these bytes", for the longest prefix that ends strictly
   before the first unrepresentable byte (or before the end of a cut response: the cut may
   fall inside another tokenizer's token, "photos" | "ynthesis") at a position where every
-  tokenizer's tokens of the text have a boundary. Every policy, the base included, scores that
+  tokenizer's tokens of the text have a boundary, and where each model's tokens of the prefix are
+  what its tokenizer makes of the prefix text alone (so an engine that takes text scores them). Every policy, the base included, scores that
   prefix, so one base log-probability serves every target. The records say how many bytes
   were scored (`scored_bytes`, `complete`).
 
@@ -131,10 +132,23 @@ def scored_event(resp: Response, base_model: str, tokenizers: dict[str, ChatToke
         tokens = {k: list(resp.token_ids) for k in same}
         tokens.update({k: toks + [tokenizers[k].end_of_turn] for k, (toks, _) in other_tokens.items()})
         return ScoredEvent(tokens, len(raw), True)
-    cut = max((o for o in common if o < limit), default=0)
-    tokens = {k: text_ids[:base_offsets.index(cut)] for k in same}
-    tokens.update({k: toks[:offs.index(cut)] for k, (toks, offs) in other_tokens.items()})
-    return ScoredEvent(tokens, cut, False)
+    for cut in sorted((o for o in common if o < limit), reverse=True):
+        tokens = {k: text_ids[:base_offsets.index(cut)] for k in same}
+        tokens.update({k: toks[:offs.index(cut)] for k, (toks, offs) in other_tokens.items()})
+        if _spelled_alone(raw[:cut], tokens, tokenizers):
+            return ScoredEvent(tokens, cut, False)
+    return ScoredEvent({k: [] for k in tokenizers}, 0, False)
+
+
+def _spelled_alone(prefix: bytes, tokens: dict[str, list[int]], tokenizers: dict[str, ChatTokenizer]) -> bool:
+    """Whether each model's tokens of the prefix are also what its tokenizer makes of the prefix
+    text alone. A cut after "code:\n" of "code:\n\n```" is not ("\n\n" at the end of a text is one
+    token): an engine that takes text prompts (llama_cpp) would then score other tokens."""
+    try:
+        text = prefix.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(tokenizers[k].tokenize_text(text) == toks for k, toks in tokens.items())
 
 
 # ---- the stage ------------------------------------------------------------------------------
