@@ -186,6 +186,7 @@ class ApiClient:
 
     @property
     def concurrency(self) -> int:
+        """Requests in flight: ``concurrency`` per base URL (known once connected)."""
         return self.api.concurrency * max(1, len(self._clients or [None]))
 
     # ---- requests and the cache ------------------------------------------------------
@@ -380,7 +381,6 @@ class ApiClient:
         new submissions; the ones in flight finish and are yielded, then the error is raised."""
         items = iter(items)
         halt: Optional[BaseException] = None
-        self._openai()
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=f"{self.stage}-api")
         inflight: dict[Future, object] = {}
         try:

@@ -83,6 +83,7 @@ def remote_model(config: Config, model_key: str, stage: str, n_seq: int = 4) -> 
     identity = {"engine": ep.engine, "model": ep.model, **model_identity(config, model_key)}
     client = ApiClient(ep, f"models.{model_key}.endpoint", stage, config.data_dir, lambda: urls, identity,
                        name=f"{stage}_{model_key}", label=f"{ep.engine} engine, model {ep.model} at {', '.join(urls)}")
+    client.connect()          # nothing to start: the base URLs are known, and set the concurrency
     local_tf = None if ep.teacher_force else _LocalTeacherForcer(config, model_key, n_seq)
     return _EngineModel(ep, local_tokenizer(config, model_key), m.n_ctx, client, local_tf=local_tf)
 
