@@ -61,17 +61,6 @@ class _LocalTeacherForcer:
             self.model.close()
 
 
-class _EngineModel(RemoteModel):
-    def __init__(self, *args, local_tf: Optional[_LocalTeacherForcer] = None, **kw):
-        super().__init__(*args, local_teacher_force=local_tf, **kw)
-        self._local = local_tf
-
-    def close(self) -> None:
-        super().close()
-        if self._local is not None:
-            self._local.close()
-
-
 PolicyModel = Union[LlamaModel, RemoteModel]
 
 
@@ -85,7 +74,7 @@ def remote_model(config: Config, model_key: str, stage: str, n_seq: int = 4) -> 
                        name=f"{stage}_{model_key}", label=f"{ep.engine} engine, model {ep.model} at {', '.join(urls)}")
     client.connect()          # nothing to start: the base URLs are known, and set the concurrency
     local_tf = None if ep.teacher_force else _LocalTeacherForcer(config, model_key, n_seq)
-    return _EngineModel(ep, local_tokenizer(config, model_key), m.n_ctx, client, local_tf=local_tf)
+    return RemoteModel(ep, local_tokenizer(config, model_key), m.n_ctx, client, local_teacher_force=local_tf)
 
 
 def check_engine(config: Config, model_key: str, stage: str) -> EngineCheck:

@@ -56,14 +56,21 @@ class RemoteModel:
     def __init__(self, endpoint: ModelEndpoint, chat: ChatTokenizer, n_ctx: int, client: ApiClient,
                  local_teacher_force: Optional[TeacherForce] = None):
         """local_teacher_force: teacher forcing in process (endpoint.teacher_force false), used
-        for the end-of-turn token's log-probability too."""
+        for the end-of-turn token's log-probability too; closed with the model if it has close()."""
         self.endpoint, self.chat, self.n_ctx_per_seq, self.client = endpoint, chat, n_ctx, client
         self._local_tf = local_teacher_force
         self._bos = chat.model.token_bos()
         self._adds_bos = chat.model.add_bos_token()
 
+    @property
+    def teacher_forces_in_process(self) -> bool:
+        return self._local_tf is not None
+
     def close(self) -> None:
         self.client.close()
+        close_local = getattr(self._local_tf, "close", None)
+        if close_local is not None:
+            close_local()
 
     # ---- requests ------------------------------------------------------------------------
     def _prompt(self, ids: Sequence[int]) -> Union[str, list[int]]:
@@ -246,7 +253,7 @@ def engine_check(model_key: str, model: RemoteModel, jobs: list[tuple[list[int],
     failed = [g for g in gens if isinstance(g, Exception)]
     if failed:
         return EngineCheck(model_key, False, 0, math.inf, f"a check request failed: {failed[0]}")
-    where = "in process" if model._local_tf is not None else "on the engine"
+    where = "in process" if model.teacher_forces_in_process else "on the engine"
     hint = (f". Its log-probabilities would give wrong weights; set models.{model_key}.endpoint.teacher_force: "
             "false to teacher-force in process from models.{model_key}.path, or fix the engine").replace(
                 "{model_key}", model_key)
