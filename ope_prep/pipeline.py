@@ -59,21 +59,45 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "safe while a run is going)")
     p.add_argument("--check-providers", action="store_true",
                    help="check every policy model served by an engine (models.<key>.endpoint): its "
-                        "generation and teacher-forcing log-probabilities must agree; then exit")
+                        "generation and teacher-forcing log-probabilities must agree; and score one unit "
+                        "with a judge or oracle behind an endpoint; then exit")
     return p.parse_args(argv)
 
 
 def check_providers(config: Config) -> int:
-    """The engine check of every policy model on an endpoint, alone: 0 if all pass."""
+    """The engine check of every policy model on an endpoint, and one probe unit for a judge or
+    oracle behind an endpoint, alone: 0 if all pass."""
     from .backends.providers import check_engine
     keys = [k for k in dict.fromkeys(p.model for p in config.policies) if config.models[k].endpoint]
-    if not keys:
-        print("no policy model is served by an engine (models.<key>.endpoint): in process, nothing to check")
-        return 0
     results = [check_engine(config, key, "check") for key in keys]
     for r in results:
         print(r.line())
-    return 0 if all(r.ok for r in results) else EXIT_BAD_INPUT
+    ok = all(r.ok for r in results)
+    for which in ("judge", "oracle"):
+        if getattr(config, which).provider != "local":
+            line, passed = _probe_scorer(config, which)
+            print(line)
+            ok = ok and passed
+    if not keys and all(getattr(config, w).provider == "local" for w in ("judge", "oracle")):
+        print("every model runs in process: nothing to check")
+    return 0 if ok else EXIT_BAD_INPUT
+
+
+def _probe_scorer(config: Config, which: str) -> tuple[str, bool]:
+    """Score one fixed unit with the judge or oracle: its answer must be read, with a distribution."""
+    from .stages.scoring import Judgement, ScoringUnit, open_scorer
+    api = getattr(config, which)
+    unit = ScoringUnit("check", "check", "check", "How do I boil an egg?",
+                       "Put the egg in boiling water for 8 to 10 minutes, then cool it in cold water.")
+    name = f"{which} ({api.provider} {api.model})"
+    try:
+        with open_scorer(config, which, f"check_{which}", config.run.seed, need_distribution=True) as scorer:
+            _, outcome = next(iter(scorer.score([unit])))
+    except PipelineError as e:
+        return f"{name}: REFUSED: {e}", False
+    if isinstance(outcome, Judgement):
+        return f"{name}: ok: answered {outcome.raw!r}, score {outcome.score:.2f}, mean {outcome.mean:.2f}", True
+    return f"{name}: REFUSED: {outcome.reason}", False
 
 
 def round_sizes(n: int, first: int, growth: float) -> list[int]:

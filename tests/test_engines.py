@@ -139,12 +139,23 @@ def test_an_engine_whose_echo_is_misaligned_is_refused(llama_servers, tmp_path):
     assert proc.returncode == 2 and "echo is misaligned" in proc.stderr, proc.stdout + proc.stderr
     assert not (tmp_path / "data" / "responses.jsonl").exists()
 
-    # Teacher forcing in process instead: the engine's generation agrees with it.
+    # Teacher forcing in process instead: the engine's generation agrees with it. A judge behind an
+    # endpoint is probed with one unit: read with a distribution, or refused.
     cfg["models"]["smollm2_135m"]["endpoint"]["teacher_force"] = False
+    cfg["judge"].update(provider="openai", base_url=urls["smollm2_135m"][0], api_key_env=None, grammar=True)
     write_config(config, cfg)
     proc = run_script("run_pipeline.py", "--check-providers", "--config", str(config))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "models.smollm2_135m.endpoint: ok" in proc.stdout and "(in process)" in proc.stdout
+    assert "judge (openai smollm2_135m): ok: answered" in proc.stdout
+
+    from fault_proxy import ScriptedChatServer
+    with ScriptedChatServer(lambda body: "I would rather not rate this.") as stub:
+        cfg["oracle"].update(provider="openai", base_url=stub.url + "/v1", model="scripted", api_key_env=None)
+        write_config(config, cfg)
+        proc = run_script("run_pipeline.py", "--check-providers", "--config", str(config))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "oracle (openai scripted): REFUSED: unparsable" in proc.stdout, proc.stdout
 
 
 @pytest.fixture(scope="module")
