@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from ope_prep.backends.server import vocab_texts  # noqa: E402
 from ope_prep.config import load_config  # noqa: E402
 from ope_prep.rubrics import RUBRICS, Rubric  # noqa: E402
+from ope_prep.backends.providers import scoring_model  # noqa: E402
 from ope_prep.stages.scoring import Judgement, LocalScorer, ScoringUnit  # noqa: E402
 
 PAIRS = [   # (prompt, a plain honest response)
@@ -173,7 +174,7 @@ def main() -> None:
         units = units_for(rubric, chat_turn)
         for label, scorer_class in templates:
             t = time.perf_counter()
-            scorer = scorer_class(config, role.model, rubric, seed)
+            scorer = scorer_class(scoring_model(config, role.model), rubric, seed)
             try:
                 results = {u.key: j for u, j in scorer.score(units)}
             finally:

@@ -34,6 +34,7 @@ from ope_prep.config import load_config                                   # noqa
 from ope_prep.diagnostics import paired_gap, spearman, spread            # noqa: E402
 from ope_prep.records import Prompt, Response                             # noqa: E402
 from ope_prep.rubrics import RUBRICS                                      # noqa: E402
+from ope_prep.backends.providers import scoring_model   # noqa: E402
 from ope_prep.stages.scoring import Judgement, LocalScorer, ScoringUnit, rubric_digest   # noqa: E402
 from ope_prep.stages.units import PROMPTS, RESPONSES                      # noqa: E402
 from ope_prep.store import read_jsonl, write_jsonl                        # noqa: E402
@@ -79,7 +80,7 @@ def score_vector(config, model: str, rubric_name: str, units: list[ScoringUnit],
     if cached_only:
         return None
     t = time.monotonic()
-    scorer = LocalScorer(config, model, rubric, run_seed)
+    scorer = LocalScorer(scoring_model(config, model), rubric, run_seed)
     try:
         out = {u.key: j for u, j in scorer.score(units)}
         tokens = scorer.tokens_done

@@ -20,6 +20,7 @@ from test_judge_oracle import POLICIES, make_data, records, run, server_override
 from ope_prep import checkpoint
 from ope_prep.config import load_config
 from ope_prep.rubrics import RUBRICS
+from ope_prep.backends.providers import scoring_model
 from ope_prep.stages.scoring import LocalScorer, ScoringUnit, fence_code, judge_messages
 
 PROMPTS = ["What is 2 + 2?", "Name one primary color.", "Write a haiku about the sea."]
@@ -40,7 +41,7 @@ def _scores(scorer: LocalScorer, units: list[ScoringUnit]) -> dict[str, tuple]:
 @pytest.mark.parametrize("model_key", ["smollm2_135m", "gemma3_270m"])
 def test_scores_do_not_depend_on_batch_or_order(tmp_path, model_key):
     config = load_config(write_config(tmp_path / "config.yaml", small_config(tmp_path / "data")))
-    scorer = LocalScorer(config, model_key, RUBRICS[config.judge.rubric], 42)
+    scorer = LocalScorer(scoring_model(config, model_key), RUBRICS[config.judge.rubric], 42)
     try:
         units = _units() if model_key == "smollm2_135m" else _units()[:6]
         together = _scores(scorer, units)
@@ -67,7 +68,7 @@ def test_scores_do_not_depend_on_batch_or_order(tmp_path, model_key):
 
 def test_quoted_text_is_tokenized_as_text_in_process(tmp_path):
     config = load_config(write_config(tmp_path / "config.yaml", small_config(tmp_path / "data")))
-    scorer = LocalScorer(config, "smollm2_135m", RUBRICS[config.judge.rubric], 42)
+    scorer = LocalScorer(scoring_model(config, "smollm2_135m"), RUBRICS[config.judge.rubric], 42)
     try:
         chat = scorer.model.chat
         unit = _units()[2]

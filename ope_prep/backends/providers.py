@@ -2,14 +2,18 @@
 
 A policy model runs in process (``models.<key>`` without ``endpoint``) or on an inference engine
 (with one); `policy_model` gives either behind the same interface (``chat``, ``n_ctx_per_seq``,
-``generate_iter``, ``teacher_force_many``, ``usage``, ``close``), so stages do not branch on
-where a model runs. An engine is checked (`check_engine`) before a stage uses it.
+``generate_iter``, ``teacher_force_many``, ``close``), so stages do not branch on where a model
+runs. An engine is checked (`check_engine`) before a stage uses it. A judge or oracle is a model
+in process or a client of an endpoint (`scoring_provider`: local, local_server, openai).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Optional, Union
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
 
 from ..config import Config
 from ..errors import EngineRefused
@@ -18,6 +22,7 @@ from ..records import UsageTotals
 from .api import ApiClient
 from .llama import ChatTokenizer, LlamaModel, load_tokenizer
 from .remote import EngineCheck, RemoteModel, engine_check
+from .server import LlamaServer, vocab_texts
 
 # The engine check's prompts: short, varied, and the same for every run (so the check's requests
 # are answered from the cache after the first time).
@@ -112,3 +117,60 @@ def model_usage(model: PolicyModel, tokens: int) -> UsageTotals:
     if isinstance(model, RemoteModel):
         return model.usage()
     return UsageTotals(input_tokens=tokens, notes="in process (llama.cpp)")
+
+
+# ---- judge and oracle ---------------------------------------------------------------------------
+
+@dataclass
+class ScoringProvider:
+    """Either a model in process, or a client of an endpoint (with the control-token texts its chat
+    rendering parses, which quoted text must not spell)."""
+    model: Optional[LlamaModel] = None
+    client: Optional[ApiClient] = None
+    specials: frozenset[str] = frozenset()
+
+
+def scoring_model(config: Config, model_key: str) -> LlamaModel:
+    """A judge or oracle model in process: one sequence per policy (the judge prompts of one user
+    prompt share their prefix) and one for the rubric and examples every judge prompt starts with."""
+    return local_model(config, model_key, n_seq=min(8, len(config.policies) + 1))
+
+
+@contextmanager
+def scoring_provider(config: Config, which: str, stage: str) -> Iterator[ScoringProvider]:
+    """``config.<which>`` (judge or oracle) as a provider, closed on the way out. local_server gets
+    a managed llama_cpp.server, started on the first request not in the cache."""
+    api = getattr(config, which)
+    with ExitStack() as stack:
+        if api.provider == "local":
+            t = time.monotonic()
+            model = scoring_model(config, api.model)
+            stack.callback(model.close)
+            print(f"[{stage}] {api.model} loaded in process in {time.monotonic() - t:.1f}s", file=sys.stderr)
+            yield ScoringProvider(model=model)
+            return
+        if api.provider == "local_server":
+            server = LlamaServer(config, [api.model], stage)
+            stack.callback(server.stop)
+
+            def connect() -> Optional[str]:
+                t = time.monotonic()
+                print(f"[{stage}] starting llama_cpp.server for {api.model} (log: {server.log_path})",
+                      file=sys.stderr)
+                server.start()
+                print(f"[{stage}] server ready in {time.monotonic() - t:.1f}s", file=sys.stderr)
+                return server.base_url
+
+            identity = {"provider": "local_server", **model_identity(config, api.model)}
+            specials = vocab_texts(str(config.model_path(api.model)))[2]
+            endpoint = api.model_copy(update={"api_key_env": None})   # our own server needs no key
+        else:
+            def connect() -> Optional[str]:
+                return api.base_url
+            identity = {"provider": api.provider, "base_url": api.base_url}
+            specials = frozenset()
+            endpoint = api
+        client = ApiClient(endpoint, which, stage, config.data_dir, connect, identity,
+                           label=f"provider {api.provider}, model {api.model}")
+        stack.callback(client.close)
+        yield ScoringProvider(client=client, specials=specials)

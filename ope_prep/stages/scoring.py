@@ -22,7 +22,8 @@ Units go in prompt order, so the judge prompts of one user prompt (its policies'
 share their prefix, decoded once. Scores do not depend on batching or order (one numeric path;
 tests). ``local_server`` and ``openai`` go through the openai client (`ApiScorer`): the digit
 answered at temperature 0, the distribution from ``top_logprobs`` (a digit outside them counts
-as 0); an answer that cannot be read is a failed unit with the judge's text.
+as 0); an answer that cannot be read is a failed unit with the judge's text. Which provider a role
+uses is decided in backends/providers.py (`scoring_provider`), not here.
 """
 
 from __future__ import annotations
@@ -34,17 +35,17 @@ import re
 import sys
 import time
 from collections import Counter
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 
 from ..backends.api import ApiClient, Reply, RequestFailed
-from ..backends.server import LlamaServer, vocab_texts
+from ..backends.llama import LlamaModel
+from ..backends.providers import scoring_provider
 from ..config import ApiConfig, Config
 from ..errors import PipelineError
-from ..fingerprint import model_identity
 from ..records import UsageTotals
 from ..rubrics import RUBRICS, Rubric
 from ..store import WorkFile, failed_row, input_digest, ok_row
@@ -223,18 +224,15 @@ class LocalScorer:
     _UNITS_PER_CALL = 8
     save_every = 1           # rows appended as soon as they are yielded (a call yields them at once)
 
-    def __init__(self, config: Config, model_key: str, rubric: Rubric, run_seed: int):
-        from ..backends.providers import local_model
-        # One sequence per policy (the judge prompts of one user prompt share their prefix) and
-        # one for the rubric and examples every judge prompt starts with.
-        self.model = local_model(config, model_key, n_seq=min(8, len(config.policies) + 1))
+    def __init__(self, model: LlamaModel, rubric: Rubric, run_seed: int):
+        self.model = model
         self.rubric, self.run_seed = rubric, run_seed
         digits = self.model.chat.digit_tokens()
         self.candidates = [t for d in range(rubric.lo, rubric.hi + 1) for t in digits[d]]
         self.digit_of = [d for d in range(rubric.lo, rubric.hi + 1) for _ in digits[d]]
         missing = [d for d in range(rubric.lo, rubric.hi + 1) if not digits[d]]
         if missing:
-            raise PipelineError(f"{config.model_path(model_key)}: no token spells the digit(s) {missing}")
+            raise PipelineError(f"{self.model.chat.path}: no token spells the digit(s) {missing}")
         self.tokens_done = 0
 
     def close(self) -> None:
@@ -338,43 +336,15 @@ Scorer = Union[LocalScorer, ApiScorer]
 @contextmanager
 def open_scorer(config: Config, which: str, stage: str, run_seed: int,
                 need_distribution: bool) -> Iterator[Scorer]:
-    """The scorer for ``config.<which>`` (judge or oracle). A local_server provider gets a managed
-    llama_cpp.server, started on the first request not in the cache and stopped on the way out."""
+    """The scorer for ``config.<which>`` (judge or oracle), on the provider the config names
+    (backends/providers.py: in process, or a client of an endpoint)."""
     api = getattr(config, which)
     rubric = RUBRICS[api.rubric]
-    with ExitStack() as stack:
-        if api.provider == "local":
-            t = time.monotonic()
-            scorer: Scorer = LocalScorer(config, api.model, rubric, run_seed)
-            print(f"[{stage}] {api.model} loaded in process in {time.monotonic() - t:.1f}s", file=sys.stderr)
-            stack.callback(scorer.close)
-            yield scorer
-            return
-        if api.provider == "local_server":
-            server = LlamaServer(config, [api.model], stage)
-            stack.callback(server.stop)
-
-            def connect() -> Optional[str]:
-                t = time.monotonic()
-                print(f"[{stage}] starting llama_cpp.server for {api.model} (log: {server.log_path})",
-                      file=sys.stderr)
-                server.start()
-                print(f"[{stage}] server ready in {time.monotonic() - t:.1f}s", file=sys.stderr)
-                return server.base_url
-
-            identity = {"provider": "local_server", **model_identity(config, api.model)}
-            specials = vocab_texts(str(config.model_path(api.model)))[2]
-            endpoint = api.model_copy(update={"api_key_env": None})   # our own server needs no key
+    with scoring_provider(config, which, stage) as provider:
+        if provider.model is not None:
+            scorer: Scorer = LocalScorer(provider.model, rubric, run_seed)
         else:
-            def connect() -> Optional[str]:
-                return api.base_url
-            identity = {"provider": api.provider, "base_url": api.base_url}
-            specials = frozenset()
-            endpoint = api
-        client = ApiClient(endpoint, which, stage, config.data_dir, connect, identity,
-                           label=f"provider {api.provider}, model {api.model}")
-        scorer = ApiScorer(stage, api, client, specials, rubric, run_seed, need_distribution)
-        stack.callback(scorer.close)
+            scorer = ApiScorer(stage, api, provider.client, provider.specials, rubric, run_seed, need_distribution)
         yield scorer
 
 
