@@ -83,33 +83,44 @@ def remote_model(config: Config, model_key: str, stage: str, n_seq: int = 4) -> 
 
 
 def check_engine(config: Config, model_key: str, stage: str) -> EngineCheck:
-    """Trust but verify: generation and teacher forcing of models.<key>'s engine agree on the
-    check prompts (under the first policy on that model)."""
-    ep = config.models[model_key].endpoint
-    assert ep is not None
-    pol = next(p for p in config.policies if p.model == model_key)
+    """Trust but verify, alone (--check-providers): see `_engine_check`."""
     model = remote_model(config, model_key, stage)
     try:
-        prompts = CHECK_PROMPTS[:ep.check_prompts] if ep.check_prompts <= len(CHECK_PROMPTS) else \
-            [CHECK_PROMPTS[i % len(CHECK_PROMPTS)] + f" ({i})" for i in range(ep.check_prompts)]
-        jobs = [(model.chat.prompt_tokens(pol.system_prompt, text), 1.0, config.run.seed + i)
-                for i, text in enumerate(prompts)]
-        return engine_check(model_key, model, jobs, min(CHECK_MAX_TOKENS, config.generation.max_tokens),
-                            ep.check_tolerance_per_token)
+        return _engine_check(config, model_key, model)
     finally:
         model.close()
 
 
+def _engine_check(config: Config, model_key: str, model: RemoteModel) -> EngineCheck:
+    """Generation and teacher forcing of models.<key>'s engine agree on the check prompts (under
+    the first policy on that model)."""
+    ep = config.models[model_key].endpoint
+    assert ep is not None
+    pol = next(p for p in config.policies if p.model == model_key)
+    prompts = CHECK_PROMPTS[:ep.check_prompts] if ep.check_prompts <= len(CHECK_PROMPTS) else \
+        [CHECK_PROMPTS[i % len(CHECK_PROMPTS)] + f" ({i})" for i in range(ep.check_prompts)]
+    jobs = [(model.chat.prompt_tokens(pol.system_prompt, text), 1.0, config.run.seed + i)
+            for i, text in enumerate(prompts)]
+    return engine_check(model_key, model, jobs, min(CHECK_MAX_TOKENS, config.generation.max_tokens),
+                        ep.check_tolerance_per_token)
+
+
 def policy_model(config: Config, model_key: str, n_seq: int, stage: str) -> PolicyModel:
     """models.<key> for generation or teacher forcing: in process, or on its engine once the
-    engine passed its check (else EngineRefused, saying why)."""
+    engine passed its check (else EngineRefused, saying why). The check runs on the very model
+    returned (its requests are in the stage's cache and usage)."""
     if config.models[model_key].endpoint is None:
         return local_model(config, model_key, n_seq)
-    result = check_engine(config, model_key, stage)
-    print(f"[{stage}] engine check: {result.line()}", file=sys.stderr)
-    if not result.ok:
-        raise EngineRefused(result.line())
-    return remote_model(config, model_key, stage, n_seq)
+    model = remote_model(config, model_key, stage, n_seq)
+    try:
+        result = _engine_check(config, model_key, model)
+        print(f"[{stage}] engine check: {result.line()}", file=sys.stderr)
+        if not result.ok:
+            raise EngineRefused(result.line())
+    except BaseException:
+        model.close()
+        raise
+    return model
 
 
 def model_usage(model: PolicyModel, tokens: int) -> UsageTotals:

@@ -20,9 +20,9 @@ from ..fingerprint import policies_keys
 from ..records import Response, UsageTotals
 from ..store import WorkFile, failed_row, input_digest, ok_row, work_path, write_json
 from .units import (RESPONSES, exception_row, finish, load_prompts, progress, read_run_seed, run_identity,
-                    stopped, unit_key, unit_seed, upstream_digests)
+                    stopped, unit_key, unit_seed, upstream_digests, usage_file)
 
-GENERATE_USAGE = "generate_usage.json"
+GENERATE_USAGE = usage_file("generate")
 OUTPUTS = [RESPONSES, GENERATE_USAGE]
 
 

@@ -16,10 +16,10 @@ from ..records import JudgeScore, Response
 from ..store import WorkFile, work_path, read_jsonl, write_json
 from .scoring import (RUBRICS, Judgement, ScoringUnit, Tally, open_scorer,
                       report, rubric_digest, score_units, stage_inputs, unit_input)
-from .units import stopped, RESPONSES, finish, load_prompts, read_run_seed, run_identity, unit_key
+from .units import RESPONSES, finish, load_prompts, read_run_seed, run_identity, stopped, unit_key, usage_file
 
 JUDGE_SCORES = "judge_scores.jsonl"
-JUDGE_USAGE = "judge_usage.json"
+JUDGE_USAGE = usage_file("judge")
 OUTPUTS = [JUDGE_SCORES, JUDGE_USAGE]
 
 

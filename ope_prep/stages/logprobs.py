@@ -41,9 +41,10 @@ from ..fingerprint import policies_keys
 from ..records import Response, SelfCheck, TeacherForced
 from ..store import WorkFile, failed_row, input_digest, ok_row, read_jsonl, work_path, write_json
 from .units import (LOGPROBS, RESPONSES, SELF_CONSISTENCY, exception_row, finish, load_prompts, progress,
-                    read_run_seed, run_identity, self_check_prompts, stopped, unit_key, upstream_digests)
+                    read_run_seed, run_identity, self_check_prompts, stopped, unit_key, upstream_digests,
+                    usage_file)
 
-LOGPROBS_USAGE = "logprobs_usage.json"
+LOGPROBS_USAGE = usage_file("logprobs")
 OUTPUTS = [LOGPROBS, SELF_CONSISTENCY, LOGPROBS_USAGE]
 
 PROMPTS_PER_CALL = 16   # prompts whose units are scored (and made durable) together

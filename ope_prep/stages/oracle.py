@@ -34,10 +34,10 @@ from ..records import OracleLabel, Response
 from ..store import WorkFile, work_path, read_jsonl, write_json
 from .scoring import (RUBRICS, Judgement, ScoringUnit, Tally, open_scorer,
                       report, rubric_digest, score_units, stage_inputs, unit_input)
-from .units import stopped, RESPONSES, finish, load_prompts, read_run_seed, run_identity, unit_seed
+from .units import RESPONSES, finish, load_prompts, read_run_seed, run_identity, stopped, unit_seed, usage_file
 
 ORACLE_LABELS = "oracle_labels.jsonl"
-ORACLE_USAGE = "oracle_usage.json"
+ORACLE_USAGE = usage_file("oracle")
 OUTPUTS = [ORACLE_LABELS, ORACLE_USAGE]
 SPLITS = ("calibration", "validation")
 

@@ -289,7 +289,7 @@ class ApiScorer:
             # llama.cpp's own request field: for the local server, or an "openai" provider whose
             # base_url is a llama.cpp server; OpenAI's API itself would reject it.
             if self.api.provider != "local_server" and not self.api.base_url:
-                raise PipelineError(f"{self.stage}.grammar: OpenAI's API takes no grammar; set it "
+                raise PipelineError(f"{self.client.which}.grammar: OpenAI's API takes no grammar; set it "
                                     "only for a llama.cpp server (local_server, or a base_url)")
             body["grammar"] = f"root ::= [{self.rubric.lo}-{self.rubric.hi}]"
         return body

@@ -45,7 +45,7 @@ from ..errors import InputError, ValidationFailed
 from ..records import JudgeScore, OracleLabel, Prompt, Quarantined, Response, SelfCheck, TeacherForced
 from ..store import read_jsonl, write_json
 from .units import (LOGPROBS, PROMPTS, RESPONSES, RUN_PARAMS, SELF_CONSISTENCY, quarantine_file, run_identity,
-                    self_check_prompts, upstream_digests)
+                    self_check_prompts, upstream_digests, usage_file)
 
 JUDGE = "judge_scores.jsonl"
 ORACLE = "oracle_labels.jsonl"
@@ -657,17 +657,13 @@ def diagnostics(config: Config, data: Data, checks: dict) -> dict:
     }
 
 
-USAGE_FILES = {"generate": "generate_usage.json", "logprobs": "logprobs_usage.json",
-               "judge": "judge_usage.json", "oracle": "oracle_usage.json"}
-
-
 def usage_rows(config: Config, data_dir: Path) -> list[dict]:
     """What each stage's last run spent, per model: requests, tokens, dollars (from the price
     tables in the config). Stages 2 and 2b write one entry per model, judge and oracle one."""
     rows = []
-    for stage, name in USAGE_FILES.items():
+    for stage in ("generate", "logprobs", "judge", "oracle"):
         try:
-            usage = json.loads((data_dir / name).read_text(encoding="utf-8"))
+            usage = json.loads((data_dir / usage_file(stage)).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         if stage in ("judge", "oracle"):

@@ -76,7 +76,7 @@ def upstream_digests(ck: dict, stages: list[str]) -> dict:
     """The digests of the files a stage reads: when they change (a run grew), the stage is redone
     and keeps every unit whose own inputs are unchanged. Usage counts are no input."""
     return {f"{stage}.{rel}": m["sha256"] for stage in stages
-            for rel, m in sorted(ck[stage]["outputs"].items()) if not rel.endswith("_usage.json")}
+            for rel, m in sorted(ck[stage]["outputs"].items()) if rel != usage_file(stage)}
 
 
 def finish(stage: str, data_dir: Path, works: list[WorkFile], outputs: dict[str, list[str]]) -> dict[str, dict]:
@@ -105,6 +105,12 @@ def finish(stage: str, data_dir: Path, works: list[WorkFile], outputs: dict[str,
               + "; ".join(f"{q.key}: {q.error}" for q in quarantined[:3])
               + f" (all in {data_dir / quarantine_file(stage)})")
     return manifests
+
+
+def usage_file(stage: str) -> str:
+    """What a stage's last run spent (UsageTotals; per model for stages 2 and 2b): read by stage 5's
+    cost table, and left out of the digests later stages depend on."""
+    return f"{stage}_usage.json"
 
 
 def stopped(stage: str, e: PipelineError, *works_and_keys) -> PipelineError:
