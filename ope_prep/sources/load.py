@@ -1,0 +1,187 @@
+"""Open one source as a memory-mapped `datasets.Dataset`, and read chosen rows of it.
+
+Nothing here turns a whole source into Python objects: `datasets` writes the source to its Arrow
+cache once (in batches) and maps it; the sampler then reads only the rows it chose, a chunk at a
+time, and only the columns the field mapping names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution, version
+from pathlib import Path
+from typing import Optional
+
+from ..config import Config, FieldMap, SourceSpec
+from ..errors import ConfigError, InputError
+from .registry import GENERIC_KINDS, REGISTRY, fields_of
+
+LANGUAGE_NAMES = {"en": "english", "de": "german", "fr": "french", "es": "spanish", "zh": "chinese",
+                  "ru": "russian", "ja": "japanese", "pt": "portuguese", "it": "italian", "ko": "korean"}
+SHAREGPT_CONTINUATION = re.compile(r"_[1-9][0-9]*$")
+BUILDER_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+@dataclass
+class Row:
+    """What the filters need of one source row."""
+    row: int
+    text: Optional[str]          # the first user turn (None: the row has none)
+    source_id: str
+    language: Optional[str]      # the source's own language field, lower case (None: not given)
+    flagged: bool
+
+
+@dataclass
+class OpenedSource:
+    spec: SourceSpec
+    fields: FieldMap
+    dataset: object              # datasets.Dataset, only the columns the fields name
+    where: str                   # hub name or files, for messages and provenance
+    revision: str                # hub revision, or a digest of the files read
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def rows(self, indices: list[int]) -> list[Row]:
+        """The given rows, read from the mapped table (only these rows become Python objects)."""
+        f = self.fields
+        cols = self.dataset[indices] if indices else {}
+        out = []
+        for j, row in enumerate(indices):
+            def col(name):
+                return cols[name][j] if name else None
+            text = col(f.prompt) if f.prompt else first_user_turn(col(f.messages), f)
+            sid = col(f.id)
+            sid = f"row{row}" if sid is None else str(sid)
+            if self.spec.type == "sharegpt" and SHAREGPT_CONTINUATION.search(sid):
+                text = None     # ShareGPT V3 splits long conversations; only segment 0 starts with the user
+            lang = col(f.language)
+            flag = _path(cols[f.flagged.split(".")[0]][j], f.flagged.split(".")[1:]) if f.flagged else None
+            out.append(Row(row=row, text=text if isinstance(text, str) else None, source_id=sid,
+                           language=lang.strip().lower() if isinstance(lang, str) else None,
+                           flagged=bool(flag)))
+        return out
+
+
+def first_user_turn(turns, f: FieldMap) -> Optional[str]:
+    """The first turn after any system turns, if a user wrote it."""
+    if not isinstance(turns, list):
+        return None
+    for turn in turns:
+        if not isinstance(turn, dict):
+            return None
+        role = turn.get(f.role_key)
+        if role == "system":
+            continue
+        return turn.get(f.content_key) if role in f.user_roles else None
+    return None
+
+
+def _path(value, steps: list[str]):
+    for step in steps:
+        if isinstance(value, list) and step.isdigit():
+            value = value[int(step)] if int(step) < len(value) else None
+        elif isinstance(value, dict):
+            value = value.get(step)
+        else:
+            return None
+    return value
+
+
+def language_matches(value: str, language: str) -> bool:
+    return value in (language.lower(), LANGUAGE_NAMES.get(language.lower(), language.lower()))
+
+
+def normalized(text: str) -> str:
+    """The text as compared for normalized deduplication."""
+    return " ".join(re.sub(r"[\W_]+", " ", unicodedata.normalize("NFKC", text).casefold()).split())
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def files_digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def data_file_paths(config: Config, index: int, config_file=None) -> list[Path]:
+    """The files a source's data_files name (in an installed package when `package` is set)."""
+    spec = config.source.mix[index]
+    files: list[Path] = []
+    for pattern in spec.data_files or []:
+        if spec.package:
+            try:
+                p = Path(str(distribution(spec.package).locate_file(pattern)))
+            except PackageNotFoundError:
+                raise ConfigError(f"{config_file or config.config_path}: source.mix.{index}.package: "
+                                  f"{spec.package} is not installed (bash setup.sh installs it)")
+        else:
+            p = config.resolve(pattern)
+        found = sorted(p.parent.glob(p.name))
+        if not found:
+            raise ConfigError(f"{config_file or config.config_path}: source.mix.{index}.data_files: "
+                              f"no file matches {pattern}" + (f" in {spec.package}" if spec.package else ""))
+        files += found
+    return files
+
+
+def open_source(config: Config, index: int) -> OpenedSource:
+    """The mix's index-th source, opened (loaded through `datasets`, cached by it)."""
+    import datasets
+    datasets.disable_progress_bars()
+    spec = config.source.mix[index]
+    fields = fields_of(spec)
+    key = f"source.mix.{index} ({spec.label})"
+    named = REGISTRY.get(spec.type)
+    files = data_file_paths(config, index)
+    try:
+        if spec.type == "sharegpt" and not files and not spec.dataset:
+            from .sharegpt import packaged
+            ds, where, revision = packaged()
+        elif files:
+            builder = GENERIC_KINDS.get(spec.type) or BUILDER_BY_SUFFIX.get(files[0].suffix)
+            if builder is None:
+                raise InputError(f"{key}.data_files: cannot tell the format of {files[0]} "
+                                 f"(name it .parquet, .jsonl, .json, .csv or .arrow)")
+            ds = datasets.load_dataset(spec.dataset if spec.type == "datasets" else builder,
+                                       data_files=[str(f) for f in files], split=spec.split or "train")
+            where = ", ".join(spec.data_files)
+            if spec.package:
+                where = f"{spec.package}=={version(spec.package)}: {where}"
+            revision = files_digest(files)
+        else:
+            name = spec.dataset or named.dataset
+            ds = datasets.load_dataset(name, spec.subset or (named.subset if named else None),
+                                       split=spec.split or (named.split if named else "train"),
+                                       revision=spec.revision,
+                                       data_files=named.hub_files if named and not spec.dataset else None)
+            where = name
+            revision = f"revision:{spec.revision}" if spec.revision else f"datasets-fingerprint:{ds._fingerprint}"
+    except InputError:
+        raise
+    except Exception as e:  # datasets raises many types; the user needs one line
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise InputError(f"{key}: cannot load {spec.dataset or (named.dataset if named else spec.data_files)} "
+                         f"({type(e).__name__}: {first})")
+    wanted = [c for c in (fields.prompt, fields.messages, fields.language, fields.id,
+                          fields.flagged.split(".")[0] if fields.flagged else None) if c]
+    missing = sorted(set(wanted) - set(ds.column_names))
+    if missing:
+        raise InputError(f"{key}: {where} has no column {', '.join(missing)} "
+                         f"(its columns: {', '.join(ds.column_names)}); fix {key}.fields")
+    return OpenedSource(spec=spec, fields=fields, dataset=ds.select_columns(list(dict.fromkeys(wanted))),
+                        where=where, revision=revision)
