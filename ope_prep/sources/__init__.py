@@ -162,8 +162,12 @@ def sample_prompts(config: Config, samples: int, seed: int, only: list[str] = ()
                     for st, sp, w in zip(streams, specs, weights)})
 
 
+def reasons_text(skipped: dict) -> str:
+    return ", ".join(f"{why}: {n}" for why, n in sorted(skipped.items(), key=lambda kv: -kv[1])) or "none"
+
+
 def _ran_out(stream: _Stream, index: int, weight: float, supplied: int, samples: int) -> str:
     eligible = stream.visited - sum(stream.skipped.values())
     return (f"source.mix.{index} ({stream.src.label}): all {len(stream.src)} rows read, {eligible} eligible "
-            f"(passed over: {dict(stream.skipped) or 'none'}); at its share {weight:.3g} the mix can supply "
+            f"(passed over: {reasons_text(stream.skipped)}); at its share {weight:.3g} the mix can supply "
             f"{supplied} prompts, {samples} asked for. Ask for fewer, lower its weight, or add a source")

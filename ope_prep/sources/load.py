@@ -173,10 +173,16 @@ def open_source(config: Config, index: int) -> OpenedSource:
             revision = f"revision:{spec.revision}" if spec.revision else f"datasets-fingerprint:{ds._fingerprint}"
     except InputError:
         raise
-    except Exception as e:  # datasets raises many types; the user needs one line
+    except Exception as e:  # datasets raises many types; the user needs one line, about the cause
+        while e.__cause__ is not None or e.__context__ is not None:
+            e = e.__cause__ or e.__context__
         first = str(e).splitlines()[0] if str(e) else ""
-        raise InputError(f"{key}: cannot load {spec.dataset or (named.dataset if named else spec.data_files)} "
-                         f"({type(e).__name__}: {first})")
+        if isinstance(e, UnicodeDecodeError):
+            first = f"not UTF-8 (byte {e.start})"
+        what = ", ".join(map(str, files)) if files else spec.dataset or named.dataset
+        raise InputError(f"{key}: cannot load {what} ({type(e).__name__}: {first})")
+    if len(ds) == 0:
+        raise InputError(f"{key}: {where} has no rows")
     wanted = [c for c in (fields.prompt, fields.messages, fields.language, fields.id,
                           fields.flagged.split(".")[0] if fields.flagged else None) if c]
     missing = sorted(set(wanted) - set(ds.column_names))

@@ -17,7 +17,7 @@ from ..config import Config
 from ..errors import EXIT_OK, InputError, RefusedError
 from ..fingerprint import flatten, model_identity
 from ..records import Prompt
-from ..sources import Sample, active_sources, sample_prompts
+from ..sources import Sample, active_sources, reasons_text, sample_prompts
 from ..sources.registry import describe
 from ..store import read_jsonl, write_json, write_jsonl
 from .units import PROMPTS, RUN_PARAMS
@@ -105,7 +105,7 @@ def counts_text(sample: Sample) -> str:
     for label, n in sample.counts.items():
         prov = sample.provenance[label]
         lines.append(f"  {label}: {n} prompts (weight {prov['weight']:.3g}, group {prov['group']}; read "
-                     f"{prov['rows_read']} of {prov['rows']} rows; passed over: {sample.skipped[label] or 'none'})")
+                     f"{prov['rows_read']} of {prov['rows']} rows; passed over: {reasons_text(sample.skipped[label])})")
     return "\n".join(lines)
 
 
