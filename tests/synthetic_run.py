@@ -22,6 +22,7 @@ if str(PROJECT_DIR) not in sys.path:
     sys.path.insert(0, str(PROJECT_DIR))
 
 from ope_prep import checkpoint  # noqa: E402
+from ope_prep.sources.load import text_digest  # noqa: E402
 from ope_prep.store import file_manifest  # noqa: E402
 
 BASE, CLONE = "p0", "pi_clone"
@@ -72,7 +73,7 @@ def write_config(root: Path, data_dir: Path, validation: dict | None = None,
     cfg = {
         "paths": {"data_dir": str(data_dir)},
         "run": {"seed": 7},
-        "source": {"type": "sharegpt"},
+        "source": {"mix": [{"type": "sharegpt"}]},
         "models": {"m": {"path": str(model)}},
         "base_policy": BASE,
         "clone_policy": clone_policy,
@@ -98,8 +99,9 @@ def make_run(root: Path, n: int = 40, seed: int = 0, write: bool = True, **confi
     offset = {"p0": 0.0, "pi_clone": 0.0, "pi_bad": -0.35, "pi_big": 0.1}
     for i in range(n):
         pid = f"q{i:04d}"
-        prompts.append({"prompt_id": pid, "prompt": f"Question {i}: what is {i} + {i}? — ünïcode",
-                        "source": "synthetic", "source_row": i, "source_id": f"conv-{i}"})
+        text = f"Question {i}: what is {i} + {i}? — ünïcode"
+        prompts.append({"prompt_id": pid, "prompt": text, "source": "synthetic", "source_row": i,
+                        "source_id": f"conv-{i}", "source_revision": "synthetic", "text_digest": text_digest(text)})
         quality = rng.uniform(0.3, 0.8)
         toks = {}
         for pol in POLICIES:

@@ -25,6 +25,7 @@ from ope_prep.backends.api import Reply
 from ope_prep.backends.server import LlamaServer, ServerError
 from ope_prep.config import load_config
 from ope_prep.records import Prompt, Response
+from ope_prep.sources.load import text_digest
 from ope_prep.rubrics import RUBRICS, Rubric
 from ope_prep.stages.oracle import select_units
 from ope_prep.stages.scoring import Unparsable, fence_code, judge_messages, neutralize, parse_judgement
@@ -51,7 +52,7 @@ def make_data(root: Path, prompts=PROMPTS, answers=ANSWERS, **overrides) -> Path
     overrides = {**SCALE_0_9, **overrides}
     cfg = small_config(data, **overrides)
     path = write_config(root / "config.yaml", cfg)
-    recs = [Prompt(pid, text, "test", i, pid) for i, (pid, text) in enumerate(prompts)]
+    recs = [Prompt(pid, text, "test", i, pid, "test", text_digest(text)) for i, (pid, text) in enumerate(prompts)]
     resps = [Response(pid, pol, answers[(pid, pol)], [1, 2, 3], [-1.0, -1.0, -1.0], -3.0, 3, "stop", 7)
              for pid, _ in prompts for pol in POLICIES]
     checkpoint.mark_complete(data, "prepare", {"test": True}, {
