@@ -226,7 +226,9 @@ def main() -> None:
         chat.chat_handler = chat_handler
 
     prompts = []
-    for p in sample_prompts(config, args.prompts * 3, args.seed)[0]:
+    # the default mix's "chat" group (ShareGPT): the kind of prompt the figures below were measured on
+    only = ["chat"] if any(s.group_name == "chat" for s in config.source.mix) else []
+    for p in sample_prompts(config, args.prompts * 3, args.seed, only=only).prompts:
         if len(gen.chat.prompt_tokens(system, p.prompt)) + max_tokens <= min(mcfg.n_ctx, 512):
             prompts.append(p.prompt)   # the echo reference evaluates a pair in one batch
         if len(prompts) == args.prompts:

@@ -61,6 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--status", action="store_true",
                    help="print where the run in the config's data directory stands, and exit (read-only; "
                         "safe while a run is going)")
+    p.add_argument("--plan", action="store_true",
+                   help="print what a run of N prompts asks for (generations, teacher-forcing passes, judge and "
+                        "oracle calls, tokens, API cost from the config's prices) and the local wall time projected "
+                        "from a probe run in a scratch directory; write nothing in the data directory")
+    p.add_argument("--plan-probe", type=int, default=2, metavar="K", help="prompts in --plan's probe (default 2)")
     p.add_argument("--check-providers", action="store_true",
                    help="check every policy model served by an engine (models.<key>.endpoint): its "
                         "generation and teacher-forcing log-probabilities must agree; and score one unit "
@@ -219,6 +224,10 @@ def main(argv=None) -> int:
             return 0
         if args.check_providers:
             return check_providers(config)
+        if args.plan:
+            from .plan import plan_text
+            print(plan_text(config, args))
+            return 0
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -89,7 +89,7 @@ class _Stream:
         self.rows: Iterator = self._rows()
 
     def _rows(self):
-        pos, chunk = 0, FIRST_CHUNK
+        pos, chunk = 0, getattr(self.src.dataset, "first_chunk", FIRST_CHUNK)
         while pos < len(self.order):
             yield from self.src.rows(self.order[pos:pos + chunk].tolist())
             pos, chunk = pos + chunk, min(2 * chunk, MAX_CHUNK)

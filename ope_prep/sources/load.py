@@ -8,6 +8,8 @@ time, and only the columns the field mapping names.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -71,6 +73,48 @@ class OpenedSource:
         return out
 
 
+class ParquetRows:
+    """Local parquet files read by row group, only the named columns, only the row groups that
+    hold chosen rows: memory stays at about one row group's columns, whatever the files' size
+    (`datasets`' conversion to its Arrow cache holds about the whole table in memory, and reading
+    rows from its memory map brings most of the file into the process's resident pages)."""
+
+    # Rows are read in chunks of chosen rows, and each chunk decodes every row group it touches:
+    # few large chunks, not many small ones.
+    first_chunk = 4096
+
+    def __init__(self, files: list[Path], columns: list[str]):
+        import pyarrow.parquet as pq
+        self.files = [pq.ParquetFile(f) for f in files]
+        self.column_names = self.files[0].schema_arrow.names
+        self.columns = [c for c in columns if c in self.column_names]
+        self.groups = []          # (first row, file, row group), in row order
+        start = 0
+        for f in self.files:
+            for g in range(f.metadata.num_row_groups):
+                self.groups.append((start, f, g))
+                start += f.metadata.row_group(g).num_rows
+        self.num_rows = start
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, indices: list[int]) -> dict[str, list]:
+        import bisect
+        starts = [g[0] for g in self.groups]
+        by_group: dict[int, list[tuple[int, int]]] = {}
+        for pos, row in enumerate(indices):
+            by_group.setdefault(bisect.bisect_right(starts, row) - 1, []).append((pos, row))
+        out = {c: [None] * len(indices) for c in self.columns}
+        for gi, members in sorted(by_group.items()):
+            start, f, g = self.groups[gi]
+            table = f.read_row_group(g, columns=self.columns).take([row - start for _, row in members])
+            for c, values in table.to_pydict().items():
+                for (pos, _), v in zip(members, values):
+                    out[c][pos] = v
+        return out
+
+
 def first_user_turn(turns, f: FieldMap) -> Optional[str]:
     """The first turn after any system turns, if a user wrote it."""
     if not isinstance(turns, list):
@@ -109,13 +153,35 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+DIGEST_CACHE = Path.home() / ".cache" / "ope_prep" / "file_digests.json"
+
+
 def files_digest(paths: list[Path]) -> str:
-    h = hashlib.sha256()
+    """sha256 of a file's bytes (of several: of their digests in order). Each file's digest is
+    remembered by path, size and mtime: hashing a 1.6 GB parquet file takes over a second."""
+    try:
+        known = json.loads(DIGEST_CACHE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    digests = []
     for p in paths:
-        with open(p, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-    return "sha256:" + h.hexdigest()
+        st = p.stat()
+        key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in known:
+            one = hashlib.sha256()
+            with open(p, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    one.update(block)
+            known[key] = one.hexdigest()
+            try:
+                DIGEST_CACHE.parent.mkdir(parents=True, exist_ok=True)
+                tmp = DIGEST_CACHE.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(known), encoding="utf-8")
+                os.replace(tmp, DIGEST_CACHE)
+            except OSError:
+                pass        # only a cache
+        digests.append(known[key])
+    return "sha256:" + (digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest())
 
 
 def data_file_paths(config: Config, index: int, config_file=None) -> list[Path]:
@@ -152,6 +218,9 @@ def open_source(config: Config, index: int) -> OpenedSource:
         if spec.type == "sharegpt" and not files and not spec.dataset:
             from .sharegpt import packaged
             ds, where, revision = packaged()
+        elif files and all(f.suffix == ".parquet" for f in files) and spec.type != "datasets":
+            ds = ParquetRows(files, _columns(fields))
+            where, revision = _files_where(spec, files), files_digest(files)
         elif files:
             builder = GENERIC_KINDS.get(spec.type) or BUILDER_BY_SUFFIX.get(files[0].suffix)
             if builder is None:
@@ -159,10 +228,7 @@ def open_source(config: Config, index: int) -> OpenedSource:
                                  f"(name it .parquet, .jsonl, .json, .csv or .arrow)")
             ds = datasets.load_dataset(spec.dataset if spec.type == "datasets" else builder,
                                        data_files=[str(f) for f in files], split=spec.split or "train")
-            where = ", ".join(spec.data_files)
-            if spec.package:
-                where = f"{spec.package}=={version(spec.package)}: {where}"
-            revision = files_digest(files)
+            where, revision = _files_where(spec, files), files_digest(files)
         else:
             name = spec.dataset or named.dataset
             ds = datasets.load_dataset(name, spec.subset or (named.subset if named else None),
@@ -183,11 +249,22 @@ def open_source(config: Config, index: int) -> OpenedSource:
         raise InputError(f"{key}: cannot load {what} ({type(e).__name__}: {first})")
     if len(ds) == 0:
         raise InputError(f"{key}: {where} has no rows")
-    wanted = [c for c in (fields.prompt, fields.messages, fields.language, fields.id,
-                          fields.flagged.split(".")[0] if fields.flagged else None) if c]
+    wanted = _columns(fields)
     missing = sorted(set(wanted) - set(ds.column_names))
     if missing:
         raise InputError(f"{key}: {where} has no column {', '.join(missing)} "
                          f"(its columns: {', '.join(ds.column_names)}); fix {key}.fields")
-    return OpenedSource(spec=spec, fields=fields, dataset=ds.select_columns(list(dict.fromkeys(wanted))),
-                        where=where, revision=revision)
+    if not isinstance(ds, ParquetRows):
+        ds = ds.select_columns(wanted)
+    return OpenedSource(spec=spec, fields=fields, dataset=ds, where=where, revision=revision)
+
+
+def _columns(fields: FieldMap) -> list[str]:
+    """The columns a field mapping reads."""
+    return list(dict.fromkeys(c for c in (fields.prompt, fields.messages, fields.language, fields.id,
+                                          fields.flagged.split(".")[0] if fields.flagged else None) if c))
+
+
+def _files_where(spec: SourceSpec, files: list[Path]) -> str:
+    where = ", ".join(spec.data_files)
+    return f"{spec.package}=={version(spec.package)}: {where}" if spec.package else where
