@@ -108,7 +108,7 @@ def test_each_named_source_reads_its_real_schema_from_local_files(tmp_path, kind
     for p in sample.prompts:   # provenance points at the row it came from
         row = rows[p.source_row]
         assert p.source == kind and p.prompt_id.startswith(f"{kind}-")
-        assert p.source_id == str(row[fields.id])
+        assert p.source_id == (str(row[fields.id]) if fields.id else f"row{p.source_row}")
         assert p.source_revision == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
         assert p.text_digest == hashlib.sha256(p.prompt.encode()).hexdigest()
     with pytest.raises(InputError, match=f"the mix can supply {len(keep)} prompts, {len(keep) + 1} asked"):

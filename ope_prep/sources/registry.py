@@ -55,7 +55,7 @@ REGISTRY: dict[str, NamedSource] = {
     "openhermes": NamedSource(
         "OpenHermes 2.5 (ShareGPT-style conversations; the first human turn, after any system turn)",
         "teknium/OpenHermes-2.5",
-        FieldMap(messages="conversations", role_key="from", content_key="value", id="id")),
+        FieldMap(messages="conversations", role_key="from", content_key="value")),   # no reliable id: the row
     "xlam": NamedSource(
         "Salesforce xlam-function-calling-60k (its query field: a tool-use request)",
         "Salesforce/xlam-function-calling-60k",
