@@ -319,6 +319,9 @@ def run_round(config: Config, args, n: int, force: set[str], say, log, state: di
             write_json(data_dir / RUN_STATE, {**state, "stage": name, "stage_started_at": started,
                                               "attempt": attempt})
             rc = run_stage(cmd, log, StallWatch(data_dir, name, config.run.stall_warning_minutes, say))
+            # --force discards earlier work once: a retry keeps what the forced attempt finished,
+            # and its failure counts, so a deterministic failure gets quarantined
+            cmd = [c for c in cmd if c != "--force"]
             if rc == 130:
                 say(f"\ninterrupted during {name}; finished units are saved. Resume with the same command.")
                 return 130

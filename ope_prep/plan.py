@@ -43,11 +43,10 @@ def _scorer_line(name: str, api: ApiConfig, calls: float, tokenizer, prompts, ma
 
 
 def plan_text(config: Config, args) -> str:
-    from .stages.prepare import context_check
-    from .sources import sample_prompts
     from .backends.providers import local_tokenizer
-    n, seed = args.samples, config.run.seed if args.seed is None else args.seed
-    sample = sample_prompts(config, n, seed, args.only, args.exclude, context_check(config))
+    from .stages.prepare import draw, run_seed
+    n, seed = args.samples, run_seed(config, args)
+    sample = draw(config, args, n)      # exactly as stage 1 draws it
     prompts = sample.prompts
     pols, max_tokens = config.policies, config.generation.max_tokens
     n_targets = len(config.target_policies)
@@ -101,8 +100,8 @@ def _probe(config: Config, args, n: int) -> list[str]:
                     break        # a later stage needs this one's outputs
                 cmd = [sys.executable, str(PROJECT_DIR / script), "--config", str(probe_cfg)]
                 if name == "prepare":
-                    cmd += ["--samples", str(k)] + (["--seed", str(args.seed)] if args.seed is not None else [])
-                    cmd += [f for g in args.only for f in ("--only", g)] + [f for g in args.exclude for f in ("--exclude", g)]
+                    from .pipeline import prepare_flags
+                    cmd += ["--samples", str(k), *prepare_flags(args)]
                 started = time.time()
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_DIR)
                 if proc.returncode != 0:

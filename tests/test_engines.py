@@ -68,6 +68,10 @@ def test_every_stage_on_engines_agrees_with_in_process_and_a_rerun_sends_no_requ
         cfg["models"]["gemma3_270m"]["endpoint"]["teacher_force"] = False
         cfg["judge"].update(provider="openai", base_url=a.url + "/v1", api_key_env=None, grammar=True)
         cfg["oracle"].update(provider="openai", base_url=g.url + "/v1", api_key_env=None, grammar=True)
+        # A text engine cannot return a sampled token sequence that is not its text's canonical
+        # tokenization: such a unit is quarantined, and its prompt left out (asserted below).
+        cfg["validation"]["max_excluded_fraction"] = 0.5
+        cfg["run"]["retry_wait_s"] = 1
         config = write_config(tmp_path / "config.yaml", cfg)
         proc = run_script("run_pipeline.py", str(N), "--config", str(config), timeout=1500)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -83,7 +87,12 @@ def test_every_stage_on_engines_agrees_with_in_process_and_a_rerun_sends_no_requ
         responses = read(data / "responses.jsonl")
         records = read(data / "logprobs.jsonl")
         policies = {p["name"]: p for p in cfg["policies"]}
-        assert len(responses) == N * len(policies)
+        info = json.loads((data / "dataset_info.json").read_text())
+        excluded = info["run"]["excluded_prompts"]
+        assert len(excluded) < N      # at least one prompt went all the way
+        for units in excluded.values():
+            assert all("not the local tokenizer's tokens of the text" in u["error"] for u in units), units
+        assert len(responses) >= (N - len(excluded)) * len(policies)
         for model_key in ("smollm2_135m", "gemma3_270m"):
             model = in_process(model_key)
             try:
@@ -101,10 +110,11 @@ def test_every_stage_on_engines_agrees_with_in_process_and_a_rerun_sends_no_requ
                     assert math.isclose(math.fsum(local), t["logprob"], abs_tol=1e-3 * len(local))
             finally:
                 model.close()
-        info = json.loads((data / "dataset_info.json").read_text())
         assert info["checks"]["passed"]
         cost = {(r["stage"], r["model"]): r for r in info["cost"]}
-        assert cost[("generate", "smollm2_135m")]["calls"] > 0
+        # the usage of the stage's last attempt: after a quarantine retry, its replies came from the cache
+        generate = cost[("generate", "smollm2_135m")]
+        assert generate["calls"] + generate["cached"] > 0
         assert "## Cost" in (data / "report.md").read_text()
 
         # Everything again from stage 2 on: every request is answered from the request caches.
