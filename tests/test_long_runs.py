@@ -198,9 +198,9 @@ def test_stage_1_drops_prompts_too_long_for_one_policy_model(tmp_path):
     config = write_config(tmp_path / "config.yaml", cfg)
     p = run_script("01_prepare_data.py", "--config", str(config), "--samples", "8")
     assert p.returncode == 0, p.stdout + p.stderr
-    skipped = json.loads((data / "run.json").read_text())["skipped"]
+    skipped = json.loads((data / "run.json").read_text())["skipped"]     # per source: reason -> count
     reason = "prompt + generation.max_tokens over models.gemma3_270m.n_ctx (96)"
-    assert skipped.get(reason, 0) >= 1 and reason in p.stdout
+    assert sum(per_source.get(reason, 0) for per_source in skipped.values()) >= 1 and reason in p.stdout
     gemma = load_tokenizer(cfg["models"]["gemma3_270m"]["path"], cfg["models"]["gemma3_270m"]["chat_template"])
     system = next(x["system_prompt"] for x in cfg["policies"] if x["model"] == "gemma3_270m")
     for r in records(data / "prompts.jsonl"):
