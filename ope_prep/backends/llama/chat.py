@@ -35,6 +35,7 @@ class ChatTokenizer:
         self.template = env.from_string(template)
         self.bos_text = self.piece_bytes(model.token_bos()).decode("utf-8", "replace")
         self.eos_text = self.piece_bytes(model.token_eos()).decode("utf-8", "replace")
+        self._eog: Optional[list[int]] = None
         self.end_of_turn = self._end_of_turn_token()
 
     # ---- tokens -> bytes -------------------------------------------------------------
@@ -56,6 +57,15 @@ class ChatTokenizer:
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def end_of_generation_tokens(self) -> list[int]:
+        """Every token generation stops on (llama.cpp's end-of-generation set: Gemma 3's <eos> and
+        <end_of_turn>, SmolLM2's <|endoftext|> and <|im_end|>). "The response ended here" is the
+        event that one of them comes next, whichever: its probability is the log-sum-exp of
+        theirs (see sampling.stop_logprob)."""
+        if self._eog is None:
+            self._eog = [t for t in range(self.n_vocab) if self.is_end_of_generation(t)]
+        return list(self._eog)
 
     def is_text_token(self, token: int) -> bool:
         """A token that any text can be (not a control token such as <|im_start|>)."""

@@ -47,6 +47,17 @@ def token_logprobs(rows: np.ndarray, targets: Sequence[int], temperature: float)
     return out
 
 
+def stop_logprob(row: np.ndarray, stop_tokens: Sequence[int], temperature: float) -> float:
+    """log of the probability, under softmax(row / T), that the next token is any of
+    `stop_tokens` (a model's end-of-generation set): the event "the response ends here", one
+    event whichever stop token a sampler would draw. Each token's term is computed with
+    token_logprobs' arithmetic, and the terms are summed in float64."""
+    if not len(stop_tokens):
+        raise ValueError("a stop event needs at least one stop token")
+    rows = np.tile(np.asarray(row), (len(stop_tokens), 1))
+    return float(np.logaddexp.reduce(token_logprobs(rows, stop_tokens, temperature)))
+
+
 class Sampler:
     """Draws from softmax(logits / T) and nothing else; one buffer, reused per draw."""
 
