@@ -73,7 +73,9 @@ def model_identity(config: Config, model_key: str) -> dict[str, object]:
 def policies_keys(config: Config) -> dict[str, object]:
     """What stages 2 and 2b depend on: every policy, its model, and llama.cpp's numeric path."""
     from .backends.llama import numeric_identity   # loads llama.cpp: only stages that run it ask
-    out: dict[str, object] = {"base_policy": config.base_policy}
+    # What a stop's log-probability is (ope_prep/events.py): work recorded under another
+    # definition is not reused.
+    out: dict[str, object] = {"base_policy": config.base_policy, "stop_event": "any end-of-generation token"}
     out.update(flatten(numeric_identity(), "llama_cpp."))
     for p in config.policies:
         out.update(flatten(p.model_dump(), f"policies.{p.name}."))

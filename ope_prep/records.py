@@ -23,10 +23,12 @@ class Response:
     policy: str
     response: str             # exactly the bytes of the sampled tokens (see text_bytes_hex)
     token_ids: list[int]
-    token_logprobs: list[float]   # log softmax(logits / T) of each token, as the sampler drew it
-    sampling_logprob: float   # their sum (the end-of-turn token's included when it stopped)
+    # log softmax(logits / T) of each token, as the sampler drew it; a stop's value is the stop
+    # event's: any end-of-generation token next (ope_prep/events.py)
+    token_logprobs: list[float]
+    sampling_logprob: float   # their sum (the stop's included when it stopped)
     n_tokens: int             # len(token_ids)
-    finish_reason: str        # "stop" (end-of-turn was sampled, and is in the logprob) or "length"
+    finish_reason: str        # "stop" (an end-of-generation token was sampled: the last id) or "length"
     seed: int
     # Set only when the tokens' bytes are not valid UTF-8 (a character cut at max_tokens, stray
     # byte tokens): the exact bytes in hex; `response` then shows U+FFFD where they do not decode.
@@ -36,10 +38,10 @@ class Response:
 @dataclass
 class TeacherForced:
     """The base policy's response scored under one policy. Every policy scores the same event:
-    the whole response (and the end of turn, when it stopped by itself), or, when the policies'
-    tokenizers differ and the whole response is not the same event for all of them (a cut at
-    max_tokens, a control token, bytes that are not UTF-8), its first `scored_bytes` bytes, up
-    to a token boundary that every tokenizer shares (see stages/logprobs.py)."""
+    the whole response (and its stop, when it stopped by itself: any end-of-generation token
+    next), or, when the policies' tokenizers differ and the whole response is not the same event
+    for all of them (a cut at max_tokens, a control token, bytes that are not UTF-8), its first
+    `scored_bytes` bytes, up to a token boundary that every tokenizer shares (ope_prep/events.py)."""
     prompt_id: str
     policy: str               # the policy under which the base policy's response is scored
     logprob: float            # sum of token_logprobs

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT, default_config
 from ope_prep.backends.llama import load_tokenizer, response_text
 from ope_prep.records import Response
-from ope_prep.stages.logprobs import scored_event
+from ope_prep.events import scored_event
 
 SMOL = str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
 GEMMA = str(ROOT / "models" / "gemma-3-270m-q4_k_m.gguf")

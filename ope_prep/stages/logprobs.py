@@ -5,20 +5,11 @@ log p(response | prompt) under a policy = the sum over the response's tokens of
 log softmax(logits / T_policy), the prompt rendered with that policy's chat template and
 system prompt exactly as at generation.
 
-The same event for every policy. A weight's numerator and denominator must be probabilities
-of the same event. Under a model with the base model's tokenizer the stored token ids are
-scored as sampled. When some policy's tokenizer differs:
-
-* a response that stopped by itself, whose text every tokenizer spells exactly: the whole text
-  plus each model's end-of-turn token ("the response is this text, and ends");
-* otherwise (cut at max_tokens, a control token sampled mid-response, bytes that are not
-  UTF-8): "the response starts with these bytes", for the longest prefix that ends strictly
-  before the first unrepresentable byte (or before the end of a cut response: the cut may
-  fall inside another tokenizer's token, "photos" | "ynthesis") at a position where every
-  tokenizer's tokens of the text have a boundary, and where each model's tokens of the prefix are
-  what its tokenizer makes of the prefix text alone (so an engine that takes text scores them). Every policy, the base included, scores that
-  prefix, so one base log-probability serves every target. The records say how many bytes
-  were scored (`scored_bytes`, `complete`).
+The same event for every policy: a weight's numerator and denominator are probabilities of
+the same event, defined once in ope_prep/events.py (a whole response and its stop, or a prefix
+every tokenizer shares; the stop is any of a model's end-of-generation tokens). The records say
+how many bytes were scored (`scored_bytes`, `complete`). A response with no such event is a
+failed unit (quarantined with the reason), never a weight of 1.
 
 Passes of their own. Units are scored PROMPTS_PER_CALL prompts per `teacher_force_many` call
 (packed sequences, shared prompt prefixes, logits at response positions only). The clone
@@ -30,13 +21,13 @@ each policy under itself, see units.self_check_prompts) go in another.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Optional
+from dataclasses import asdict
+from typing import Union
 
-from ..backends.llama import ChatTokenizer
 from ..backends.providers import PolicyModel, local_tokenizer, model_usage, policy_model
 from ..config import Config
 from ..errors import BudgetExceeded, FatalApiError
+from ..events import NoSharedEvent, ScoredEvent, scored_event
 from ..fingerprint import policies_keys
 from ..records import Response, SelfCheck, TeacherForced
 from ..store import WorkFile, failed_row, input_digest, ok_row, read_jsonl, work_path, write_json
@@ -61,95 +52,6 @@ def inputs(config: Config, args, ck: dict) -> dict:
 
 def self_key(prompt_id: str, policy: str) -> str:
     return unit_key(prompt_id, policy) + "/self"
-
-
-# ---- the event every policy scores -------------------------------------------------------
-
-@dataclass
-class ScoredEvent:
-    tokens: dict[str, list[int]]   # model key -> the tokens that model scores
-    scored_bytes: int
-    complete: bool
-
-
-def _offsets(tok: ChatTokenizer, tokens: list[int]) -> list[int]:
-    """Byte offsets of the token boundaries: 0, end of the first token, ..."""
-    out = [0]
-    for t in tokens:
-        out.append(out[-1] + len(tok.piece_bytes(t)))
-    return out
-
-
-def _utf8_prefix(raw: bytes) -> int:
-    """Length of the longest prefix of raw that is valid UTF-8."""
-    try:
-        raw.decode("utf-8")
-        return len(raw)
-    except UnicodeDecodeError as e:
-        return e.start
-
-
-def _common_length(a: bytes, b: bytes) -> int:
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
-
-
-def scored_event(resp: Response, base_model: str, tokenizers: dict[str, ChatTokenizer],
-                 vocab: dict[str, str]) -> ScoredEvent:
-    """What every policy scores of the base response `resp` (see the module docstring).
-    tokenizers: model key -> its tokenizer; vocab: model key -> its vocab_digest."""
-    stopped = resp.finish_reason == "stop"
-    same = [k for k in tokenizers if vocab[k] == vocab[base_model]]
-    others = [k for k in tokenizers if vocab[k] != vocab[base_model]]
-    base = tokenizers[base_model]
-    text_ids = list(resp.token_ids[:-1] if stopped else resp.token_ids)
-    raw = base.token_bytes(text_ids)
-    if not others:
-        return ScoredEvent({k: list(resp.token_ids) for k in same}, len(raw), True)
-
-    base_offsets = _offsets(base, text_ids)
-    # Representable: up to the first control token, and valid UTF-8.
-    limit = len(raw)
-    for i, t in enumerate(text_ids):
-        if not base.is_text_token(t):
-            limit = base_offsets[i]
-            break
-    limit = _utf8_prefix(raw[:limit])
-    text = raw[:limit].decode("utf-8")
-    common = {o for o in base_offsets if o <= limit}
-    other_tokens: dict[str, tuple[list[int], list[int]]] = {}
-    by_vocab: dict[str, tuple[list[int], list[int]]] = {}
-    for k in others:
-        if vocab[k] not in by_vocab:
-            toks = tokenizers[k].tokenize_text(text)
-            offs = _offsets(tokenizers[k], toks)
-            agree = _common_length(tokenizers[k].token_bytes(toks), raw[:limit])
-            common &= {o for o in offs if o <= agree}
-            limit = min(limit, agree)    # past `agree` this tokenizer does not spell the text
-            by_vocab[vocab[k]] = (toks, offs)
-        other_tokens[k] = by_vocab[vocab[k]]
-    complete = stopped and limit == len(raw)
-    if complete:
-        tokens = {k: list(resp.token_ids) for k in same}
-        tokens.update({k: toks + [tokenizers[k].end_of_turn] for k, (toks, _) in other_tokens.items()})
-        return ScoredEvent(tokens, len(raw), True)
-    for cut in sorted((o for o in common if o < limit), reverse=True):
-        tokens = {k: text_ids[:base_offsets.index(cut)] for k in same}
-        tokens.update({k: toks[:offs.index(cut)] for k, (toks, offs) in other_tokens.items()})
-        if _spelled_alone(raw[:cut], tokens, tokenizers):
-            return ScoredEvent(tokens, cut, False)
-    return ScoredEvent({k: [] for k in tokenizers}, 0, False)
-
-
-def _spelled_alone(prefix: bytes, tokens: dict[str, list[int]], tokenizers: dict[str, ChatTokenizer]) -> bool:
-    """Whether each model's tokens of the prefix are also what its tokenizer makes of the prefix
-    text alone. A cut after "code:\n" of "code:\n\n```" is not ("\n\n" at the end of a text is one
-    token): an engine that takes text prompts (llama_cpp) would then score other tokens."""
-    try:
-        text = prefix.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return all(tokenizers[k].tokenize_text(text) == toks for k, toks in tokens.items())
 
 
 # ---- the stage ------------------------------------------------------------------------------
@@ -186,11 +88,14 @@ def run(config: Config, args, fp: dict) -> dict:
     model_keys = list(dict.fromkeys(p.model for p in config.policies))
     tokenizers = {k: local_tokenizer(config, k) for k in model_keys}
     vocab = {k: t.vocab_digest() for k, t in tokenizers.items()}
-    events: dict[str, ScoredEvent] = {}
+    events: dict[str, Union[ScoredEvent, NoSharedEvent]] = {}
 
-    def event(pid: str) -> ScoredEvent:
+    def event(pid: str) -> Union[ScoredEvent, NoSharedEvent]:
         if pid not in events:
-            events[pid] = scored_event(responses[(pid, base)], base_model, tokenizers, vocab)
+            try:
+                events[pid] = scored_event(responses[(pid, base)], base_model, tokenizers, vocab)
+            except NoSharedEvent as e:
+                events[pid] = e
         return events[pid]
 
     bar = progress("logprobs", todo_total, "seq")
@@ -233,24 +138,29 @@ def _score_prompts(config: Config, model: PolicyModel, model_key: str, prompts: 
     """One call's units of one model: rows for the work file (ok or failed)."""
     rows: list[dict] = []
     calls: dict[str, list[tuple]] = {"targets": [], "clone": [], "self": []}   # -> (item, unit)
+    stop_tokens = model.chat.end_of_generation_tokens()
     for p in prompts:
-        ev: Optional[ScoredEvent] = None
         for pol in policies:
             prompt = model.chat.prompt_tokens(pol.system_prompt, p.prompt)
             key = unit_key(p.prompt_id, pol.name)
             if not work.settled(key):
-                ev = ev or event(p.prompt_id)
-                call = "clone" if pol.name == config.clone_policy else "targets"
-                calls[call].append(((prompt, ev.tokens[model_key], pol.temperature), (key, p, pol, ev)))
+                ev = event(p.prompt_id)
+                if isinstance(ev, NoSharedEvent):
+                    rows.append(failed_row(key, str(ev), certain=True, prompt_id=p.prompt_id))
+                else:
+                    call = "clone" if pol.name == config.clone_policy else "targets"
+                    calls[call].append(((prompt, ev.tokens[model_key], pol.temperature,
+                                         stop_tokens if ev.stops else None), (key, p, pol, ev)))
             skey = self_key(p.prompt_id, pol.name)
             if p.prompt_id in checked[pol.name] and not work.settled(skey):
                 own = responses[(p.prompt_id, pol.name)]
-                calls["self"].append(((prompt, own.token_ids, pol.temperature), (skey, p, pol, None)))
+                calls["self"].append(((prompt, own.token_ids, pol.temperature,
+                                       stop_tokens if own.finish_reason == "stop" else None), (skey, p, pol, None)))
     for pairs in calls.values():
         if not pairs:
             continue
         results = model.teacher_force_many([item for item, _ in pairs])
-        for ((_, tokens, _), (key, p, pol, ev)), values in zip(pairs, results):
+        for ((_, tokens, *_), (key, p, pol, ev)), values in zip(pairs, results):
             if isinstance(values, Exception):   # too long for the context, a request that failed
                 rows.append(exception_row(key, values, p.prompt_id))
                 continue

@@ -15,12 +15,15 @@ import llama_cpp
 import numpy as np
 
 from .engine import _GRAIN, _MIN_SHARED, Engine, PromptTooLong, _common_prefix
+from .sampling import stop_logprob
 
 
 @dataclass
 class Generation:
     token_ids: list[int]      # sampled tokens, the end-of-generation token included if sampled
-    token_logprobs: list[float]   # log softmax(logits / T) of each, as the sampler drew it
+    # log softmax(logits / T) of each, as the sampler drew it; for the end-of-generation token,
+    # the stop event's: any end-of-generation token next (sampling.stop_logprob)
+    token_logprobs: list[float]
     finish_reason: str        # "stop" or "length"
 
     @property
@@ -152,9 +155,11 @@ class Generator(Engine):
     def _advance(self, st: _GenState, row: np.ndarray, max_tokens: int) -> Optional[Generation]:
         tok, lp = self.sampler.sample(row, st.temperature, st.rng.random())
         st.tokens.append(tok)
-        st.logprobs.append(lp)
         if self.chat.is_end_of_generation(tok):
+            # The stop is one event whichever end token was drawn: its probability is theirs summed.
+            st.logprobs.append(stop_logprob(row, self.chat.end_of_generation_tokens(), st.temperature))
             return Generation(st.tokens, st.logprobs, "stop")
+        st.logprobs.append(lp)
         if len(st.tokens) >= max_tokens:
             return Generation(st.tokens, st.logprobs, "length")
         return None

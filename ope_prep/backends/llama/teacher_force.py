@@ -14,7 +14,7 @@ from .engine import _GRAIN, _MIN_SHARED, Engine, PromptTooLong, _common_prefix
 # A prefix common to every sequence of a call is kept in a sequence of its own from this length
 # on (a copy per group costs about as much as decoding a few tokens).
 _MIN_COMMON = 64
-from .sampling import log_softmax, token_logprobs
+from .sampling import log_softmax, stop_logprob, token_logprobs
 
 
 @dataclass
@@ -28,6 +28,9 @@ class _TFSeq:
     # at the prompt's last position is wanted; `tokens` then ends with one placeholder token.
     readout: Optional[np.ndarray] = None
     answer: Optional[np.ndarray] = None
+    # Set when the response's last token is a stop: its value is the stop event's (any of these
+    # tokens next, sampling.stop_logprob), not that one token's.
+    stop_tokens: Optional[tuple[int, ...]] = None
 
     @property
     def end(self) -> int:
@@ -64,11 +67,14 @@ class TeacherForcer(Engine):
             raise result
         return result
 
-    def teacher_force_many(self, items: Sequence[tuple[Sequence[int], Sequence[int], float]]
-                           ) -> list[Union[list[float], ValueError]]:
+    def teacher_force_many(self, items: Sequence[tuple]) -> list[Union[list[float], ValueError]]:
         """Per-token log softmax(logits / T) of each (prompt, response, temperature) item's
         response after its prompt, from raw logits; or, for an item that cannot be scored
         (too long for the context, empty prompt), the ValueError saying why.
+
+        An item (prompt, response, temperature, stop_tokens) with a non-empty stop set ends in a
+        stop: the response's last token is one of stop_tokens, and its value is the stop event's,
+        log sum over stop_tokens of p(token | prompt + response[:-1]) (sampling.stop_logprob).
 
         Items with identical prompt and response tokens are decoded once and scored at each of
         their temperatures: equal inputs give equal logits, and anything that differs (the
@@ -76,22 +82,25 @@ class TeacherForcer(Engine):
         """
         results: list = [None] * len(items)
         distinct: dict[tuple, _TFSeq] = {}
-        for i, (prompt, response, temp) in enumerate(items):
+        for i, (prompt, response, temp, *rest) in enumerate(items):
             prompt, response = list(prompt), list(response)
+            stop = tuple(rest[0]) if rest and rest[0] else None
             if not temp > 0:
                 results[i] = ValueError(f"temperature must be positive (got {temp})")
             elif not response:
                 results[i] = []
+            elif stop is not None and response[-1] not in stop:
+                results[i] = ValueError(f"the response ends in token {response[-1]}, not a stop token")
             elif not prompt:
                 results[i] = ValueError("empty prompt")
             elif len(prompt) + len(response) > self.n_ctx_per_seq:
                 results[i] = PromptTooLong(f"prompt + response of {len(prompt) + len(response)} "
                                            f"tokens exceed the context of {self.n_ctx_per_seq}")
             else:
-                key = (tuple(prompt), tuple(response))
+                key = (tuple(prompt), tuple(response), stop)
                 sq = distinct.get(key)
                 if sq is None:
-                    sq = distinct[key] = _TFSeq(prompt + response, len(prompt))
+                    sq = distinct[key] = _TFSeq(prompt + response, len(prompt), stop_tokens=stop)
                 sq.requests.append((i, float(temp)))
         seqs = list(distinct.values())
         for sq in seqs:
@@ -279,3 +288,5 @@ class TeacherForcer(Engine):
         k = a - sq.first_out
         for temp, values in sq.values.items():
             values[k:k + b - a] = token_logprobs(rows[a - pos:b - pos], targets, temp)
+            if sq.stop_tokens is not None and b == sq.stop_out:    # this part holds the stop
+                values[-1] = stop_logprob(rows[b - 1 - pos], sq.stop_tokens, temp)
