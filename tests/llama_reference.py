@@ -24,8 +24,10 @@ class WholeSequence:
         self.ctx = _internals.LlamaContext(model=self.model, params=cp, verbose=False)
         self.n_ctx, self.n_vocab = n_ctx, self.model.n_vocab()
 
-    def logprobs(self, prompt: list[int], response: list[int], temperature: float) -> np.ndarray:
-        """Per-token log softmax(logits / T) of response after prompt, in float64."""
+    def logprobs(self, prompt: list[int], response: list[int], temperature: float,
+                 stop_tokens: list[int] | None = None) -> np.ndarray:
+        """Per-token log softmax(logits / T) of response after prompt, in float64; with
+        stop_tokens, the last value is the stop event's (any of them next: their log-sum-exp)."""
         tokens = list(prompt) + list(response)
         assert len(tokens) <= self.n_ctx
         llama_cpp.llama_memory_clear(self.ctx.memory, True)
@@ -45,7 +47,10 @@ class WholeSequence:
         z = rows / temperature
         z -= z.max(axis=1, keepdims=True)
         lp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        return lp[np.arange(len(response)), response]
+        out = lp[np.arange(len(response)), response]
+        if stop_tokens:
+            out[-1] = np.logaddexp.reduce(lp[-1, stop_tokens])
+        return out
 
     def close(self) -> None:
         self.ctx.close()

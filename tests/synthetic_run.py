@@ -1,7 +1,7 @@
 """A small synthetic pipeline run for stage-5 tests: the files of stages 1-4 and their checkpoint.
 
-No model is loaded by stage 5, so the config points at a placeholder model file in the test's
-folder (the config only checks that the file exists). Records are kept as plain dicts so a test
+Stage 5 loads no weights, only the policies' tokenizers (to recompute each record's scored event),
+so every policy is on the real SmolLM2 file and the responses are real token ids of real text. Records are kept as plain dicts so a test
 can break any of them and write the files again (``write``), with the checkpoint re-marked so that
 the pipeline's own verification of earlier stages passes and stage 5's checks are what is tested.
 """
@@ -25,6 +25,8 @@ from ope_prep import checkpoint  # noqa: E402
 from ope_prep.sources.load import text_digest  # noqa: E402
 from ope_prep.store import file_manifest  # noqa: E402
 
+SMOL = PROJECT_DIR / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+WORDS = "the a cat sat on mat and then it ran far away to see what is there in sun".split()
 BASE, CLONE = "p0", "pi_clone"
 TARGETS = ["pi_clone", "pi_bad", "pi_big"]
 POLICIES = [BASE, *TARGETS]
@@ -67,9 +69,7 @@ class Run:
 
 def write_config(root: Path, data_dir: Path, validation: dict | None = None,
                  clone_policy: str | None = CLONE) -> Path:
-    model = root / "models" / "placeholder.gguf"
-    model.parent.mkdir(parents=True, exist_ok=True)
-    model.write_bytes(b"GGUF placeholder: stage 5 never loads a model\n")
+    model = SMOL
     cfg = {
         "paths": {"data_dir": str(data_dir)},
         "run": {"seed": 7},
@@ -91,6 +91,9 @@ def write_config(root: Path, data_dir: Path, validation: dict | None = None,
 
 def make_run(root: Path, n: int = 40, seed: int = 0, write: bool = True, **config_kw) -> Run:
     """n prompts x 4 policies of plausible data: every check passes."""
+    from ope_prep.backends.llama import load_tokenizer
+    tok = load_tokenizer(str(SMOL))
+    stop_token = tok.end_of_turn
     rng = np.random.default_rng(seed)
     data_dir = root / "data"
     run = Run(root=root, config_path=write_config(root, data_dir, **config_kw), data_dir=data_dir,
@@ -105,12 +108,12 @@ def make_run(root: Path, n: int = 40, seed: int = 0, write: bool = True, **confi
         quality = rng.uniform(0.3, 0.8)
         toks = {}
         for pol in POLICIES:
-            n_tok = int(rng.integers(5, 60))
-            ids = rng.integers(0, 50000, n_tok).tolist()
+            text = f"{pol} says {2 * i}: " + " ".join(rng.choice(WORDS, int(rng.integers(2, 40))))
             stop = bool(rng.random() < 0.8)
+            ids = tok.tokenize_text(text) + ([stop_token] if stop else [])
+            n_tok = len(ids)
             lps = (-rng.exponential(float(rng.uniform(0.3, 2.0)), n_tok)).tolist()
-            toks[pol] = (n_tok, ids, lps)
-            text = f"{pol} says {2 * i} ({n_tok} tokens)"
+            toks[pol] = (n_tok, ids, lps, len(text.encode()))
             responses.append({"prompt_id": pid, "policy": pol, "response": text,
                               "token_ids": ids, "token_logprobs": lps, "sampling_logprob": math.fsum(lps),
                               "n_tokens": n_tok, "finish_reason": "stop" if stop else "length",
@@ -125,8 +128,7 @@ def make_run(root: Path, n: int = 40, seed: int = 0, write: bool = True, **confi
             oracle.append({"prompt_id": pid, "policy": pol,
                            "split": "calibration" if pol == BASE else "validation",
                            "label": float(np.clip(q + rng.normal(0, 0.1), 0, 1)), "raw": "x"})
-        n0, ids0, lps0 = toks[BASE]
-        text0 = responses[-len(POLICIES)]["response"]
+        n0, ids0, lps0, bytes0 = toks[BASE]
         base_tf = [min(v + float(rng.normal(0, 1e-12)), 0.0) for v in lps0]   # float noise only
         tf = {"p0": base_tf, "pi_clone": base_tf,
               "pi_bad": [v - float(rng.uniform(0.2, 0.6)) for v in base_tf],
@@ -134,7 +136,7 @@ def make_run(root: Path, n: int = 40, seed: int = 0, write: bool = True, **confi
         for pol in POLICIES:
             logprobs.append({"prompt_id": pid, "policy": pol, "logprob": math.fsum(tf[pol]), "n_tokens": n0,
                              "token_ids": ids0, "token_logprobs": tf[pol],
-                             "scored_bytes": len(text0.encode()), "complete": True})
+                             "scored_bytes": bytes0, "complete": True})
     # Oracle subsets: a seeded quarter of the base responses, a quarter of each target's.
     keep = set()
     for pol in POLICIES:

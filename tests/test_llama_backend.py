@@ -35,10 +35,11 @@ def gemma():
     m.close()
 
 
-def reference_logprobs(path: str, prompt: list[int], response: list[int], temperature: float) -> np.ndarray:
+def reference_logprobs(path: str, prompt: list[int], response: list[int], temperature: float,
+                       stop_tokens: list[int] | None = None) -> np.ndarray:
     ref = WholeSequence(path, n_ctx=512)
     try:
-        return ref.logprobs(prompt, response, temperature)
+        return ref.logprobs(prompt, response, temperature, stop_tokens)
     finally:
         ref.close()
 
@@ -67,9 +68,10 @@ def test_rendering_uses_the_models_own_template(smol, gemma):
 def test_sampling_logprob_is_the_temperature_softmax_and_matches_reference(smol):
     jobs = [(smol.chat.prompt_tokens(SYSTEM, p), 0.7, 100 + i) for i, p in enumerate(PROMPTS[:2])]
     for (prompt, temp, _), gen in zip(jobs, smol.generate(jobs, 24)):
-        ref = reference_logprobs(SMOL, prompt, gen.token_ids, temp)
+        stops = smol.chat.end_of_generation_tokens() if gen.finish_reason == "stop" else None
+        ref = reference_logprobs(SMOL, prompt, gen.token_ids, temp, stops)
         assert np.max(np.abs(ref - np.array(gen.token_logprobs))) <= 1e-6
-        tf = smol.teacher_force(prompt, gen.token_ids, temp)
+        tf = smol.teacher_force(prompt, gen.token_ids, temp, stops)
         assert np.max(np.abs(np.array(tf) - ref)) <= 1e-6
         assert all(v <= 0 for v in tf)
 
@@ -115,3 +117,31 @@ def test_prompt_too_long_is_refused(smol):
     long_prompt = smol.chat.prompt_tokens(SYSTEM, "word " * 600)
     with pytest.raises(ValueError, match="exceeds the context"):
         smol.generate([(long_prompt, 0.7, 1)], 16)
+
+
+def test_the_stop_is_one_event_under_both_models(smol, gemma):
+    """A stopped SmolLM2 response: "this text, then the end" under SmolLM2 (as sampled) and under
+    Gemma 3 alike is the probability of any end-of-generation token next (issue 24: Gemma's
+    <end_of_turn> alone was ~40 nats below its <eos>, and every weight that far off)."""
+    from ope_prep.events import scored_event
+    from ope_prep.records import Response
+    jobs = [(smol.chat.prompt_tokens(SYSTEM, p), 0.7, 7 + i) for i, p in enumerate(PROMPTS)]
+    stopped = [(job, g) for job, g in zip(jobs, smol.generate(jobs, 64)) if g.finish_reason == "stop"]
+    assert stopped, "need a response that ended by itself"
+    for (prompt, temp, _), g in stopped[:2]:
+        smol_stops, gemma_stops = smol.chat.end_of_generation_tokens(), gemma.chat.end_of_generation_tokens()
+        assert len(smol_stops) >= 2 and len(gemma_stops) >= 2
+        # The sampler recorded the stop event, not the drawn token's own value.
+        ref = reference_logprobs(SMOL, prompt, g.token_ids, temp, smol_stops)
+        assert abs(g.token_logprobs[-1] - ref[-1]) <= 1e-6
+        drawn = reference_logprobs(SMOL, prompt, g.token_ids, temp)[-1]
+        assert g.token_logprobs[-1] >= drawn
+        resp = Response("q", "p0", "", g.token_ids, g.token_logprobs, g.logprob, len(g.token_ids), "stop", 0)
+        tokenizers = {"smol": smol.chat, "gemma": gemma.chat}
+        ev = scored_event(resp, "smol", tokenizers, {k: t.vocab_digest() for k, t in tokenizers.items()})
+        assert ev.complete and ev.stops
+        g_prompt = gemma.chat.prompt_tokens(SYSTEM, PROMPTS[jobs.index((prompt, temp, _))])
+        values = gemma.teacher_force(g_prompt, ev.tokens["gemma"], temp, gemma_stops)
+        each = [reference_logprobs(GEMMA, g_prompt, ev.tokens["gemma"][:-1] + [t], temp)[-1] for t in gemma_stops]
+        assert abs(values[-1] - float(np.logaddexp.reduce(each))) <= 1e-6
+        assert values[-1] >= max(each)

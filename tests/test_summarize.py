@@ -424,6 +424,30 @@ def tf_complete_but_short(run):
         r["logprob"] = math.fsum(r["token_logprobs"])
 
 
+def target_cut_short(run):
+    r = run.find("logprobs.jsonl", "q0018", "pi_bad")
+    for key in ("token_ids", "token_logprobs"):
+        r[key] = r[key][:3]
+    r["n_tokens"], r["logprob"] = 3, math.fsum(r["token_logprobs"])
+
+
+def shift_bytes(pid, pol, delta):
+    def mutate(run):
+        run.find("logprobs.jsonl", pid, pol)["scored_bytes"] += delta
+    return mutate
+
+
+def target_scores_nothing(run):
+    r = run.find("logprobs.jsonl", "q0021", "pi_bad")
+    r.update(token_ids=[], token_logprobs=[], n_tokens=0, logprob=0.0)
+
+
+def stop_without_stop_token(run):
+    r = run.find("responses.jsonl", "q0022", BASE)
+    r["finish_reason"] = "stop"
+    r["token_ids"][-1] = 1000           # a text token
+
+
 def self_check_short(run):
     r = run.find("self_consistency.jsonl", "q0016", "pi_big")
     r["token_logprobs"] = r["token_logprobs"][:-1]
@@ -469,7 +493,7 @@ FAILURES = [
                                         "q0001/pi_ghost"]),
     ("clone scores other tokens", lambda run: run.find("logprobs.jsonl", "q0009", CLONE).__setitem__(
         "token_ids", [t + 1 for t in run.find("logprobs.jsonl", "q0009", CLONE)["token_ids"]]),
-     ["pi_clone log-weights depart from 0", "q0009/pi_clone: log-weight +0, other tokens"]),
+     ["records do not score the event of p0's response", "q0009/pi_clone: other token ids"]),
     ("clone off by 1e-3", shift_clone, ["pi_clone log-weights depart from 0", "q0009/pi_clone: log-weight -0.001"]),
     ("TF vs sampling on one token of one record", tf_disagrees,
      ["logprobs.jsonl: 1 p0 records have a token whose teacher-forced log-probability differs",
@@ -483,9 +507,21 @@ FAILURES = [
     ("exact 0.0 on a non-empty response", zero_logprob,
      ["responses.jsonl: 1 records have a log-probability of exactly 0.0 on a non-empty response",
       "q0012/pi_bad"]),
-    ("base TF scores other tokens", tf_other_tokens, ["p0 records score other tokens than p0's response", "q0014/p0"]),
+    ("base TF scores other tokens", tf_other_tokens, ["records do not score the event of p0's response",
+                                                      "q0014/p0: other token ids", "q0014/pi_clone"]),
     ("complete base TF record with a token too few", tf_complete_but_short,
-     ["p0 records score other tokens", "q0015/p0", "(complete)"]),
+     ["records do not score the event", "q0015/p0: ", "tokens scored, the event has"]),
+    # A target's record checked against the base response's event, not only the clone's.
+    ("a target record cut short, its values still summing", target_cut_short,
+     ["records do not score the event of p0's response", "q0018/pi_bad: 3 tokens scored, the event has"]),
+    ("a target record with complete flipped", set_value("logprobs.jsonl", "q0019", "pi_big", "complete", False),
+     ["records do not score the event", "q0019/pi_big: complete False, the event's True"]),
+    ("a target record with scored_bytes +17", shift_bytes("q0020", "pi_big", 17),
+     ["records do not score the event", "q0020/pi_big: scored_bytes"]),
+    ("a record that scores nothing", target_scores_nothing,
+     ["records do not score the event", "q0021/pi_bad: 0 tokens scored"]),
+    ("a response that stopped without a stop token", stop_without_stop_token,
+     ["responses say they stopped but do not end in a stop token", "q0022/p0"]),
     ("token log-probabilities do not sum to the record's", shift_token("responses.jsonl", "q0017", "pi_bad", -0.5, None),
      ["responses.jsonl: 1 records are malformed", "summing to sampling_logprob", "q0017/pi_bad"]),
     ("judge score above 1", set_value("judge_scores.jsonl", "q0003", "pi_clone", "score", 1.5),

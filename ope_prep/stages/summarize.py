@@ -44,6 +44,7 @@ from ..fingerprint import flatten
 from ..errors import InputError, ValidationFailed
 from ..records import JudgeScore, OracleLabel, Prompt, Quarantined, Response, SelfCheck, TeacherForced
 from ..store import read_jsonl, write_json
+from ..validate import check_scored_events
 from .units import (LOGPROBS, PROMPTS, RESPONSES, RUN_PARAMS, SELF_CONSISTENCY, quarantine_file, run_identity,
                     self_check_prompts, upstream_digests, usage_file)
 
@@ -417,9 +418,8 @@ def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
                 continue
             lw = a.logprob - b.logprob
             lws.append(abs(lw))
-            if abs(lw) > vcfg.clone_tolerance or a.token_ids != b.token_ids:
-                off.append((abs(lw), f"{where(LOGPROBS, pid, clone)}: log-weight {lw:+.3g}"
-                                      + ("" if a.token_ids == b.token_ids else ", other tokens")))
+            if abs(lw) > vcfg.clone_tolerance:     # other tokens: the scored-event rule says so
+                off.append((abs(lw), f"{where(LOGPROBS, pid, clone)}: log-weight {lw:+.3g}"))
         off.sort(key=lambda t: -t[0])
         problems.rule(LOGPROBS, f"{clone} log-weights depart from 0 by more than clone_tolerance "
                       f"{vcfg.clone_tolerance:g} ({clone} is meant to be identical to {base}; largest first)",
@@ -429,6 +429,15 @@ def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
     else:
         checks["clone"] = None
 
+    # Every record scores its base response's event (ope_prep/events.py), recomputed here.
+    events = check_scored_events(config, pids, data.responses, data.logprobs, _shape_ok, where)
+    problems.rule(RESPONSES, f"{base} responses say they stopped but do not end in a stop token", events["bad_stop"])
+    problems.rule(LOGPROBS, "prompts have records although their base response has no event every "
+                  "tokenizer shares (stage 2b quarantines those)", events["no_event"])
+    problems.rule(LOGPROBS, f"records do not score the event of {base}'s response (the same tokens, "
+                  "scored_bytes and complete as stage 2b's definition)", events["off"])
+    checks["scored_events"] = {"n": events["n"], "n_off": len(events["off"])}
+
     # The base policy's response, teacher-forced under itself, token by token against the sampler.
     diffs, over, mismatch, partial, fractions = [], [], [], 0, []
     for pid in pids:
@@ -436,8 +445,7 @@ def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
         if r is None or t is None or not _shape_ok(r, "sampling_logprob") or not _shape_ok(t, "logprob"):
             continue
         if t.token_ids != r.token_ids[:t.n_tokens] or (t.complete and t.n_tokens != r.n_tokens):
-            mismatch.append(f"{where(LOGPROBS, pid, base)}: {t.n_tokens} tokens scored"
-                            f"{' (complete)' if t.complete else ''}, not the first of the response's {r.n_tokens}")
+            mismatch.append(pid)      # listed by the scored-event rule
             continue
         partial += not t.complete
         if isinstance(r.response, str):   # a malformed one is reported by its own rule
@@ -448,7 +456,6 @@ def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
         if d > tol:
             over.append((d, f"{where(LOGPROBS, pid, base)}: a token {d:.3g} nats off"))
     over.sort(key=lambda t: -t[0])
-    problems.rule(LOGPROBS, f"{base} records score other tokens than {base}'s response", mismatch)
     problems.rule(LOGPROBS, f"{base} records have a token whose teacher-forced log-probability differs "
                   f"from its sampling log-probability by more than {tol:g} nats (largest first)",
                   [s for _, s in over])

@@ -60,9 +60,11 @@ class _TFStream:
 
 
 class TeacherForcer(Engine):
-    def teacher_force(self, prompt: list[int], response: list[int], temperature: float) -> list[float]:
-        """Per-token log softmax(logits / T) of `response` after `prompt`, from raw logits."""
-        result = self.teacher_force_many([(prompt, response, temperature)])[0]
+    def teacher_force(self, prompt: list[int], response: list[int], temperature: float,
+                      stop_tokens: Optional[Sequence[int]] = None) -> list[float]:
+        """Per-token log softmax(logits / T) of `response` after `prompt`, from raw logits (with
+        stop_tokens, the last token is a stop: see teacher_force_many)."""
+        result = self.teacher_force_many([(prompt, response, temperature, stop_tokens)])[0]
         if isinstance(result, Exception):
             raise result
         return result
