@@ -2,6 +2,15 @@
 
 A `ChatTokenizer` needs only the GGUF file's vocabulary, so stage 2b can hold every policy
 model's tokenizer at once (`load_tokenizer`, no weights) to decide what text all of them score.
+
+Leading spaces. A SentencePiece vocabulary with `tokenizer.ggml.add_space_prefix` (Llama 2,
+Mistral, TinyLlama) puts a space before a text that starts the input or follows a token it
+matches by its text (control and user-defined tokens: Gemma's "\n" is one).
+Tokenizing each fragment of a prompt on its own would add one before every fragment, and a
+response tokenized alone would become " Hello": another text, so no event shared with the base.
+Here text that continues text (a response after its prompt, the user text after "\n") is
+tokenized without that space, from a second vocabulary loaded with the prefix turned off, and a
+prompt comes out as llama.cpp tokenizes the whole rendered prompt.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from llama_cpp import _internals
 _SYSTEM_MARK = "\ue000SYSTEM\ue001"
 _USER_MARK = "\ue000USER\ue001"
 _ASSISTANT_MARK = "\ue000ASSISTANT\ue001"
+_MATCHED_BY_TEXT = (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+                    | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN)
 
 
 class ChatTokenizer:
@@ -36,6 +47,11 @@ class ChatTokenizer:
         self.bos_text = self.piece_bytes(model.token_bos()).decode("utf-8", "replace")
         self.eos_text = self.piece_bytes(model.token_eos()).decode("utf-8", "replace")
         self._eog: Optional[list[int]] = None
+        # Does this vocabulary put a space before a text of its own? Then `_plain` tokenizes text
+        # that continues text (the same vocabulary, loaded with the prefix off).
+        self._plain = model
+        if self.token_bytes(model.tokenize(b"a", add_bos=False, special=False)) == b" a":
+            self._plain = load_vocab(path, {"tokenizer.ggml.add_space_prefix": False})
         self.end_of_turn = self._end_of_turn_token()
 
     # ---- tokens -> bytes -------------------------------------------------------------
@@ -82,12 +98,35 @@ class ChatTokenizer:
         return h.hexdigest()
 
     # ---- text -> tokens --------------------------------------------------------------
+    @property
+    def adds_space_prefix(self) -> bool:
+        return self._plain is not self.model
+
     def tokenize_text(self, text: str) -> list[int]:
-        """User or model text: special-token strings in it stay text (no template injection)."""
-        return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        """User or model text, as the continuation of text before it (no leading space added):
+        special-token strings in it stay text (no template injection)."""
+        return self._plain.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
     def tokenize_template(self, text: str) -> list[int]:
         return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def _matched_by_text(self, token: int) -> bool:
+        """A token llama.cpp's tokenizer matches by its text before splitting the rest into
+        pieces (control, user-defined, unknown): the text after it starts a fragment."""
+        return bool(llama_cpp.llama_vocab_get_attr(self.vocab, token) & _MATCHED_BY_TEXT)
+
+    def _fragment(self, tokens: list[int], text: str, special: bool) -> list[int]:
+        """`text` tokenized after `tokens` as llama.cpp tokenizes a whole prompt: a space prefix
+        (if the vocabulary adds one) only at the start or after a token matched by its text."""
+        spaced = self.model.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+        if not self.adds_space_prefix or not tokens or self._matched_by_text(tokens[-1]):
+            return spaced
+        # The text up to the first token matched by its text continues the text before it.
+        first = next((i for i, t in enumerate(spaced) if self._matched_by_text(t)), len(spaced))
+        raw = self.token_bytes(spaced[:first])[1:]           # without the space it was given
+        if not text.encode("utf-8").startswith(raw):
+            raise ValueError(f"{self.path}: cannot tokenize the template part {text!r} without its space prefix")
+        return self._plain.tokenize(raw, add_bos=False, special=False) + spaced[first:]
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -115,9 +154,10 @@ class ChatTokenizer:
         if _USER_MARK in head:    # a template that puts the user turn first
             raise ValueError(f"{self.path}: the chat template puts the user turn before the system prompt")
         middle, tail = rest.split(_USER_MARK)
-        tokens = (self.tokenize_template(head) + self.tokenize_text(system_prompt)
-                  + self.tokenize_template(middle) + self.tokenize_text(user_text)
-                  + self.tokenize_template(tail))
+        tokens: list[int] = []
+        for part, special in ((head, True), (system_prompt, False), (middle, True), (user_text, False),
+                              (tail, True)):
+            tokens += self._fragment(tokens, part, special)
         if self.model.add_bos_token() and (not tokens or tokens[0] != self.model.token_bos()):
             tokens = [self.model.token_bos()] + tokens
         return tokens
@@ -133,8 +173,9 @@ class ChatTokenizer:
             if text.count(mark) != 1:
                 raise ValueError(f"{self.path}: the chat template does not place each message exactly once")
             head, text = text.split(mark)
-            tokens += self.tokenize_template(head) + self.tokenize_text(message["content"])
-        tokens += self.tokenize_template(text)
+            tokens += self._fragment(tokens, head, True)
+            tokens += self._fragment(tokens, message["content"], False)
+        tokens += self._fragment(tokens, text, True)
         if self.model.add_bos_token() and (not tokens or tokens[0] != self.model.token_bos()):
             tokens = [self.model.token_bos()] + tokens
         return tokens
@@ -171,12 +212,23 @@ def response_text(tokenizer: ChatTokenizer, token_ids: Sequence[int]) -> tuple[s
         return raw.decode("utf-8", errors="replace"), raw.hex()
 
 
-def load_vocab(path: str) -> _internals.LlamaModel:
-    """A GGUF file's vocabulary and metadata only, without the weights."""
+def load_vocab(path: str, overrides: Optional[dict[str, bool]] = None) -> _internals.LlamaModel:
+    """A GGUF file's vocabulary and metadata only, without the weights; `overrides` replace
+    boolean metadata keys as the file is read."""
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
-    return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+    if overrides:
+        kv = (llama_cpp.llama_model_kv_override * (len(overrides) + 1))()   # the last one ends the list
+        for entry, (key, value) in zip(kv, overrides.items()):
+            entry.key = key.encode("utf-8")
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_BOOL
+            entry.value.val_bool = value
+        params.kv_overrides = kv
+    model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+    if overrides:
+        model._kv_overrides = kv         # read while loading; kept alive with the model anyway
+    return model
 
 
 def load_tokenizer(path: str, chat_template: Optional[str] = None) -> ChatTokenizer:
