@@ -21,15 +21,17 @@ from .stages.units import LOGPROBS, RESPONSES
 
 def event_mismatch(t: TeacherForced, want_tokens: list[int], want_bytes: int, want_complete: bool) -> str | None:
     """How record t departs from the event it must score (None: it does not)."""
+    how = []
     if t.token_ids != want_tokens:
         if t.token_ids == want_tokens[:len(t.token_ids)]:
-            return f"{len(t.token_ids)} tokens scored, the event has {len(want_tokens)}"
-        return f"other token ids than the event's {len(want_tokens)}"
+            how.append(f"{len(t.token_ids)} tokens scored, the event has {len(want_tokens)}")
+        else:
+            how.append(f"other token ids than the event's {len(want_tokens)}")
     if t.scored_bytes != want_bytes:
-        return f"scored_bytes {t.scored_bytes}, the event's {want_bytes}"
+        how.append(f"scored_bytes {t.scored_bytes}, the event's {want_bytes}")
     if t.complete != want_complete:
-        return f"complete {t.complete}, the event's {want_complete}"
-    return None
+        how.append(f"complete {t.complete}, the event's {want_complete}")
+    return ", ".join(how) or None
 
 
 def check_scored_events(config: Config, pids: list[str], responses: dict[tuple[str, str], Response],

@@ -151,3 +151,35 @@ def test_what_moves_a_log_probability_is_in_the_fingerprint(reference, tmp_path)
     refused = run(config, N, trace)
     assert refused.returncode == 2, refused.stdout[-2000:]
     assert "policies.p0.model_file.sha256: " in refused.stdout
+
+
+def test_stage_5_checks_every_target_record_against_the_base_event_across_tokenizers(reference, tmp_path):
+    """On the real default run (pi_bigger_model on Gemma 3's tokenizer): the records pass as
+    written; a target cut short (values still summing) and a Gemma record with `complete`
+    flipped and `scored_bytes` +17 each fail, named (issue 24)."""
+    import json
+    import math
+
+    from ope_prep.config import load_config
+    from ope_prep.stages import summarize
+    src, _, _, _ = reference
+    shutil.copytree(src / "data", tmp_path / "data")
+    config = load_config(write_config(tmp_path / "config.yaml", small_config(tmp_path / "data")))
+    _, checks, problems = summarize.load_and_check(config)
+    assert problems == [] and checks["scored_events"] == {"n": N * 4, "n_off": 0}
+
+    path = tmp_path / "data" / "logprobs.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    bad = next(r for r in rows if r["policy"] == "pi_bad" and r["n_tokens"] > 2)
+    keep = bad["n_tokens"] // 2
+    bad.update(token_ids=bad["token_ids"][:keep], token_logprobs=bad["token_logprobs"][:keep], n_tokens=keep)
+    bad["logprob"] = math.fsum(bad["token_logprobs"])
+    big = next(r for r in rows if r["policy"] == "pi_bigger_model" and r["prompt_id"] != bad["prompt_id"])
+    big["complete"] = not big["complete"]
+    big["scored_bytes"] += 17
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, _, problems = summarize.load_and_check(config)
+    assert len(problems) == 1 and "records do not score the event of p0's response" in problems[0], problems
+    assert f"{bad['prompt_id']}/pi_bad: {keep} tokens scored, the event has" in problems[0]
+    assert f"{big['prompt_id']}/pi_bigger_model: scored_bytes" in problems[0]
+    assert f"complete {big['complete']}, the event's {not big['complete']}" in problems[0]
