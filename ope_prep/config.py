@@ -135,6 +135,16 @@ class SourceConfig(_Strict):
         for i, spec in enumerate(self.mix):
             if labels.count(spec.label) > 1:
                 raise ValueError(f"mix.{i}.name: {spec.label!r} is used twice; give each source its own name")
+        # Prompt ids are `<name>-<the source's own id>`: with names `a` and `a-b`, ids `b-c` of
+        # the one and `c` of the other would both be `a-b-c`. No name followed by a dash may
+        # begin another, and then no two sources can give the same id.
+        for i, spec in enumerate(self.mix):
+            for j, other in enumerate(self.mix):
+                if i != j and other.label.startswith(spec.label + "-"):
+                    raise ValueError(
+                        f"mix.{j}.name: {other.label!r} begins with {spec.label + '-'!r}, the name of mix.{i} "
+                        f"and a dash: prompt ids (`<name>-<id>`) of the two sources could be the same; "
+                        f"rename one (e.g. {other.label.replace('-', '_')!r})")
         if self.min_prompt_chars > self.max_prompt_chars:
             raise ValueError("min_prompt_chars is above max_prompt_chars")
         return self
@@ -334,7 +344,42 @@ def load_config(path: str | Path | None = None) -> Config:
     return config
 
 
+# The conversations the pipeline renders (backends/llama/chat.py): a policy's prompt, an
+# assistant turn (to find the end-of-turn token), a few-shot judge prompt.
+_TEMPLATE_PROBES = [
+    ([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}], True),
+    ([{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}], False),
+    ([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"},
+      {"role": "user", "content": "U2"}], True),
+]
+
+
+def check_chat_template(text: str) -> None:
+    """Compile a chat template as the tokenizer does and render every conversation the pipeline
+    renders: raises what the template raises (jinja2.TemplateError, or any error in it)."""
+    import jinja2.sandbox
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string(text)
+    for messages, add_generation_prompt in _TEMPLATE_PROBES:
+        template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                        bos_token="<s>", eos_token="</s>")
+
+
+def template_problem(error: Exception) -> str:
+    """A template error in one line."""
+    import jinja2
+    if isinstance(error, jinja2.TemplateSyntaxError):
+        return f"Jinja syntax error at line {error.lineno} of the template: {' '.join(str(error.message).split())}"
+    return "the template fails when rendered: " + " ".join(f"{type(error).__name__}: {error}".split())
+
+
 def _check_files(config: Config, path: Path) -> None:
+    for key, model in config.models.items():
+        if model.chat_template is not None:
+            try:
+                check_chat_template(model.chat_template)
+            except Exception as e:       # noqa: BLE001: whatever the template raises
+                raise ConfigError(f"{path}: models.{key}.chat_template: {template_problem(e)}")
     for key, model in config.models.items():
         if not config.model_path(key).is_file():
             raise ConfigError(

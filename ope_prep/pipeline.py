@@ -29,8 +29,9 @@ from pathlib import Path
 
 from . import checkpoint
 from .config import PROJECT_DIR, Config, load_config
-from .errors import EXIT_BAD_INPUT, EXIT_UNITS_FAILED, PipelineError
+from .errors import EXIT_BAD_INPUT, EXIT_UNITS_FAILED, ConfigError, PipelineError, RefusedError
 from .report import cje_line
+from .stage_cli import LOCK_FD_ENV, acquire_lock
 from .stages import STAGE_NAMES, STAGES, later_stages
 from .stages.summarize import DATASET_INFO
 from .stages.units import RUN_PARAMS
@@ -55,9 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exclude", action="append", default=[], metavar="GROUP",
                    help="leave out the sources of this group of source.mix (repeatable)")
     p.add_argument("--force-step", metavar="STAGE", default=None,
-                   help="redo STAGE and every stage after it (earlier work is moved to <data_dir>/superseded/)")
+                   help="redo STAGE and every stage after it (earlier work and their API request caches are moved "
+                        "to <data_dir>/superseded/: a redo asks again; what was paid still counts)")
     p.add_argument("--fresh", action="store_true",
-                   help="start over: the data directory is renamed to <data_dir>.old-<time>, not deleted")
+                   help="start over: the data directory is renamed to <data_dir>.old-<time>, not deleted (refused "
+                        "while another run holds it, or if it holds the config or the project)")
     p.add_argument("--status", action="store_true",
                    help="print where the run in the config's data directory stands, and exit (read-only; "
                         "safe while a run is going)")
@@ -232,10 +235,56 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     data_dir = config.data_dir
-    if args.fresh and data_dir.exists():
+    try:
+        # One lock for the whole run, taken before anything is written or renamed: another
+        # runner, or a stage run by hand, is refused until this run ends; the stages this
+        # runner starts share it (stage_cli.inherited_lock).
+        lock = lock_data_dir(config, args.fresh)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    try:
+        return _run(config, args, forced, lock.fileno())
+    finally:
+        lock.close()
+
+
+def fresh_refusal(config: Config) -> str | None:
+    """Why --fresh must not rename this data dir (it holds the config or the project), or None."""
+    data_dir = config.data_dir.resolve()
+    for what, path in (("the config file", Path(config.config_path).resolve()), ("the project", PROJECT_DIR)):
+        if path == data_dir or data_dir in path.parents:
+            return (f"{config.config_path}: paths.data_dir: {config.paths.data_dir!r} is {data_dir}, which holds "
+                    f"{what} ({path}): --fresh would rename it. Give the run a data directory of its own "
+                    f"(e.g. paths.data_dir: data)")
+    return None
+
+
+def lock_data_dir(config: Config, fresh: bool):
+    """Lock the data dir for this runner (the open lock file); with fresh, first rename the earlier
+    run's data dir under its own lock, then lock the new one."""
+    data_dir = config.data_dir
+    if fresh:
+        problem = fresh_refusal(config)
+        if problem:
+            raise ConfigError(problem)
+    existed = data_dir.exists()
+    lock = acquire_lock(data_dir)
+    if fresh and existed:
         old = data_dir.with_name(f"{data_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        data_dir.rename(old)
+        try:
+            data_dir.rename(old)
+        except OSError as e:
+            raise RefusedError(f"--fresh: cannot rename {data_dir} to {old}: {e.strerror}")
+        finally:
+            lock.close()
         print(f"--fresh: moved the earlier run to {old}")
+        lock = acquire_lock(data_dir)
+    return lock
+
+
+def _run(config: Config, args, forced: str | None, lock_fd: int) -> int:
+    data_dir = config.data_dir
     log_path = data_dir / "logs" / f"run_{time.strftime('%Y%m%d-%H%M%S')}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     done = _done_samples(data_dir)
@@ -259,7 +308,7 @@ def main(argv=None) -> int:
             cmd = [sys.executable, str(PROJECT_DIR / STAGES[0][1]), "--config", str(Path(config.config_path)),
                    "--samples", str(args.samples), "--preview", "0", *prepare_flags(args)]
             say(f"\n=== checking that the sources supply {args.samples} prompts: {' '.join(cmd[1:])}")
-            rc = run_stage(cmd, log, StallWatch(data_dir, "prepare", config.run.stall_warning_minutes, say))
+            rc = run_stage(cmd, log, StallWatch(data_dir, "prepare", config.run.stall_warning_minutes, say), lock_fd)
             if rc != 0:
                 say(f"\nthe config cannot supply {args.samples} prompts (above); nothing was run")
                 return rc
@@ -270,7 +319,7 @@ def main(argv=None) -> int:
             force = set(later_stages(forced)) if forced and r == 1 else set()
             try:
                 rc = run_round(config, args, n, force, say, log,
-                               {**state, "round": r, "round_size": n, "round_started_at": time.time()})
+                               {**state, "round": r, "round_size": n, "round_started_at": time.time()}, lock_fd)
             except KeyboardInterrupt:
                 say("\ninterrupted; finished units are saved. Resume with the same command.")
                 return 130
@@ -289,10 +338,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_stage(cmd: list[str], log, watch: "StallWatch") -> int:
-    """One stage's process; its exit code (130 if interrupted)."""
+def run_stage(cmd: list[str], log, watch: "StallWatch", lock_fd: int | None = None) -> int:
+    """One stage's process; its exit code (130 if interrupted). lock_fd: the runner's lock on the
+    data dir, passed to the stage (which would otherwise be refused by it)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_DIR)
+    if lock_fd is not None:
+        env[LOCK_FD_ENV] = str(lock_fd)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_DIR,
+                            pass_fds=(lock_fd,) if lock_fd is not None else ())
     try:
         _tee(proc, log, watch, every_s=min(30.0, watch.limit / 2))
         return proc.wait()
@@ -301,7 +354,8 @@ def run_stage(cmd: list[str], log, watch: "StallWatch") -> int:
         return 130
 
 
-def run_round(config: Config, args, n: int, force: set[str], say, log, state: dict) -> int:
+def run_round(config: Config, args, n: int, force: set[str], say, log, state: dict,
+              lock_fd: int | None = None) -> int:
     """Every stage on the first n prompts; 0, or the exit code of the stage that failed."""
     data_dir = config.data_dir
     config_arg = ["--config", str(Path(config.config_path))]
@@ -318,7 +372,7 @@ def run_round(config: Config, args, n: int, force: set[str], say, log, state: di
         for attempt in range(1, config.run.stage_attempts + 1):
             write_json(data_dir / RUN_STATE, {**state, "stage": name, "stage_started_at": started,
                                               "attempt": attempt})
-            rc = run_stage(cmd, log, StallWatch(data_dir, name, config.run.stall_warning_minutes, say))
+            rc = run_stage(cmd, log, StallWatch(data_dir, name, config.run.stall_warning_minutes, say), lock_fd)
             # --force discards earlier work once: a retry keeps what the forced attempt finished,
             # and its failure counts, so a deterministic failure gets quarantined
             cmd = [c for c in cmd if c != "--force"]

@@ -13,16 +13,19 @@ from __future__ import annotations
 import argparse
 import fcntl
 import importlib
+import os
 import shutil
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import jinja2
+
 from . import checkpoint
 from .config import load_config
 from .fingerprint import diff_keys
-from .errors import EXIT_OK, InputError, PipelineError, RefusedError
+from .errors import EXIT_BAD_INPUT, EXIT_OK, InputError, PipelineError, RefusedError
 from .stages import STAGE_NAMES
 from .store import WORK_DIR, count_records, file_manifest
 
@@ -36,15 +39,61 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+# The runner (run_pipeline.py) holds its data dir's lock across all its stages and passes the
+# locked file to the stages it starts: this names that file descriptor.
+LOCK_FD_ENV = "OPE_PREP_LOCK_FD"
+LOCK_NAME = ".lock"
+
+
+def acquire_lock(data_dir: Path):
+    """Lock ``<data_dir>/.lock`` for this process (an open file: the lock lasts while it is open)
+    or refuse (RefusedError, exit 2) if another pipeline process holds it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(data_dir / LOCK_NAME, "a+")        # not "w": a refused process must not clear it
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip()
+        fh.close()
+        raise RefusedError(f"{data_dir} is in use by another pipeline process"
+                           f"{f' ({holder})' if holder else ''}; wait for it or stop it")
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def inherited_lock(data_dir: Path) -> bool:
+    """Whether this process was started by the runner holding data_dir's lock: the descriptor
+    named by OPE_PREP_LOCK_FD is open on this very lock file, and holds its lock."""
+    fd = os.environ.get(LOCK_FD_ENV)
+    if not fd or not fd.isdigit():
+        return False
+    try:
+        got, want = os.fstat(int(fd)), os.stat(data_dir / LOCK_NAME)
+        if (got.st_dev, got.st_ino) != (want.st_dev, want.st_ino):
+            return False
+        # The runner's own lock (one open file description): taking it again is a no-op; a
+        # descriptor of another open of the file would be refused here.
+        fcntl.flock(int(fd), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 @contextmanager
 def run_lock(data_dir: Path):
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / ".lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RefusedError(f"{data_dir} is in use by another pipeline process; wait for it or stop it")
+    """A stage's hold on its data dir: its own lock, or the one of the runner that started it."""
+    if inherited_lock(data_dir):
         yield
+        return
+    fh = acquire_lock(data_dir)
+    try:
+        yield
+    finally:
+        fh.close()
 
 
 def verify_outputs(data_dir: Path, outputs: dict[str, dict]) -> str | None:
@@ -87,6 +136,10 @@ def supersede(data_dir: Path, stage: str, outputs: list[str]) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(src), str(target))
             moved.append(str(src.relative_to(data_dir)))
+    # Its request caches too (a redo against a changed API judge must ask again); the spend they
+    # record stays counted against the budget.
+    from .backends.api import supersede_caches
+    moved += supersede_caches(data_dir, stage, dest)
     checkpoint.forget(data_dir, [stage])
     if moved:
         print(f"[{stage}] --force: moved earlier work to {dest}: {', '.join(moved)}")
@@ -197,10 +250,31 @@ def main(stage: str, description: str, add_args=None, argv=None) -> int:
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except jinja2.TemplateError as e:
+        # A chat template the config does not set (the GGUF file's own) is only compiled here;
+        # the config's own are checked when it is loaded (config.check_chat_template).
+        print(f"error: {template_error(config, e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"\n[{stage}] interrupted; finished units are saved: rerun the same command to resume",
               file=sys.stderr)
         return 130
+
+
+def template_error(config, error: Exception) -> str:
+    """One line for a chat template that failed: which model's, and how to fix it."""
+    from .backends.llama import load_tokenizer
+    from .config import check_chat_template, template_problem
+    for key, m in config.models.items():
+        try:
+            tok = load_tokenizer(str(config.model_path(key)), m.chat_template)
+            check_chat_template(tok.template_text)
+        except Exception as e:       # noqa: BLE001: any failure names this model
+            where = (f"models.{key}.chat_template" if m.chat_template else
+                     f"models.{key}: the chat template of {config.model_path(key).name} (set "
+                     f"models.{key}.chat_template to replace it)")
+            return f"{config.config_path}: {where}: {template_problem(e)}"
+    return f"a chat template fails: {template_problem(error)}"
 
 
 def script_main(stage: str, description: str, add_args=None) -> None:

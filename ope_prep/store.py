@@ -8,7 +8,8 @@ Two kinds of files:
   carries a digest of the unit's own inputs (its prompt, the response it scores): a unit counts
   as done only for the inputs it was computed from, so a run can grow (new units are added,
   finished ones kept) and can never reuse a result for changed inputs. A torn last line (a kill
-  in the middle of a write) is cut off on open and its unit is recomputed.
+  in the middle of a write) is cut off on open and its unit is recomputed; a torn header (a kill
+  while the file was being started) is written again (see `WorkFile._repair_header`).
 * final files: written whole to a temporary name, fsynced, then renamed into place, so a
   reader sees the old file or the new one and never half of one.
 """
@@ -20,6 +21,7 @@ import io
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
@@ -159,12 +161,14 @@ class WorkFile:
     """
 
     def __init__(self, path: Path, fingerprint_keys: dict[str, object], inputs: dict[str, str] | None = None,
-                 quarantine_after: int = 1):
+                 quarantine_after: int = 1, self_keyed: bool = False):
         self.path = path
         self.inputs = inputs
         self.quarantine_after = quarantine_after
+        self.self_keyed = self_keyed
         self.results: dict[str, dict] = {}
         self.repaired_bytes = 0
+        self.repaired_header = False
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             self._load(fingerprint_keys)
@@ -187,12 +191,14 @@ class WorkFile:
                 os.fsync(f.fileno())
             data = data[:end]
         lines = data.decode("utf-8", errors="strict").splitlines()
-        if not lines:
-            raise RefusedError(f"{self.path}: work file has no header; move it aside to start over")
-        try:
-            header = json.loads(lines[0])["_header"]["fingerprint"]
-        except (ValueError, KeyError, TypeError):
-            raise RefusedError(f"{self.path}: work file has no valid header; move it aside to start over")
+        header = _header_of(lines[0]) if lines else None
+        if header is None:
+            # A kill while the header was being written (or a header damaged since) leaves no
+            # header: the file is started again, as a torn last line is cut.
+            kept = self._repair_header(fingerprint_keys, lines)
+            if not kept:
+                return
+            lines, header = [""] + kept, fingerprint_keys
         if header != fingerprint_keys:
             changed = "; ".join(diff_keys(header, fingerprint_keys))
             raise RefusedError(
@@ -205,6 +211,25 @@ class WorkFile:
             except (ValueError, KeyError, TypeError):
                 raise InputError(f"{self.path}: line {lineno}: damaged record; "
                                  "move the file aside to recompute this stage")
+
+    def _repair_header(self, fingerprint_keys: dict[str, object], lines: list[str]) -> list[str]:
+        """Write a new header in place of a torn or damaged one. The lines after it are kept only
+        in a file whose lines identify their own inputs (``self_keyed``: a request cache, whose
+        paid replies are its spend ledger); a work file's are moved aside whole (its units are
+        recomputed), since without its header nothing says which config made them."""
+        rest = [l for l in lines[1:] if l.strip()]
+        moved = None
+        if rest and not self.self_keyed:
+            moved = self.path.with_name(f"{self.path.name}.bad-header-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(self.path, moved)
+            rest = []
+        body = _dumps({"_header": {"fingerprint": fingerprint_keys}}) + "\n" + "".join(l + "\n" for l in rest)
+        atomic_write_bytes(self.path, body.encode("utf-8"))
+        self.repaired_header = True
+        what = (f"moved it to {moved.name} (its units are recomputed) and started it again" if moved else
+                f"rewrote the header, keeping its {len(rest)} lines" if rest else "started it again")
+        print(f"[{self.path.stem}] {self.path}: its header was torn or damaged: {what}", file=sys.stderr)
+        return rest
 
     def _current(self, key: str) -> dict | None:
         """The key's latest line, if it was made from this run's inputs for it."""
@@ -265,6 +290,15 @@ class WorkFile:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def _header_of(line: str) -> dict | None:
+    """The fingerprint in a work file's header line, or None if the line is not a header."""
+    try:
+        header = json.loads(line)["_header"]["fingerprint"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return header if isinstance(header, dict) else None
 
 
 def _trace(work_name: str, rows: list[dict]) -> None:

@@ -11,7 +11,9 @@ What it adds around the `openai` package:
   each request goes to the one with the fewest requests in flight;
 * a request cache: the sha256 of the request JSON (plus the endpoint's identity) -> the reply,
   appended to ``<data_dir>/cache/<name>_api_cache.jsonl`` (a store.WorkFile: fsynced, a torn
-  last line is cut off) as soon as it arrives, so a rerun or a resumed run pays nothing twice.
+  last line is cut off, a torn header rewritten keeping every reply) as soon as it arrives, so a
+  rerun or a resumed run pays nothing twice. A forced redo of a stage (``--force``) moves its
+  caches aside with its work (`supersede_caches`), so it asks again; the spend is carried over.
   A reply the caller cannot use (``accept`` returns False) is written too, for the spend
   ledger, but is never served from the cache: that unit is asked again on the next run;
 * usage and money: calls, cache hits, tokens, dollars from the per-1k prices; every paid reply
@@ -31,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -45,7 +48,7 @@ import tenacity
 from ..config import EndpointConfig
 from ..errors import BudgetExceeded, FatalApiError, PipelineError
 from ..records import UsageTotals
-from ..store import WorkFile, failed_row, ok_row
+from ..store import WorkFile, atomic_write_bytes, failed_row, ok_row
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 FATAL_STATUS = {401, 403, 404}            # a wrong key, no access, no such model: stop the stage
@@ -175,7 +178,8 @@ class ApiClient:
                                     "is not set (the API key is read only from there)")
             self._key = key
         self.cache_path = data_dir / "cache" / f"{name or stage}_api_cache.jsonl"
-        self._cache = WorkFile(self.cache_path, {"cache": CACHE_VERSION, "stage": stage})
+        # Each line is keyed by its own request, so a torn header is rewritten keeping them all.
+        self._cache = WorkFile(self.cache_path, {"cache": CACHE_VERSION, "stage": stage}, self_keyed=True)
         if self._cache.repaired_bytes:
             print(f"[{stage}] cut a torn last line ({self._cache.repaired_bytes} bytes) from {self.cache_path}")
         self.spent_before = self._ledger_total()   # dollars paid by earlier runs in this data dir
@@ -203,11 +207,7 @@ class ApiClient:
         return None
 
     def _ledger_total(self) -> float:
-        total = 0.0
-        for line in self.cache_path.read_text(encoding="utf-8").splitlines()[1:]:
-            row = json.loads(line)
-            total += float(row.get("usd", 0.0) if row["status"] != "ok" else row["record"].get("usd", 0.0))
-        return total
+        return ledger_total(self.cache_path)
 
     # ---- money ---------------------------------------------------------------------
     def _usd(self, input_tokens: float, output_tokens: float) -> float:
@@ -428,6 +428,44 @@ class ApiClient:
             self._cache.close()
         for client in clients or []:
             client.close()
+
+
+def ledger_total(path: Path) -> float:
+    """Dollars a request cache records as paid: every reply (usable or not), and the spend
+    carried over from caches superseded before it (`supersede_caches`). A line that does not
+    parse (a torn last line, not yet cut) counts nothing."""
+    total = 0.0
+    for line in path.read_bytes().splitlines():
+        try:
+            row = json.loads(line)
+            if "_header" in row:
+                continue
+            total += float(row.get("usd", 0.0) if row["status"] != "ok" else row["record"].get("usd", 0.0))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return total
+
+
+def supersede_caches(data_dir: Path, stage: str, dest: Path) -> list[str]:
+    """A forced redo of ``stage`` must ask again, not be answered from its old replies: each of
+    its request caches (``<data_dir>/cache/<stage>_*api_cache.jsonl``) is copied to ``dest``
+    (with the stage's superseded work) and replaced, in one rename, by a cache holding only one
+    ledger line with the spend it recorded, so money already paid still counts against the
+    budget. Returns the caches moved (relative to data_dir)."""
+    moved = []
+    for path in sorted((data_dir / "cache").glob(f"{stage}_*api_cache.jsonl")):
+        rel = path.relative_to(data_dir)
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+        spent = ledger_total(path)
+        header = {"_header": {"fingerprint": {"cache": CACHE_VERSION, "stage": stage}}}
+        ledger = failed_row(f"ledger:{target.relative_to(data_dir)}", "spend of superseded replies, "
+                            f"carried over (the replies are in {target.relative_to(data_dir)})", usd=spent)
+        atomic_write_bytes(path, "".join(json.dumps(r, separators=(",", ":")) + "\n"
+                                         for r in (header, ledger)).encode())
+        moved.append(str(rel))
+    return moved
 
 
 _END = object()

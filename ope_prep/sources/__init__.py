@@ -119,6 +119,8 @@ class _Stream:
             pid = f"{self.src.label}-" + (re.sub(r"[^A-Za-z0-9_.-]", "_", r.source_id) or f"row{r.row}")
             if pid in self.ids:
                 pid = f"{pid}-r{r.row}"
+                while pid in self.ids:      # a row whose own id is the one made here
+                    pid += "_"
             self.ids.add(pid)
             return Prompt(prompt_id=pid, prompt=text, source=self.src.label, source_row=r.row,
                           source_id=r.source_id, source_revision=self.src.revision, text_digest=text_digest(text))
@@ -146,11 +148,20 @@ def sample_prompts(config: Config, samples: int, seed: int, only: list[str] = ()
     counts = [0] * len(specs)
     dedup = _Dedup(config.source.dedup)
     prompts: list[Prompt] = []
+    first_of: dict[str, int] = {}               # prompt id -> the stream that gave it
     for k in range(1, samples + 1):
         i = next_source(k, weights, counts, tie_order)
         prompt = streams[i].next_prompt(dedup)
         if prompt is None:
             raise InputError(_ran_out(streams[i], on[i], weights[i], k - 1, samples))
+        if prompt.prompt_id in first_of:
+            # config.SourceConfig refuses names that allow this; a last guard, before stage 2
+            # would find two units with one key
+            j = first_of[prompt.prompt_id]
+            raise InputError(f"source.mix.{on[i]} ({streams[i].src.label}) and source.mix.{on[j]} "
+                             f"({streams[j].src.label}) both give prompt id {prompt.prompt_id!r}; rename one "
+                             f"of the sources (source.mix.<i>.name)")
+        first_of[prompt.prompt_id] = i
         prompts.append(prompt)
         counts[i] += 1
     return Sample(
