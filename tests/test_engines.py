@@ -51,6 +51,13 @@ def in_process(model_key: str, n_seq: int = 2):
     return local_model(load_config(), model_key, n_seq)
 
 
+def stop_set(model, record: dict, base: dict | None = None):
+    """The end-of-generation set when record (a response, or a teacher-forced record of `base`'s
+    response) ends in the stop: that value is the stop event's (ope_prep/events.py)."""
+    stops = (base or record)["finish_reason"] == "stop" and (base is None or record["complete"])
+    return model.chat.end_of_generation_tokens() if stops else None
+
+
 def read(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -86,6 +93,7 @@ def test_every_stage_on_engines_agrees_with_in_process_and_a_rerun_sends_no_requ
         prompts = {p["prompt_id"]: p["prompt"] for p in read(data / "prompts.jsonl")}
         responses = read(data / "responses.jsonl")
         records = read(data / "logprobs.jsonl")
+        by_key = {(r["prompt_id"], r["policy"]): r for r in responses}
         policies = {p["name"]: p for p in cfg["policies"]}
         info = json.loads((data / "dataset_info.json").read_text())
         excluded = info["run"]["excluded_prompts"]
@@ -100,13 +108,14 @@ def test_every_stage_on_engines_agrees_with_in_process_and_a_rerun_sends_no_requ
                 for r in (r for r in responses if policies[r["policy"]]["model"] == model_key):
                     pol = policies[r["policy"]]
                     prompt = model.chat.prompt_tokens(pol["system_prompt"], prompts[r["prompt_id"]])
-                    local = model.teacher_force(prompt, r["token_ids"], 1.0)
+                    local = model.teacher_force(prompt, r["token_ids"], 1.0, stop_set(model, r))
                     assert max(abs(x - y) for x, y in zip(local, r["token_logprobs"])) < 1e-3, r["prompt_id"]
                 # and so are its teacher-forced ones
                 for t in (t for t in records if policies[t["policy"]]["model"] == model_key):
                     pol = policies[t["policy"]]
                     prompt = model.chat.prompt_tokens(pol["system_prompt"], prompts[t["prompt_id"]])
-                    local = model.teacher_force(prompt, t["token_ids"], 1.0)
+                    local = model.teacher_force(prompt, t["token_ids"], 1.0,
+                                                stop_set(model, t, by_key[(t["prompt_id"], "p0")]))
                     assert math.isclose(math.fsum(local), t["logprob"], abs_tol=1e-3 * len(local))
             finally:
                 model.close()
@@ -193,11 +202,13 @@ def test_vllm_prompt_logprobs_and_token_ids_give_the_in_process_values(vllm_serv
         pol = policies[t["policy"]]
         model = vllm_server.models[pol["model"]]
         prompt = model.chat.prompt_tokens(pol["system_prompt"], prompts[t["prompt_id"]])
-        assert t["token_logprobs"] == pytest.approx(model.teacher_force(prompt, t["token_ids"], 1.0), abs=1e-9)
+        stops = stop_set(model, t, responses[(t["prompt_id"], "p0")])
+        assert t["token_logprobs"] == pytest.approx(model.teacher_force(prompt, t["token_ids"], 1.0, stops), abs=1e-9)
     for (pid, name), r in responses.items():
         model = vllm_server.models[policies[name]["model"]]
         prompt = model.chat.prompt_tokens(policies[name]["system_prompt"], prompts[pid])
-        assert r["token_logprobs"] == pytest.approx(model.teacher_force(prompt, r["token_ids"], 1.0), abs=1e-9)
+        assert r["token_logprobs"] == pytest.approx(model.teacher_force(prompt, r["token_ids"], 1.0,
+                                                                        stop_set(model, r)), abs=1e-9)
     sent = vllm_server.requests_log
     assert all(isinstance(q["prompt"], list) for q in sent)          # token ids, never text
     tf = [q for q in sent if "prompt_logprobs" in q]

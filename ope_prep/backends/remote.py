@@ -26,14 +26,20 @@ catch is left to the engine check (``engine_check``): an engine whose generation
 forcing disagree is refused with the reason. Engines return log-probabilities at temperature 1 (raw), so the
 config allows only temperature 1.0 for a policy on an endpoint, and this module checks it again.
 
-A response that ended by itself has the end-of-turn token's log-probability added by a teacher
-forcing request of its own: engines do not return the stop token's log-probability.
+The stop is one event (ope_prep/events.py): any of the model's end-of-generation tokens next.
+A response that ended by itself gets as its stop's value the log-sum-exp of their
+log-probabilities, read by one teacher-forcing request per end token (engines return at most the
+sampled token's own value). When the engine does not return the stop token it sampled
+(llama-cpp-python's server), its id is recorded as the template's end-of-turn token, a marker:
+the value is the whole set's either way.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import numpy as np
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from ..config import ModelEndpoint
@@ -123,11 +129,16 @@ class RemoteModel:
         if any(v is None for v in values):
             raise RequestFailed("a generated token has no log-probability", deterministic=True)
         stopped = reply.finish_reason == "stop"
-        if stopped and not (ids and self.chat.is_end_of_generation(ids[-1])):
-            # the stop token is not in the reply: its log-probability by teacher forcing
-            eot = self._teacher_force_one(prompt, ids + [self.chat.end_of_turn])
-            ids, values = ids + [self.chat.end_of_turn], values + [eot[-1]]
+        if stopped:
+            if not (ids and self.chat.is_end_of_generation(ids[-1])):
+                ids, values = ids + [self.chat.end_of_turn], values + [None]   # not in the reply
+            values[-1] = self._stop_value(prompt, ids[:-1])
         return Generation(ids, [float(v) for v in values], "stop" if stopped else "length")
+
+    def _stop_value(self, prompt: Sequence[int], text_ids: list[int]) -> float:
+        """The stop event's log-probability after prompt + text_ids: any end token next."""
+        each = [self._teacher_force_one(prompt, text_ids + [t])[-1] for t in self.chat.end_of_generation_tokens()]
+        return float(np.logaddexp.reduce(each))
 
     def _sampled_ids(self, listing: list[dict], text: str) -> list[int]:
         tokens = [e["token"] for e in listing]
@@ -156,13 +167,19 @@ class RemoteModel:
         results: list = [None] * len(items)
 
         def one(i: int) -> list[float]:
-            prompt, response, temperature = items[i]
+            prompt, response, temperature, *rest = items[i]
+            stops = bool(rest and rest[0])
             if temperature != 1.0:
                 raise ValueError(f"temperature {temperature:g}: an endpoint gives log-probabilities at 1 only")
             if len(prompt) + len(response) + 1 > self.n_ctx_per_seq:
                 raise ValueError(f"prompt + response of {len(prompt) + len(response)} tokens exceed the "
                                  f"context of {self.n_ctx_per_seq}")
-            return self._teacher_force_one(prompt, list(response)) if response else []
+            if not response:
+                return []
+            values = self._teacher_force_one(prompt, list(response))
+            if stops:      # the last token is the stop: the whole end-of-generation set's value
+                values[-1] = self._stop_value(prompt, list(response[:-1]))
+            return values
 
         for i, result in self.client.run_all(range(len(items)), one):
             results[i] = result
@@ -257,7 +274,9 @@ def engine_check(model_key: str, model: RemoteModel, jobs: list[tuple[list[int],
     hint = (f". Its log-probabilities would give wrong weights; set models.{model_key}.endpoint.teacher_force: "
             "false to teacher-force in process from models.{model_key}.path, or fix the engine").replace(
                 "{model_key}", model_key)
-    tf = model.teacher_force_many([(p, g.token_ids, t) for (p, t, _), g in zip(jobs, gens)])
+    stops = model.chat.end_of_generation_tokens()
+    tf = model.teacher_force_many([(p, g.token_ids, t, stops if g.finish_reason == "stop" else None)
+                                   for (p, t, _), g in zip(jobs, gens)])
     bad = [v for v in tf if isinstance(v, Exception)]
     if bad:
         return EngineCheck(model_key, False, 0, math.inf, f"teacher forcing ({where}) failed: {bad[0]}{hint}")
