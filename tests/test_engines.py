@@ -126,10 +126,13 @@ def test_every_stage_on_engines_agrees_with_in_process_and_a_rerun_sends_no_requ
         assert generate["calls"] + generate["cached"] > 0
         assert "## Cost" in (data / "report.md").read_text()
 
-        # Everything again from stage 2 on: every request is answered from the request caches.
+        # Stage 2 again from nothing but its request caches (its work lost; not --force-step,
+        # which supersedes the caches too and asks again): every request is answered from them.
+        from ope_prep import checkpoint
         before = (data / "responses.jsonl").read_bytes()
-        proc = run_script("run_pipeline.py", str(N), "--config", str(config), "--force-step", "generate",
-                          timeout=1500)
+        (data / "work" / "generate.jsonl").unlink()
+        checkpoint.forget(data, ["generate"])
+        proc = run_script("run_pipeline.py", str(N), "--config", str(config), timeout=1500)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert a.counts["forwarded"] + b.counts["forwarded"] + g.counts["forwarded"] == sent
         assert (data / "responses.jsonl").read_bytes() == before
