@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .backends.providers import local_tokenizer
+from .backends.providers import policy_tokenizers
 from .config import Config
 from .events import NoSharedEvent, scored_event
 from .records import Response, TeacherForced
@@ -41,9 +41,7 @@ def check_scored_events(config: Config, pids: list[str], responses: dict[tuple[s
     {"n": records compared, "off": ["<where>: <how>"], "no_event": [...], "bad_stop": [...]}."""
     base = config.base_policy
     base_model = config.policy(base).model
-    model_keys = list(dict.fromkeys(p.model for p in config.policies))
-    tokenizers = {k: local_tokenizer(config, k) for k in model_keys}
-    vocab = {k: t.vocab_digest() for k, t in tokenizers.items()}
+    tokenizers, vocab = policy_tokenizers(config)
     stop_tokens = set(tokenizers[base_model].end_of_generation_tokens())
     out: dict = {"n": 0, "off": [], "no_event": [], "bad_stop": []}
     for pid in pids:

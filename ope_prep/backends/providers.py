@@ -48,6 +48,14 @@ def local_tokenizer(config: Config, model_key: str) -> ChatTokenizer:
     return load_tokenizer(str(config.model_path(model_key)), config.models[model_key].chat_template)
 
 
+def policy_tokenizers(config: Config) -> tuple[dict[str, ChatTokenizer], dict[str, str]]:
+    """Every policy model's tokenizer (vocabulary only) and its vocab_digest, by model key: what
+    the scored event of a response is computed from (ope_prep/events.py)."""
+    keys = dict.fromkeys(p.model for p in config.policies)
+    tokenizers = {k: local_tokenizer(config, k) for k in keys}
+    return tokenizers, {k: t.vocab_digest() for k, t in tokenizers.items()}
+
+
 class _LocalTeacherForcer:
     """Teacher forcing in process for a model on an engine (endpoint.teacher_force false); the
     weights are loaded on the first call."""

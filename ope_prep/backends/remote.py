@@ -8,24 +8,23 @@ completions API (never chat completions: the engine's own template rendering cou
 the one teacher forcing uses).
 
 * ``vllm``: the prompt is sent as token ids; generated tokens come back as ids
-  (``return_tokens_as_token_ids``), the stop token it sampled included; teacher forcing reads
-  ``prompt_logprobs`` of the prompt and response sent together (its first entry is null), with
-  ``max_tokens`` 1 (0 is rejected).
+  (``return_tokens_as_token_ids``); teacher forcing reads ``prompt_logprobs`` of the prompt and
+  response sent together (its first entry is null), with ``max_tokens`` 1 (0 is rejected).
 * ``llama_cpp`` (llama-cpp-python's server): the prompt is sent as text (its leading BOS text left
   out when the server adds BOS itself), and ``usage.prompt_tokens`` must equal our count; a
   response's tokens are its text's tokens under the local tokenizer, which must spell exactly
-  the returned tokens (the stop token it sampled is not returned); teacher forcing is ``echo``
-  with ``logprobs`` and ``max_tokens`` 1 (0 means "until the context is full"): the echoed
-  listing leaves out BOS tokens, its first value is null, and the one extra token it generates
-  would be absent if it were end-of-text, so a ``logit_bias`` keeps it from being any
-  end-of-generation token; values are located from the end and every token of the response is
-  checked by its text.
+  the returned tokens; teacher forcing is ``echo`` with ``logprobs`` and ``max_tokens`` 1 (0
+  means "until the context is full"): the echoed listing leaves out BOS tokens, its first value
+  is null, and the one extra token it generates is absent when it is end-of-text
+  (``usage.completion_tokens`` says), so values are located from the end and every token of the
+  response is checked by its text.
 
 llama-cpp-python's echo is misaligned for a prompt that does not start with the model's BOS token
 (each token gets the value read from the logits after it; the generated token falls off the end
-of the listing): that signature is recognized and the unit refused. It needs the generated
-token: hence the bias, and an echo without it (a server that ignores ``logit_bias``) of such a
-prompt is refused as unverifiable.
+of the listing): that signature is recognized and the unit refused. Whatever no parsing can
+catch is left to the engine check (``engine_check``): an engine whose generation and teacher
+forcing disagree is refused with the reason. Engines return log-probabilities at temperature 1 (raw), so the
+config allows only temperature 1.0 for a policy on an endpoint, and this module checks it again.
 
 The stop is one event (ope_prep/events.py): any of the model's end-of-generation tokens next.
 A response that ended by itself gets as its last value the stop event's log-probability, the
@@ -35,26 +34,11 @@ engine returned (vLLM); when the engine does not return it (llama-cpp-python's s
 the template's end-of-turn token (``chat.end_of_turn``), a marker: the value is the whole set's
 either way. ``teacher_force_many`` takes an item (prompt, response, temperature, stop_tokens)
 whose last token is such a stop: its value is the same log-sum-exp.
-
-Trust but verify (`engine_check`): before a stage uses an engine, every base URL (replica) is
-checked on its own, with requests that are never answered from the request cache. On each,
-check responses are generated and teacher-forced (on the engine, or in process with
-``teacher_force: false``) and every token's two values must agree: the text tokens, and a
-returned stop token's own value (the engine's) against that token teacher-forced alone; a stop
-the engine did not return has nothing of the engine's to compare (its value is teacher-forced).
-Sampling must not be truncated (top-p, top-k, min-p applied by the server despite the request):
-the check asks for the top ``CHECK_TOP`` alternatives of every generated token and compares the
-sampled tokens' ranks (capped at ``CHECK_TOP`` + 1) with what softmax sampling gives (exact
-distribution from the listed probabilities); an implausibly low sum (p below
-``TRUNCATION_ALPHA``) refuses the engine. Engines return log-probabilities at temperature 1
-(raw), so the config allows only temperature 1.0 for a policy on an endpoint, and this module
-checks it again.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 

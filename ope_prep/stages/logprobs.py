@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict
 from typing import Union
 
-from ..backends.providers import PolicyModel, local_tokenizer, model_usage, policy_model
+from ..backends.providers import PolicyModel, model_usage, policy_model, policy_tokenizers
 from ..config import Config
 from ..errors import BudgetExceeded, FatalApiError
 from ..events import NoSharedEvent, ScoredEvent, scored_event
@@ -86,8 +86,7 @@ def run(config: Config, args, fp: dict) -> dict:
           f"{len(tf_keys) + len(self_keys) - todo_total} already done")
 
     model_keys = list(dict.fromkeys(p.model for p in config.policies))
-    tokenizers = {k: local_tokenizer(config, k) for k in model_keys}
-    vocab = {k: t.vocab_digest() for k, t in tokenizers.items()}
+    tokenizers, vocab = policy_tokenizers(config)
     events: dict[str, Union[ScoredEvent, NoSharedEvent]] = {}
 
     def event(pid: str) -> Union[ScoredEvent, NoSharedEvent]:
