@@ -252,12 +252,14 @@ def main(argv=None) -> int:
 def fresh_refusal(config: Config) -> str | None:
     """Why --fresh must not rename this data dir (it holds the config or the project), or None."""
     data_dir = config.data_dir.resolve()
-    for what, path in (("the config file", Path(config.config_path).resolve()), ("the project", PROJECT_DIR)):
-        if path == data_dir or data_dir in path.parents:
-            return (f"{config.config_path}: paths.data_dir: {config.paths.data_dir!r} is {data_dir}, which holds "
-                    f"{what} ({path}): --fresh would rename it. Give the run a data directory of its own "
-                    f"(e.g. paths.data_dir: data)")
-    return None
+    held = [f"{what} ({path})" for what, path in (("the config file", Path(config.config_path).resolve()),
+                                                  ("the project", PROJECT_DIR))
+            if path == data_dir or data_dir in path.parents]
+    if not held:
+        return None
+    return (f"{config.config_path}: paths.data_dir: {config.paths.data_dir!r} is {data_dir}, which holds "
+            f"{' and '.join(held)}: --fresh would rename it. Give the run a data directory of its own "
+            f"(e.g. paths.data_dir: data)")
 
 
 def lock_data_dir(config: Config, fresh: bool):

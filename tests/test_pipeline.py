@@ -183,3 +183,16 @@ def test_stage_5_checks_every_target_record_against_the_base_event_across_tokeni
     assert f"{bad['prompt_id']}/pi_bad: {keep} tokens scored, the event has" in problems[0]
     assert f"{big['prompt_id']}/pi_bigger_model: scored_bytes" in problems[0]
     assert f"complete {big['complete']}, the event's {not big['complete']}" in problems[0]
+
+    # A base response with no event every tokenizer shares (cut after its first token: its end is
+    # no boundary, and no earlier one is shared) whose records were written anyway.
+    path.write_text((src / "data" / "logprobs.jsonl").read_text())
+    rpath = tmp_path / "data" / "responses.jsonl"
+    responses = [json.loads(line) for line in rpath.read_text().splitlines()]
+    p0 = next(r for r in responses if r["policy"] == "p0")
+    p0.update(token_ids=p0["token_ids"][:1], token_logprobs=p0["token_logprobs"][:1], n_tokens=1,
+              finish_reason="length", sampling_logprob=p0["token_logprobs"][0])
+    rpath.write_text("".join(json.dumps(r) + "\n" for r in responses))
+    _, _, problems = summarize.load_and_check(config)
+    no_event = [p for p in problems if "no event every tokenizer shares" in p]
+    assert len(no_event) == 1 and f"{p0['prompt_id']}/p0" in no_event[0], problems
