@@ -45,5 +45,12 @@ class FatalApiError(PipelineError):
     exit_code = EXIT_STOPPED
 
 
+class TooManyExcluded(PipelineError):
+    """More prompts were left out (quarantined) than validation.max_excluded_fraction allows: the
+    later stages would be paid for a run that stage 5 refuses."""
+
+    exit_code = EXIT_STOPPED
+
+
 class EngineRefused(PipelineError):
     """An inference engine failed its check: its log-probabilities would give wrong weights."""

@@ -1,6 +1,7 @@
 """Multi-day runs on the real models: growing a finished run keeps every unit, rounds leave
-validated snapshots that stage 5 and cje-eval 0.3 accept, a prompt too long for one model is
-quarantined and the run completes without it, --status reads a running run from another
+validated snapshots that stage 5 and cje-eval 0.3 accept, a prompt too long for the judge is
+passed over in stage 1, a quarantined prompt is left out (and too many stop the run before
+scoring), --status reads a running run from another
 process, and a stage that cannot finish its files on the disk does not start."""
 
 from __future__ import annotations
@@ -137,59 +138,45 @@ def test_rounds_leave_snapshots_that_stage_5_and_cje_03_accept_and_status_reads_
         assert sorted(per_policy) == sorted(POLICIES[1:]), estimator
 
 
-def judge_prompt_lengths(data, model_path, seed: int = 42) -> dict[tuple[str, str], int]:
+def judge_prompt_lengths(data, model_path, rubric_name: str, seed: int = 42) -> dict[str, int]:
+    """Each prompt's judge prompt with an empty response, in the judge model's tokens."""
     tok = load_tokenizer(str(model_path))
-    prompts = {r["prompt_id"]: r["prompt"] for r in records(data / "prompts.jsonl")}
-    rubric = RUBRICS[small_config(data)["judge"]["rubric"]]
-    return {(r["prompt_id"], r["policy"]): len(tok.chat_tokens(judge_messages(rubric, prompts[r["prompt_id"]],
-                                                                              r["response"], seed)))
-            for r in records(data / "responses.jsonl")}
+    rubric = RUBRICS[rubric_name]
+    return {r["prompt_id"]: len(tok.chat_tokens(judge_messages(rubric, r["prompt"], "", seed)))
+            for r in records(data / "prompts.jsonl")}
 
 
-def test_a_prompt_too_long_for_the_judge_is_quarantined_and_the_run_completes_without_it(tmp_path):
-    data = tmp_path / "data"
-    cfg = small_config(data, **{"validation.max_excluded_fraction": 0.5})
+def test_stage_1_leaves_out_a_prompt_too_long_for_the_judge_before_any_compute_is_spent(tmp_path):
+    """Before: such a prompt was generated and teacher-forced under every policy, then its judge
+    units were quarantined (always the longest prompts). Now stage 1 passes it over, says why in
+    run.json, and the run completes with N prompts and nothing quarantined."""
+    probe, data = tmp_path / "probe", tmp_path / "data"
+    cfg = small_config(probe)
     # The judge: SmolLM2 with a context of its own, set below from the real judge prompts.
     cfg["models"]["judge_ctx"] = dict(cfg["models"]["smollm2_135m"])
     cfg["judge"]["model"] = "judge_ctx"
+    run_script("01_prepare_data.py", "--config", str(write_config(tmp_path / "probe.yaml", cfg)),
+               "--samples", "4", check=True)
+    lengths = judge_prompt_lengths(probe, cfg["models"]["judge_ctx"]["path"], cfg["judge"]["rubric"])
+    longest = max(lengths, key=lengths.get)
+    need = {pid: n + cfg["generation"]["max_tokens"] + 1 for pid, n in lengths.items()}
+    cfg["models"]["judge_ctx"]["n_ctx"] = need[longest] - 1     # every other prompt fits, this one not
+    assert sorted(need.values())[-2] <= need[longest] - 1
+    cfg["paths"]["data_dir"] = str(data)
     config = write_config(tmp_path / "config.yaml", cfg)
-    for script, extra in (("01_prepare_data.py", ["--samples", "4"]), ("02_generate_responses.py", [])):
-        run_script(script, "--config", str(config), *extra, check=True)
-    lengths = judge_prompt_lengths(data, cfg["models"]["judge_ctx"]["path"])
-    by_prompt = {pid: max(n for (p, _), n in lengths.items() if p == pid) for pid, _ in lengths}
-    longest = max(by_prompt, key=by_prompt.get)
-    n_ctx = sorted(set(by_prompt.values()))[-1]          # the longest judge prompt + its answer do not fit
-    assert sorted(by_prompt.values())[-2] + 1 <= n_ctx    # every other prompt's do
-    cfg["models"]["judge_ctx"]["n_ctx"] = n_ctx
-    write_config(config, cfg)
-    too_long = {(pid, pol) for (pid, pol), n in lengths.items() if n + 1 > n_ctx}
-    assert {pid for pid, _ in too_long} == {longest}
 
-    trace = tmp_path / "trace.tsv"
-    p = run(config, 4, trace)
+    p = run(config, 4, tmp_path / "trace.tsv")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "quarantined" in p.stdout
-    quarantined = records(data / "quarantine" / "judge.jsonl")
-    assert {(q["prompt_id"], q["key"].split("/")[1]) for q in quarantined} == too_long
-    assert all("exceeds the context" in q["error"] for q in quarantined)
+    prompts = [r["prompt_id"] for r in records(data / "prompts.jsonl")]
+    assert len(prompts) == 4 and longest not in prompts
+    assert set(lengths) - {longest} <= set(prompts)
+    skipped = json.loads((data / "run.json").read_text())["skipped"]
+    reason = f"judge prompt + generation.max_tokens over models.judge_ctx.n_ctx ({need[longest] - 1})"
+    assert sum(r.get(reason, 0) for r in skipped.values()) >= 1, skipped     # later candidates too
+    assert not any((data / "quarantine").glob("*.jsonl")) or all(
+        not records(q) for q in (data / "quarantine").glob("*.jsonl"))
     info = json.loads((data / "dataset_info.json").read_text())
-    assert set(info["run"]["excluded_prompts"]) == {longest} and info["run"]["n_prompts"] == 3
-    assert "**1 of 4 prompts are left out**" in (data / "report.md").read_text()
-    logged = records(data / "cje" / "logged_data.jsonl")
-    assert len(logged) == 3 and longest not in {r["prompt_id"] for r in logged}
-    # Tried once, not on every rerun: a rerun computes nothing.
-    before = sum(computed_ok(trace).values())
-    again = run(config, 4, trace)
-    assert again.returncode == 0 and sum(computed_ok(trace).values()) == before
-
-    # The default limit (1% of the prompts) fails the run, naming the prompt; nothing is written.
-    cfg["validation"]["max_excluded_fraction"] = 0.01
-    write_config(config, cfg)
-    report_before = (data / "report.md").read_bytes()
-    strict = run(config, 4, trace, "--force-step", "summarize")
-    assert strict.returncode == 1, strict.stdout[-3000:]
-    assert "1 of 4 prompts are left out" in strict.stdout and longest in strict.stdout
-    assert not (data / "report.md").exists() or (data / "report.md").read_bytes() != report_before
+    assert info["run"]["n_prompts"] == 4 and not info["run"]["excluded_prompts"]
 
 
 def test_stage_1_drops_prompts_too_long_for_one_policy_model(tmp_path):
@@ -284,3 +271,19 @@ def test_the_runner_retries_transient_failures_and_quarantines_a_unit_that_never
     assert {pid for pid, _ in scored} == {second["prompt_id"], records(data / "prompts.jsonl")[2]["prompt_id"]}
     info = json.loads((data / "dataset_info.json").read_text())
     assert list(info["run"]["excluded_prompts"]) == [first["prompt_id"]]
+    assert "**1 of 3 prompts are left out**" in (data / "report.md").read_text()
+
+    # The default limit (1% of the prompts): stage 5 fails the run, naming the prompt, and a
+    # scoring stage asked to run again refuses before it spends anything (exit 3).
+    strict = small_config(data, **{**overrides, "judge.base_url": stub.url + "/v1",
+                                   "validation.max_excluded_fraction": 0.01})
+    write_config(config, strict)
+    p = run(config, 3, tmp_path / "trace.tsv", "--force-step", "summarize", env=env)
+    assert p.returncode == 1, p.stdout[-3000:]
+    assert "1 of 3 prompts are left out" in p.stdout and first["prompt_id"] in p.stdout
+    trace = tmp_path / "oracle_trace.tsv"
+    p = run(config, 3, trace, "--force-step", "oracle", env=env)
+    assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "stage oracle not started, nothing paid: 1 of 3 prompts are left out" in p.stdout + p.stderr
+    assert first["prompt_id"] in p.stdout + p.stderr
+    assert not sum(computed_ok(trace).values())

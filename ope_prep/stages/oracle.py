@@ -34,7 +34,8 @@ from ..records import OracleLabel, Response
 from ..store import WorkFile, work_path, read_jsonl, write_json
 from .scoring import (RUBRICS, Judgement, ScoringUnit, Tally, open_scorer,
                       report, rubric_digest, score_units, stage_inputs, unit_input)
-from .units import RESPONSES, finish, load_prompts, read_run_seed, run_identity, stopped, unit_seed, usage_file
+from .units import (RESPONSES, finish, load_prompts, read_run_seed, refuse_if_too_many_excluded, run_identity,
+                    stopped, unit_seed, usage_file)
 
 ORACLE_LABELS = "oracle_labels.jsonl"
 ORACLE_USAGE = usage_file("oracle")
@@ -94,6 +95,9 @@ def run(config: Config, args, fp: dict) -> dict:
                 return OracleLabel(prompt_id=u.prompt_id, policy=u.policy, split=split, label=j.score, raw=j.raw)
             return record
 
+        if any(todo.values()):
+            refuse_if_too_many_excluded("oracle", data_dir, ["generate", "logprobs", "judge"], len(prompts),
+                                        config.validation.max_excluded_fraction)
         started = time.monotonic()
         tally = Tally()
         with open_scorer(config, "oracle", "oracle", read_run_seed(data_dir), need_distribution=False) as scorer:

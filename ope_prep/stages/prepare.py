@@ -4,8 +4,9 @@ The sample of N is the first N of one seeded pass over the source, so a larger N
 smaller one: rerun with a larger N and every later stage keeps its finished units and computes
 only the new prompts' (a smaller N summarizes the first N; nothing is deleted). A prompt is
 taken only if, rendered for every policy with its model's own template and tokenizer, it leaves
-room for generation.max_tokens in that model's context; how many were passed over, and why,
-is printed and kept in run.json, per source.
+room for generation.max_tokens in that model's context, and in the judge's and oracle's
+(rubric and examples included) where their context is known; how many were passed over, and
+why, is printed and kept in run.json, per source.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from ..config import Config
 from ..errors import EXIT_OK, InputError, RefusedError
 from ..fingerprint import flatten, model_identity
 from ..records import Prompt
+from ..rubrics import RUBRICS
 from ..sources import Sample, active_sources, reasons_text, sample_prompts
 from ..sources.registry import describe
 from ..store import read_jsonl, write_json, write_jsonl
+from .scoring import judge_messages, rubric_digest
 from .units import PROMPTS, RUN_PARAMS
 
 OUTPUTS = [PROMPTS, RUN_PARAMS]
@@ -74,16 +77,32 @@ def inputs(config: Config, args, ck: dict) -> dict:
     for pol in config.policies:
         fit[f"fit.{pol.name}.system_prompt"] = pol.system_prompt
         fit.update(flatten(model_identity(config, pol.model), f"fit.{pol.name}.model."))
+    for which in _scorers_with_known_context(config):
+        api = getattr(config, which)
+        fit[f"fit.{which}.rubric"] = rubric_digest(RUBRICS[api.rubric])
+        fit.update(flatten(model_identity(config, api.model), f"fit.{which}.model."))
     return {"samples": samples(args), **fit}
 
 
-def context_check(config: Config):
+def _scorers_with_known_context(config: Config) -> list[str]:
+    """The judge and oracle whose context stage 1 can know: a models.<key> GGUF, in process or on
+    our own llama_cpp.server (an API's context and tokenizer are its own)."""
+    return [which for which in ("judge", "oracle") if getattr(config, which).provider in ("local", "local_server")]
+
+
+def context_check(config: Config, seed: int):
     """too_long(text) for sample_prompts: over source.max_prompt_tokens in the base policy's
-    model's tokens, or the first policy whose rendered prompt plus max_tokens does not fit its
-    model's context, counted with that model's tokenizer."""
-    tokenizers = {k: local_tokenizer(config, k) for k in dict.fromkeys(p.model for p in config.policies)}
+    model's tokens; or the first policy whose rendered prompt plus max_tokens does not fit its
+    model's context, counted with that model's tokenizer; or the judge's or oracle's prompt
+    (rubric, examples, the prompt) plus a response of max_tokens tokens and the answer not fitting
+    its model's context. Such a prompt would otherwise be quarantined after its generation and
+    teacher forcing were paid for, and always the longest ones."""
+    keys = [p.model for p in config.policies] + [getattr(config, w).model for w in _scorers_with_known_context(config)]
+    tokenizers = {k: local_tokenizer(config, k) for k in dict.fromkeys(keys)}
     base = tokenizers[config.policy(config.base_policy).model]
     max_tokens, bound = config.generation.max_tokens, config.source.max_prompt_tokens
+    scorers = [(which, getattr(config, which).model, RUBRICS[getattr(config, which).rubric])
+               for which in _scorers_with_known_context(config)]
 
     def too_long(text: str):
         if bound is not None and len(base.tokenize_text(text)) > bound:
@@ -92,12 +111,18 @@ def context_check(config: Config):
             n_ctx = config.models[pol.model].n_ctx
             if len(tokenizers[pol.model].prompt_tokens(pol.system_prompt, text)) + max_tokens > n_ctx:
                 return f"prompt + generation.max_tokens over models.{pol.model}.n_ctx ({n_ctx})"
+        for which, key, rubric in scorers:
+            n_ctx = config.models[key].n_ctx
+            # an empty response in the judge prompt, then max_tokens for it and one for the answer
+            if len(tokenizers[key].chat_tokens(judge_messages(rubric, text, "", seed))) + max_tokens + 1 > n_ctx:
+                return f"{which} prompt + generation.max_tokens over models.{key}.n_ctx ({n_ctx})"
         return None
     return too_long
 
 
 def draw(config: Config, args, n: int) -> Sample:
-    return sample_prompts(config, n, run_seed(config, args), args.only, args.exclude, context_check(config))
+    seed = run_seed(config, args)
+    return sample_prompts(config, n, seed, args.only, args.exclude, context_check(config, seed))
 
 
 def counts_text(sample: Sample) -> str:

@@ -45,8 +45,8 @@ from ..errors import InputError, ValidationFailed
 from ..records import JudgeScore, OracleLabel, Prompt, Quarantined, Response, SelfCheck, TeacherForced
 from ..store import read_jsonl, write_json
 from ..validate import check_scored_events
-from .units import (LOGPROBS, PROMPTS, RESPONSES, RUN_PARAMS, SELF_CONSISTENCY, quarantine_file, run_identity,
-                    self_check_prompts, upstream_digests, usage_file)
+from .units import (LOGPROBS, PROMPTS, RESPONSES, RUN_PARAMS, SELF_CONSISTENCY, exclusion_over_limit,
+                    quarantine_file, run_identity, self_check_prompts, upstream_digests, usage_file)
 
 JUDGE = "judge_scores.jsonl"
 ORACLE = "oracle_labels.jsonl"
@@ -193,12 +193,10 @@ def _read_quarantine(problems: Problems, data_dir: Path, config: Config, prompt_
                 excluded.setdefault(q.prompt_id, []).append(q)
     problems.rule("quarantine", "quarantined units name a prompt that is not in the run",
                   [f"{q.stage} {q.key}" for pid, qs in excluded.items() if pid not in prompt_ids for q in qs])
-    limit = config.validation.max_excluded_fraction
-    if prompt_ids and len(excluded) > limit * len(prompt_ids):
-        problems.rule("quarantine", f"of {len(prompt_ids)} prompts are left out of the dataset because a unit "
-                      f"of theirs was quarantined, more than validation.max_excluded_fraction "
-                      f"({limit:g}) allows", [f"{pid} ({qs[0].stage} {qs[0].key}: {qs[0].error})"
-                                               for pid, qs in sorted(excluded.items())])
+    problem = exclusion_over_limit(len(excluded), len(prompt_ids), config.validation.max_excluded_fraction)
+    if problem:
+        problems.add(f"quarantine: {problem}: " + "; ".join(
+            f"{pid} ({qs[0].stage} {qs[0].key}: {qs[0].error})" for pid, qs in sorted(excluded.items())[:MAX_EXAMPLES]))
     return excluded
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import PipelineError, UnitsFailedError
+from ..errors import PipelineError, TooManyExcluded, UnitsFailedError
 from ..records import Prompt, Quarantined
 from ..store import WorkFile, failed_row, read_jsonl, write_jsonl
 
@@ -63,6 +63,39 @@ def progress(stage: str, total: int, unit: str, desc: str = "") -> tqdm:
 
 def quarantine_file(stage: str) -> str:
     return f"{QUARANTINE_DIR}/{stage}.jsonl"
+
+
+def excluded_prompts(data_dir: Path, stages: list[str]) -> dict[str, list[Quarantined]]:
+    """prompt_id -> its quarantined units, from the quarantine files ``stages`` wrote so far."""
+    excluded: dict[str, list[Quarantined]] = {}
+    for stage in stages:
+        path = data_dir / quarantine_file(stage)
+        if path.exists():
+            for q in read_jsonl(path, Quarantined):
+                excluded.setdefault(q.prompt_id, []).append(q)
+    return excluded
+
+
+def exclusion_over_limit(n_excluded: int, n_prompts: int, limit: float) -> str | None:
+    """What is wrong when more of a run's prompts are left out than validation.max_excluded_fraction
+    allows (stage 5 refuses such a run; the scoring stages refuse to start one), else None."""
+    if n_prompts and n_excluded > limit * n_prompts:
+        return (f"{n_excluded} of {n_prompts} prompts are left out of the dataset because a unit of theirs was "
+                f"quarantined, more than validation.max_excluded_fraction ({limit:g}) allows")
+    return None
+
+
+def refuse_if_too_many_excluded(stage: str, data_dir: Path, stages: list[str], n_prompts: int, limit: float) -> None:
+    """Before a scoring stage pays for anything: stop (TooManyExcluded) when the earlier stages
+    already left out more prompts than stage 5 accepts, saying which and why."""
+    excluded = excluded_prompts(data_dir, stages)
+    problem = exclusion_over_limit(len(excluded), n_prompts, limit)
+    if problem:
+        first = "; ".join(f"{pid} ({qs[0].stage} {qs[0].key}: {qs[0].error[:120]})"
+                          for pid, qs in list(excluded.items())[:3])
+        raise TooManyExcluded(f"stage {stage} not started, nothing paid: {problem}, so stage 5 would refuse the "
+                              f"run ({first}; all in {data_dir / QUARANTINE_DIR}). Fix the cause, or raise the "
+                              "limit if such prompts may be left out")
 
 
 def run_identity(ck: dict) -> dict:
