@@ -1,9 +1,11 @@
-"""Figures that say whether scores carry signal: computed once, used by stage 5's report and
-summary and by the judge study (scripts/judge_study.py)."""
+"""Figures that say whether scores carry signal, and what the prompts left out have in common:
+computed once, used by stage 5's report and summary and by the judge study (scripts/judge_study.py)."""
 
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
@@ -64,3 +66,23 @@ def paired_gap(base: Mapping[str, float], target: Mapping[str, float]) -> Gap:
     se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else math.nan
     z = float(d.mean() / se) if d.size > 1 and se > 0 else None
     return Gap(int(d.size), float(d.mean()), se, z)
+
+
+def exclusion_profile(included: Sequence, left_out: Sequence, reasons: Mapping[str, Sequence]) -> dict:
+    """What the prompts left out (quarantined) have in common, against the ones kept: how many
+    per stage and reason (numbers in the reason folded, so "1,204 tokens" and "1,311 tokens" are
+    one reason), per source, and their length in characters. A left-out set that is all long, or
+    all from one source, biases the estimate toward what remains; this says so.
+    included, left_out: Prompt records; reasons: prompt_id -> its Quarantined units."""
+    why = Counter(f"{qs[0].stage}: {re.sub(r'[0-9][0-9.,]*', 'N', qs[0].error)[:140]}" for qs in reasons.values())
+    sources = sorted({p.source for p in [*included, *left_out]})
+
+    def chars(prompts) -> Optional[dict]:
+        n = [len(p.prompt) for p in prompts]
+        return {"median": float(np.median(n)), "max": max(n)} if n else None
+
+    return {"n": len(left_out), "of": len(left_out) + len(included),
+            "by_reason": dict(why.most_common()),
+            "by_source": {s: {"left_out": sum(p.source == s for p in left_out),
+                              "kept": sum(p.source == s for p in included)} for s in sources},
+            "prompt_chars": {"left_out": chars(left_out), "kept": chars(included)}}

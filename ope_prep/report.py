@@ -142,7 +142,8 @@ def render_report(config: Config, info: dict) -> str:
             "for validation).", ""]
     out += [_table(["policy", "role", "model", "temperature"],
                    [[n, p["role"], p["model"], f"{p['temperature']:g}"] for n, p in pols.items()]), ""]
-    out += excluded_section(run.get("excluded_prompts") or {}, run["n_prompts"])
+    out += excluded_section(run.get("excluded_prompts") or {}, run["n_prompts"], run.get("excluded_profile"))
+    out += passed_over_section(run.get("skipped") or {})
 
     out += ["## Checks", "", "All checks that stop bad data passed: every file parses, every "
             "(prompt, policy) has exactly one response, teacher-forced log-probability and judge "
@@ -248,17 +249,44 @@ def cost_section(rows: list[dict]) -> list[str]:
                     for r in rows]), ""]
 
 
-def excluded_section(excluded: dict, n_included: int) -> list[str]:
+def excluded_section(excluded: dict, n_included: int, profile: dict | None = None) -> list[str]:
     """The prompts left out because a unit of theirs was quarantined (failed the same way every
-    time), with the first reason for each."""
+    time): what they have in common (stage and reason, source, length), then each with its first
+    reason."""
     if not excluded:
         return ["No prompt was left out: no unit was quarantined.", ""]
     out = ["## Left out", "", f"**{len(excluded)} of {len(excluded) + n_included} prompts are left out** of "
            "the dataset for every policy (OPE needs each prompt complete): a unit of theirs failed the "
-           "same way on every try and was quarantined (`quarantine/<stage>.jsonl`).", ""]
+           "same way on every try and was quarantined (`quarantine/<stage>.jsonl`). The estimate is "
+           "for the prompts kept: if the left-out ones differ (longer, or from one source), say so "
+           "wherever it is reported.", ""]
+    if profile:
+        out += [_table(["stage: reason", "prompts"], [[r, str(n)] for r, n in profile["by_reason"].items()]), ""]
+        out += [_table(["source", "left out", "kept", "left out share"],
+                       [[s, str(c["left_out"]), str(c["kept"]),
+                         f"{c['left_out'] / max(1, c['left_out'] + c['kept']):.0%}"]
+                        for s, c in profile["by_source"].items()]), ""]
+        gone, kept = profile["prompt_chars"]["left_out"], profile["prompt_chars"]["kept"]
+        if gone and kept:
+            out += [f"Prompt length in characters: left out median {gone['median']:.0f} (max {gone['max']}), "
+                    f"kept median {kept['median']:.0f} (max {kept['max']}).", ""]
     out += [_table(["prompt", "stage", "unit", "reason"],
                    [[pid, qs[0]["stage"], qs[0]["key"], qs[0]["error"][:160]] for pid, qs in excluded.items()]), ""]
     return out
+
+
+def passed_over_section(skipped: dict) -> list[str]:
+    """Stage 1's candidates passed over, per reason, over all sources (run.json's ``skipped``): the
+    ones for a context (a policy's, the judge's, the oracle's) are prompts the run cannot hold."""
+    totals: dict[str, int] = {}
+    for reasons in skipped.values():
+        for reason, n in reasons.items():
+            totals[reason] = totals.get(reason, 0) + n
+    if not totals:
+        return []
+    return ["Stage 1 passed over these candidates (per source in `run.json`):", "",
+            _table(["reason", "candidates"], [[r, str(n)] for r, n in sorted(totals.items(), key=lambda x: -x[1])]),
+            ""]
 
 
 def _z(gap: dict) -> str:

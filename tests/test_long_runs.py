@@ -271,7 +271,16 @@ def test_the_runner_retries_transient_failures_and_quarantines_a_unit_that_never
     assert {pid for pid, _ in scored} == {second["prompt_id"], records(data / "prompts.jsonl")[2]["prompt_id"]}
     info = json.loads((data / "dataset_info.json").read_text())
     assert list(info["run"]["excluded_prompts"]) == [first["prompt_id"]]
-    assert "**1 of 3 prompts are left out**" in (data / "report.md").read_text()
+    report = (data / "report.md").read_text()
+    assert "**1 of 3 prompts are left out**" in report
+    # What the left-out prompts have in common: reason, source, length.
+    profile = info["run"]["excluded_profile"]
+    assert (profile["n"], profile["of"]) == (1, 3)
+    assert list(profile["by_reason"]) == [k for k in profile["by_reason"] if k.startswith("judge: unparsable judge output")]
+    assert profile["by_source"][first["source"]]["left_out"] == 1
+    assert sum(c["left_out"] + c["kept"] for c in profile["by_source"].values()) == 3
+    assert profile["prompt_chars"]["left_out"]["max"] == len(first["prompt"])
+    assert f"left out median {len(first['prompt'])} " in report and "| judge: unparsable judge output" in report
 
     # The default limit (1% of the prompts): stage 5 fails the run, naming the prompt, and a
     # scoring stage asked to run again refuses before it spends anything (exit 3).

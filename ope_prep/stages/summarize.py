@@ -109,6 +109,7 @@ class Data:
     # every record above hold only the others.
     excluded: dict[str, list[Quarantined]] = field(default_factory=dict)
     all_prompt_ids: list[str] = field(default_factory=list)
+    left_out: list[Prompt] = field(default_factory=list)     # the excluded prompts' records
 
 
 class Problems:
@@ -281,6 +282,7 @@ def load_and_check(config: Config) -> tuple[Data, dict, list[str]]:
         data.all_prompt_ids = [p.prompt_id for p in prompts if isinstance(p.prompt_id, str)]
         data.excluded = _read_quarantine(problems, data_dir, config, set(data.all_prompt_ids))
         data.prompts = [p for p in prompts if p.prompt_id not in data.excluded]
+        data.left_out = [p for p in prompts if p.prompt_id in data.excluded]
         expected = {(p.prompt_id, pol) for p in data.prompts if isinstance(p.prompt_id, str) for pol in policies}
 
     def included(records: list | None) -> list | None:
@@ -649,6 +651,7 @@ def diagnostics(config: Config, data: Data, checks: dict) -> dict:
         "run": {"n_prompts": n, "samples": data.run.get("samples"), "seed": data.run["seed"],
                 "excluded_prompts": {pid: [{"stage": q.stage, "key": q.key, "error": q.error, "tries": q.tries}
                                            for q in qs] for pid, qs in sorted(data.excluded.items())},
+                "excluded_profile": dx.exclusion_profile(data.prompts, data.left_out, data.excluded),
                 "oracle_seed": data.run["seed"], "skipped": data.run.get("skipped"),
                 "base_policy": base, "clone_policy": config.clone_policy,
                 "target_policies": config.target_policies,
