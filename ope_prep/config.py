@@ -185,7 +185,7 @@ class ModelEndpoint(EndpointConfig):
     # The engine check (before stages 2 and 2b, and `run_pipeline.py --check-providers`): the
     # log-probabilities the engine returned while generating check_prompts responses must equal
     # the teacher-forced ones within this, per token.
-    check_prompts: int = Field(3, ge=1)
+    check_prompts: int = Field(5, ge=1)
     check_tolerance_per_token: float = Field(1e-3, gt=0)
 
 

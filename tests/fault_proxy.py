@@ -225,3 +225,20 @@ class ScriptedChatServer(_Base):
                               "logprobs": {"content": content} if req.get("logprobs") else None}],
                  "usage": {"prompt_tokens": 50, "completion_tokens": len(tokens), "total_tokens": 50 + len(tokens)}}
         self._send(h, 200, json.dumps(reply).encode())
+
+
+class RewritingProxy(FaultProxy):
+    """An engine that does not sample as asked: each generation request (not a teacher-forcing
+    echo) reaches the real server with ``changes`` applied (``{"top_k": 10}``: it truncates;
+    ``{"stop": ["."]}``: it stops on a string, not on the model's end-of-generation tokens)."""
+
+    def __init__(self, upstream: str, changes: dict):
+        self.changes = changes
+        super().__init__(upstream, fail_rate=0)
+
+    def _forward(self, h: BaseHTTPRequestHandler, method: str, body: bytes) -> None:
+        if method == "POST" and body:
+            req = json.loads(body)
+            if not req.get("echo") and req.get("max_tokens", 16) > 1:
+                body = json.dumps({**req, **self.changes}).encode()   # its length is sent anew (a hop header)
+        super()._forward(h, method, body)

@@ -62,7 +62,7 @@ def read(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_every_stage_on_engines_agrees_with_in_process_and_a_rerun_sends_no_request(llama_servers, tmp_path):
+def test_every_stage_on_engines_agrees_with_in_process_and_a_rerun_asks_only_the_check(llama_servers, tmp_path):
     """SmolLM2 on two replicas (counting proxies in front of one server), Gemma on its own server
     with teacher forcing in process (llama-cpp-python's echo sorts Gemma's 262k-token vocabulary
     in Python for every listed token: minutes per run here); judge and oracle on the servers."""
@@ -128,13 +128,19 @@ def test_every_stage_on_engines_agrees_with_in_process_and_a_rerun_sends_no_requ
 
         # Stage 2 again from nothing but its request caches (its work lost; not --force-step,
         # which supersedes the caches too and asks again): every request is answered from them.
+        # Only the engine check is asked again (it never answers from the cache): its requests are
+        # the lines its cache files gained.
         from ope_prep import checkpoint
-        before = (data / "responses.jsonl").read_bytes()
+
+        def check_lines() -> int:
+            return sum(len(p.read_text().splitlines()) for p in (data / "cache").glob("*_check_api_cache.jsonl"))
+        before, checks_before = (data / "responses.jsonl").read_bytes(), check_lines()
         (data / "work" / "generate.jsonl").unlink()
         checkpoint.forget(data, ["generate"])
         proc = run_script("run_pipeline.py", str(N), "--config", str(config), timeout=1500)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert a.counts["forwarded"] + b.counts["forwarded"] + g.counts["forwarded"] == sent
+        asked = a.counts["forwarded"] + b.counts["forwarded"] + g.counts["forwarded"] - sent
+        assert 0 < asked == check_lines() - checks_before
         assert (data / "responses.jsonl").read_bytes() == before
 
 
@@ -255,3 +261,68 @@ def test_a_policy_on_an_engine_must_have_temperature_1(tmp_path):
     assert proc.returncode == 2
     assert "policies.2.temperature" in proc.stderr and "temperature 1" in proc.stderr, proc.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_the_engine_check_asks_every_replica_every_time_and_refuses_one_that_is_down_or_truncates(
+        llama_servers, tmp_path):
+    """Before: the check's requests were answered from the request cache (it passed with the
+    server shut down), replicas were never checked one by one, and a server that truncated
+    sampling despite the request passed. Two replicas of SmolLM2 (proxies in front of the real
+    llama_cpp.server): each is asked by itself, on every run; a replica whose requests reach the
+    server with top_k 10 or a stop string, or one that is down, refuses the engine, naming it.
+    (A stop that is not the model's, on an engine that hides it: see the vLLM test below.)"""
+    from fault_proxy import FaultProxy, RewritingProxy
+    smol = llama_servers["smollm2_135m"].base_url[:-len("/v1")]
+    with FaultProxy(smol, fail_rate=0) as a, FaultProxy(smol, fail_rate=0) as b, \
+            RewritingProxy(smol, {"top_k": 10}) as t, RewritingProxy(smol, {"stop": ["."]}) as s:
+        def check(*replicas) -> tuple[int, str]:
+            urls = {"smollm2_135m": [r.url + "/v1" for r in replicas], "gemma3_270m": ["http://127.0.0.1:9/v1"]}
+            cfg = engine_config(tmp_path / "data", urls, **{"generation.max_tokens": 48})
+            cfg["policies"] = [p for p in cfg["policies"] if p["name"] in ("p0", "pi_clone")]
+            cfg["models"]["smollm2_135m"]["endpoint"].update(check_prompts=5, max_attempts=1)
+            config = write_config(tmp_path / "config.yaml", cfg)
+            proc = run_script("run_pipeline.py", "--check-providers", "--config", str(config))
+            return proc.returncode, proc.stdout + proc.stderr
+
+        code, out = check(a, b)
+        assert code == 0, out
+        assert "models.smollm2_135m.endpoint: ok: each replica by itself" in out
+        assert out.count("sampling from the whole distribution") == 2 and "outside the top 20" in out
+        first = (a.counts["forwarded"], b.counts["forwarded"])
+        assert min(first) >= 5                       # 5 check prompts, on each replica
+
+        # the check comes first (the honest replica after it is not asked once one is refused)
+        code, out = check(t, a)
+        assert code == 2, out
+        assert f"models.smollm2_135m.endpoint: REFUSED: each replica by itself: {t.url}/v1: " in out, out
+        assert "truncates sampling despite the request" in out and t.counts["forwarded"] > 0
+        code, out = check(s, a)      # llama-cpp-python lists the token that ends the stop string
+        assert code == 2 and f"{s.url}/v1: a check request failed: the returned tokens" in out, out
+
+        b.close()                # down: the same check again is asked anew, not answered from the cache
+        code, out = check(b, a)
+        assert code == 2 and "REFUSED" in out and f"{b.url}/v1: a check request failed" in out, out
+        assert a.counts["forwarded"] == first[0]
+
+
+def test_the_engine_check_refuses_an_engine_that_stops_where_the_model_does_not(vllm_server, tmp_path):
+    """An engine with stop tokens of its own (vLLM's stop_token_ids " the" and " of", set on the
+    way by a proxy): every token's value is right, but responses end where the model would not
+    end. Before, the stop's value was compared with itself and such an engine passed."""
+    from fault_proxy import RewritingProxy
+    chat = vllm_server.models["smollm2_135m"].chat
+    ids = [chat.tokenize_text(w)[0] for w in (" the", " of")]
+    urls = {k: [vllm_server.url + "/v1"] for k in ("smollm2_135m", "gemma3_270m")}
+    cfg = engine_config(tmp_path / "data", urls, engine="vllm", **{"generation.max_tokens": 64})
+    cfg["policies"] = [p for p in cfg["policies"] if p["name"] in ("p0", "pi_clone")]
+    cfg["models"]["smollm2_135m"]["endpoint"]["check_prompts"] = 5
+    config = write_config(tmp_path / "config.yaml", cfg)
+    proc = run_script("run_pipeline.py", "--check-providers", "--config", str(config))
+    assert proc.returncode == 0 and "ends where the model ends" in proc.stdout, proc.stdout + proc.stderr
+    assert "sampling from the whole distribution" in proc.stdout
+    with RewritingProxy(vllm_server.url, {"stop_token_ids": ids}) as s:
+        cfg["models"]["smollm2_135m"]["endpoint"]["base_url"] = s.url + "/v1"
+        write_config(config, cfg)
+        proc = run_script("run_pipeline.py", "--check-providers", "--config", str(config))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"REFUSED: {s.url}/v1: the engine ends responses where the model does not" in proc.stdout, proc.stdout

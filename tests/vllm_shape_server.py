@@ -5,8 +5,9 @@ The shape follows vLLM's OpenAI-compatible server (vllm/entrypoints/openai/proto
 CompletionResponseChoice): a prompt given as token ids; ``prompt_logprobs`` (a request extension)
 returned on the choice as one entry per prompt token, the first null, each a mapping
 {token id: {"logprob", "rank", "decoded_token"}} that holds the prompt's own token;
-``return_tokens_as_token_ids`` giving generated tokens as "token_id:N"; the stop token not among
-the generated tokens; ``max_tokens`` 0 refused. Values come from the model's raw logits
+``return_tokens_as_token_ids`` giving generated tokens (and the keys of ``top_logprobs``, the
+``logprobs`` most likely tokens at each position and the sampled one) as "token_id:N"; the stop
+token not among the generated tokens; ``max_tokens`` 0 refused. Values come from the model's raw logits
 (temperature 1), as vLLM's prompt log-probabilities do.
 """
 
@@ -16,6 +17,8 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
+
+import numpy as np
 
 from fault_proxy import _Base
 
@@ -66,8 +69,20 @@ class VllmShapeServer(_Base):
         gen = model.generate([(ids, 1.0, int(req["seed"]))], int(req["max_tokens"]))[0]
         stopped = gen.finish_reason == "stop"
         toks = gen.token_ids[:-1] if stopped else gen.token_ids      # vLLM leaves the stop token out
+        extra = [i for i, t in enumerate(toks) if t in (req.get("stop_token_ids") or [])]
+        if extra:              # vLLM's stop_token_ids: stop there too, the token left out
+            toks, stopped = toks[:extra[0]], True
         lps = gen.token_logprobs[:len(toks)]
-        choice.update(text=model.chat.detokenize(toks), finish_reason=gen.finish_reason,
+        k = int(req.get("logprobs") or 0)
+        tops = [None] * len(toks)
+        if k > 1 and toks:     # the k most likely tokens at each position (and the sampled one)
+            rows = model.answer_logprobs_many([ids + toks[:i] for i in range(len(toks))],
+                                              list(range(model.n_vocab)))
+            tops = []
+            for t, lp, row in zip(toks, lps, rows):
+                best = np.argsort(row)[::-1][:k]
+                tops.append({**{f"token_id:{int(i)}": float(row[i]) for i in best}, f"token_id:{t}": lp})
+        choice.update(text=model.chat.detokenize(toks), finish_reason="stop" if stopped else gen.finish_reason,
                       logprobs={"tokens": [f"token_id:{t}" for t in toks], "token_logprobs": lps,
-                                "text_offset": [0] * len(toks), "top_logprobs": [None] * len(toks)})
+                                "text_offset": [0] * len(toks), "top_logprobs": tops})
         return choice

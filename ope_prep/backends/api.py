@@ -119,8 +119,9 @@ def _compact(completion) -> Reply:
     else:                                   # completions: parallel lists tokens / token_logprobs
         content = choice.text
         if choice.logprobs is not None and choice.logprobs.tokens is not None:
-            lps = [{"token": t, "logprob": lp, "top": []}
-                   for t, lp in zip(choice.logprobs.tokens, choice.logprobs.token_logprobs or [])]
+            tops = choice.logprobs.top_logprobs or []
+            lps = [{"token": t, "logprob": lp, "top": [[k, v] for k, v in (tops[i] or {}).items()] if i < len(tops) else []}
+                   for i, (t, lp) in enumerate(zip(choice.logprobs.tokens, choice.logprobs.token_logprobs or []))]
     extra = getattr(choice, "model_extra", None) or {}
     return Reply(content=content, finish_reason=choice.finish_reason, logprobs=lps,
                  prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),

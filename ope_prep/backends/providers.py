@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+import uuid
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
@@ -24,8 +25,7 @@ from .llama import ChatTokenizer, LlamaModel, load_tokenizer
 from .remote import EngineCheck, RemoteModel, engine_check
 from .server import LlamaServer, vocab_texts
 
-# The engine check's prompts: short, varied, and the same for every run (so the check's requests
-# are answered from the cache after the first time).
+# The engine check's prompts: short, varied, and the same for every run (asked anew every time).
 CHECK_PROMPTS = [
     "Name three colors and say what each reminds you of.",
     "How do I boil an egg?",
@@ -33,7 +33,7 @@ CHECK_PROMPTS = [
     "What is 12 times 7? Explain briefly.",
     "Give me a tip for learning a new language.",
 ]
-CHECK_MAX_TOKENS = 48
+CHECK_MAX_TOKENS = 64
 
 
 def local_model(config: Config, model_key: str, n_seq: int) -> LlamaModel:
@@ -77,51 +77,75 @@ class _LocalTeacherForcer:
 PolicyModel = Union[LlamaModel, RemoteModel]
 
 
-def remote_model(config: Config, model_key: str, stage: str, n_seq: int = 4) -> RemoteModel:
+def remote_model(config: Config, model_key: str, stage: str, n_seq: int = 4, base_urls: Optional[list[str]] = None,
+                 local_tf: Optional[_LocalTeacherForcer] = None, check: bool = False) -> RemoteModel:
+    """models.<key> on its engine: every base URL (or ``base_urls``); teacher forcing in process
+    through ``local_tf`` (or a new one) when endpoint.teacher_force is false. ``check``: a client
+    whose requests are never answered from an earlier run's replies (its cache file records the
+    spend only)."""
     m = config.models[model_key]
     ep = m.endpoint
     assert ep is not None
-    urls = [ep.base_url, *ep.more_base_urls]
+    urls = base_urls or [ep.base_url, *ep.more_base_urls]
     identity = {"engine": ep.engine, "model": ep.model, **model_identity(config, model_key)}
+    if check:
+        identity["check"] = uuid.uuid4().hex
+    name = f"{stage}_{model_key}" + ("_check" if check else "")
     client = ApiClient(ep, f"models.{model_key}.endpoint", stage, config.data_dir, lambda: urls, identity,
-                       name=f"{stage}_{model_key}", label=f"{ep.engine} engine, model {ep.model} at {', '.join(urls)}")
+                       name=name, label=f"{ep.engine} engine, model {ep.model} at {', '.join(urls)}")
     client.connect()          # nothing to start: the base URLs are known, and set the concurrency
-    local_tf = None if ep.teacher_force else _LocalTeacherForcer(config, model_key, n_seq)
+    if local_tf is None and not ep.teacher_force:
+        local_tf = _LocalTeacherForcer(config, model_key, n_seq)
     return RemoteModel(ep, local_tokenizer(config, model_key), m.n_ctx, client, local_teacher_force=local_tf)
 
 
 def check_engine(config: Config, model_key: str, stage: str) -> EngineCheck:
     """Trust but verify, alone (--check-providers): see `_engine_check`."""
-    model = remote_model(config, model_key, stage)
+    ep = config.models[model_key].endpoint
+    local_tf = None if ep is None or ep.teacher_force else _LocalTeacherForcer(config, model_key, 4)
     try:
-        return _engine_check(config, model_key, model)
+        return _engine_check(config, model_key, stage, local_tf)
     finally:
-        model.close()
+        if local_tf is not None:
+            local_tf.close()
 
 
-def _engine_check(config: Config, model_key: str, model: RemoteModel) -> EngineCheck:
+def _engine_check(config: Config, model_key: str, stage: str, local_tf: Optional[_LocalTeacherForcer]) -> EngineCheck:
     """Generation and teacher forcing of models.<key>'s engine agree on the check prompts (under
-    the first policy on that model)."""
+    the first policy on that model), on every replica by itself, asked anew each time (a check
+    answered from the cache would pass with the server down or changed)."""
     ep = config.models[model_key].endpoint
     assert ep is not None
     pol = next(p for p in config.policies if p.model == model_key)
     prompts = CHECK_PROMPTS[:ep.check_prompts] if ep.check_prompts <= len(CHECK_PROMPTS) else \
         [CHECK_PROMPTS[i % len(CHECK_PROMPTS)] + f" ({i})" for i in range(ep.check_prompts)]
-    jobs = [(model.chat.prompt_tokens(pol.system_prompt, text), 1.0, config.run.seed + i)
-            for i, text in enumerate(prompts)]
-    return engine_check(model_key, model, jobs, min(CHECK_MAX_TOKENS, config.generation.max_tokens),
-                        ep.check_tolerance_per_token)
+    results = []
+    for url in [ep.base_url, *ep.more_base_urls]:
+        replica = remote_model(config, model_key, stage, base_urls=[url], local_tf=local_tf, check=True)
+        try:
+            jobs = [(replica.chat.prompt_tokens(pol.system_prompt, text), 1.0, config.run.seed + i)
+                    for i, text in enumerate(prompts)]
+            result = engine_check(model_key, replica, jobs, min(CHECK_MAX_TOKENS, config.generation.max_tokens),
+                                  ep.check_tolerance_per_token)
+        finally:
+            replica.client.close()     # the in-process teacher forcer is the caller's
+        results.append((url, result))
+        if not result.ok:
+            break                      # refused: the other replicas need not be asked
+    ok = all(r.ok for _, r in results)
+    detail = "; ".join(f"{url}: {r.detail}" for url, r in results if ok or not r.ok)
+    return EngineCheck(model_key, ok, sum(r.tokens for _, r in results), max(r.max_diff for _, r in results),
+                       detail if not ep.more_base_urls else f"each replica by itself: {detail}")
 
 
 def policy_model(config: Config, model_key: str, n_seq: int, stage: str) -> PolicyModel:
-    """models.<key> for generation or teacher forcing: in process, or on its engine once the
-    engine passed its check (else EngineRefused, saying why). The check runs on the very model
-    returned (its requests are in the stage's cache and usage)."""
+    """models.<key> for generation or teacher forcing: in process, or on its engine once every
+    replica of the engine passed its check (else EngineRefused, saying why)."""
     if config.models[model_key].endpoint is None:
         return local_model(config, model_key, n_seq)
     model = remote_model(config, model_key, stage, n_seq)
     try:
-        result = _engine_check(config, model_key, model)
+        result = _engine_check(config, model_key, stage, model.local_teacher_force)
         print(f"[{stage}] engine check: {result.line()}", file=sys.stderr)
         if not result.ok:
             raise EngineRefused(result.line())

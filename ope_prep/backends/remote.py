@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
+from scipy import stats
 
 from ..config import ModelEndpoint
 from .api import ApiClient, Reply, RequestFailed
@@ -74,6 +75,10 @@ class RemoteModel:
     def teacher_forces_in_process(self) -> bool:
         return self._local_tf is not None
 
+    @property
+    def local_teacher_force(self) -> Optional[TeacherForce]:
+        return self._local_tf
+
     def close(self) -> None:
         self.client.close()
         close_local = getattr(self._local_tf, "close", None)
@@ -88,9 +93,10 @@ class RemoteModel:
             ids = ids[1:]                      # the server puts BOS in front itself
         return self.chat.token_bytes(ids).decode("utf-8")
 
-    def generation_body(self, prompt: Sequence[int], temperature: float, seed: int, max_tokens: int) -> dict:
+    def generation_body(self, prompt: Sequence[int], temperature: float, seed: int, max_tokens: int,
+                        top_logprobs: int = 1) -> dict:
         return {"model": self.endpoint.model, "prompt": self._prompt(prompt), "max_tokens": max_tokens,
-                "temperature": temperature, "seed": seed, "logprobs": 1, **_NEUTRAL[self.endpoint.engine]}
+                "temperature": temperature, "seed": seed, "logprobs": top_logprobs, **_NEUTRAL[self.endpoint.engine]}
 
     def teacher_force_body(self, tokens: Sequence[int]) -> dict:
         body = {"model": self.endpoint.model, "prompt": self._prompt(tokens), "max_tokens": 1,
@@ -118,7 +124,34 @@ class RemoteModel:
                 raise result
             yield j, result
 
+    def sample_as_returned(self, jobs: list[tuple[list[int], float, int]], max_tokens: int, top_logprobs: int
+                           ) -> list[Union[tuple[Generation, list[dict]], RequestFailed]]:
+        """For the engine check: each job's response as the engine returned it (a stop token and its
+        own value only where the engine returned them; no stop event computed), with the reply's
+        listing (each token's top log-probabilities)."""
+        def one(item):
+            _, (prompt, temperature, seed) = item
+            reply = self.client.call(self.generation_body(prompt, temperature, seed, max_tokens, top_logprobs))
+            return self._as_returned(reply, prompt), reply.logprobs or []
+
+        out: list = [None] * len(jobs)
+        for (j, _), result in self.client.run_all(enumerate(jobs), one):
+            if isinstance(result, BaseException) and not isinstance(result, RequestFailed):
+                raise result
+            out[j] = result
+        return out
+
     def _generation(self, reply: Reply, prompt: Sequence[int]) -> Generation:
+        gen = self._as_returned(reply, prompt)
+        if gen.finish_reason == "stop":
+            ids = gen.token_ids
+            if not (ids and self.chat.is_end_of_generation(ids[-1])):
+                ids = ids + [self.chat.end_of_turn]          # not in the reply: a marker
+            values = gen.token_logprobs[:len(ids) - 1] + [self._stop_value(prompt, ids[:-1])]
+            return Generation(ids, values, "stop")
+        return gen
+
+    def _as_returned(self, reply: Reply, prompt: Sequence[int]) -> Generation:
         if reply.prompt_tokens and reply.prompt_tokens != len(prompt):
             raise RequestFailed(
                 f"the engine read the prompt as {reply.prompt_tokens} tokens, not {len(prompt)}: it "
@@ -130,12 +163,7 @@ class RemoteModel:
         values = [e["logprob"] for e in listing]
         if any(v is None for v in values):
             raise RequestFailed("a generated token has no log-probability", deterministic=True)
-        stopped = reply.finish_reason == "stop"
-        if stopped:
-            if not (ids and self.chat.is_end_of_generation(ids[-1])):
-                ids, values = ids + [self.chat.end_of_turn], values + [None]   # not in the reply
-            values[-1] = self._stop_value(prompt, ids[:-1])
-        return Generation(ids, [float(v) for v in values], "stop" if stopped else "length")
+        return Generation(ids, [float(v) for v in values], reply.finish_reason)
 
     def _stop_value(self, prompt: Sequence[int], text_ids: list[int]) -> float:
         """The stop event's log-probability after prompt + text_ids: any end token next."""
@@ -223,9 +251,11 @@ class RemoteModel:
                                 certain=True)
         starts_with_bos = tokens[0] == self._bos
         shown = [t for t in (tokens[1:] if starts_with_bos else tokens) if t != self._bos]
-        if not starts_with_bos and extra and len(listing) == len(shown):
-            # llama-cpp-python 0.3: without a leading BOS, each listed token gets the log-probability
-            # read from the logits *after* it, and the generated token falls off the end
+        if not starts_with_bos:
+            # llama-cpp-python 0.3 pairs the listed tokens with the logits rows from the first one on
+            # once no BOS was cut from the front: each token gets the value read from the logits
+            # *after* it. When the generated token is end-of-text, nothing in the reply shows it (the
+            # count is right), so the prompt alone decides.
             raise RequestFailed("the echo is misaligned: its values are read one position late (llama-cpp-"
                                 "python's echo, for a prompt that does not start with the model's BOS "
                                 "token)", certain=True)
@@ -263,31 +293,110 @@ class EngineCheck:
         return f"models.{self.model_key}.endpoint: {verdict}: {self.detail}"
 
 
+# Top log-probabilities asked per generated token in the check (vLLM's default max_logprobs).
+CHECK_TOP_LOGPROBS = 20
+# A sampling test fails at this p-value: a false refusal once in a million checks.
+SAMPLING_P_VALUE = 1e-6
 def engine_check(model_key: str, model: RemoteModel, jobs: list[tuple[list[int], float, int]],
                  max_tokens: int, tolerance: float) -> EngineCheck:
-    """Generate a response per job on the engine, teacher-force each (on the engine, or in
-    process when endpoint.teacher_force is false) and compare the two log-probabilities of every
-    token. Disagreement refuses the engine, with what it looks like."""
+    """Sample a response per job on the engine (one replica: ``model`` has one base URL, and its
+    client does not answer from an earlier run's cache), then three tests:
+
+    * each token's log-probability as the engine returned it while sampling equals its teacher-forced
+      value (on the engine, or in process when endpoint.teacher_force is false); a stop token counts
+      only where the engine returned it with its own value (else that value would be compared with
+      itself);
+    * the engine ends responses where the model would (`_stops_plausible`);
+    * the engine samples from the whole distribution: tokens outside each position's top 20 turn up
+      as often as the mass there says (a Poisson-binomial test), so a server that truncates (top-p,
+      top-k, min-p) despite the request, or samples hotter, is refused.
+    Any failure refuses the engine, with what it looks like."""
     where = "in process" if model.teacher_forces_in_process else "on the engine"
     hint = (f". Its log-probabilities would give wrong weights; set models.{model_key}.endpoint.teacher_force: "
             "false to teacher-force in process from models.{model_key}.path, or fix the engine").replace(
                 "{model_key}", model_key)
-    gens = [g for _, g in sorted(model.generate_iter(jobs, max_tokens), key=lambda x: x[0])]
-    failed = [g for g in gens if isinstance(g, Exception)]
-    if failed:   # generation teacher-forces a stop's value too, so the hint applies
-        return EngineCheck(model_key, False, 0, math.inf, f"a check request failed: {failed[0]}{hint}")
-    stops = model.chat.end_of_generation_tokens()
-    tf = model.teacher_force_many([(p, g.token_ids, t, stops if g.finish_reason == "stop" else None)
-                                   for (p, t, _), g in zip(jobs, gens)])
+    sampled = model.sample_as_returned(jobs, max_tokens, CHECK_TOP_LOGPROBS)
+    failed = [g for g in sampled if isinstance(g, Exception)]
+    if failed:
+        return EngineCheck(model_key, False, 0, math.inf, f"a check request failed: {failed[0]}")
+    gens = [g for g, _ in sampled]
+    tf = model.teacher_force_many([(p, g.token_ids, t) for (p, t, _), g in zip(jobs, gens)])
     bad = [v for v in tf if isinstance(v, Exception)]
     if bad:
         return EngineCheck(model_key, False, 0, math.inf, f"teacher forcing ({where}) failed: {bad[0]}{hint}")
     diffs = [abs(a - b) for g, values in zip(gens, tf) for a, b in zip(g.token_logprobs, values)]
     worst = max(diffs, default=0.0)
-    if worst <= tolerance:
-        return EngineCheck(model_key, True, len(diffs), worst,
-                           f"{len(jobs)} responses, {len(diffs)} tokens: generation and teacher forcing "
-                           f"({where}) agree within {worst:.2g} per token (tolerance {tolerance:g})")
-    return EngineCheck(model_key, False, len(diffs), worst,
-                       f"generation and teacher forcing ({where}) disagree by up to {worst:.3g} nats on a "
-                       f"token (tolerance {tolerance:g}, {len(diffs)} tokens){hint}")
+    if worst > tolerance:
+        return EngineCheck(model_key, False, len(diffs), worst,
+                           f"generation and teacher forcing ({where}) disagree by up to {worst:.3g} nats on a "
+                           f"token (tolerance {tolerance:g}, {len(diffs)} tokens){hint}")
+    tests = [(True, f"{len(jobs)} responses, {len(diffs)} tokens: generation and teacher forcing ({where}) "
+                    f"agree within {worst:.2g} per token (tolerance {tolerance:g})"),
+             _stops_plausible(model, jobs, gens),
+             sampling_test([e for _, listing in sampled for e in listing], CHECK_TOP_LOGPROBS)]
+    # what failed first, then what passed
+    detail = "; ".join(d for ok, d in tests if not ok) or "; ".join(d for _, d in tests)
+    if not all(ok for ok, _ in tests):
+        detail += " (" + "; ".join(d for ok, d in tests if ok) + ")"
+    return EngineCheck(model_key, all(ok for ok, _ in tests), len(diffs), worst, detail)
+
+
+def _stops_plausible(model: RemoteModel, jobs: list, gens: list[Generation]) -> tuple[bool, str]:
+    """The engine stops where the model ends: for each response that ended by itself, q = the stop
+    event's probability there (any end-of-generation token next). Under the model, a response of
+    n tokens stops at a position with probability <= q there with chance at most (n + 1) q: that
+    bounds each stop's p-value; Fisher's method combines them, refused at SAMPLING_P_VALUE."""
+    stops = model.chat.end_of_generation_tokens()
+    ended = [(p, t, [i for i in g.token_ids if not model.chat.is_end_of_generation(i)])
+             for (p, t, _), g in zip(jobs, gens) if g.finish_reason == "stop"]
+    if not ended:
+        return True, "no response ended by itself (stops not tested)"
+    values = model.teacher_force_many([(p, text + [stops[0]], t, stops) for p, t, text in ended])
+    bad = [v for v in values if isinstance(v, Exception)]
+    if bad:
+        return False, f"the stop event could not be teacher-forced: {bad[0]}"
+    logq = [v[-1] for v in values]
+    log_p = [min(0.0, math.log(len(text) + 1) + lq) for (_, _, text), lq in zip(ended, logq)]
+    p_value = float(stats.chi2.sf(-2 * sum(log_p), 2 * len(log_p)))
+    figures = f"{len(ended)} stops, the least likely {min(logq):.1f} nats (P = {p_value:.2g})"
+    if p_value < SAMPLING_P_VALUE:
+        return False, (f"the engine ends responses where the model does not: {figures}; it stops on something "
+                       "other than the model's end-of-generation tokens (a stop string or stop token set on the "
+                       "server?)")
+    return True, f"{figures}: ends where the model ends"
+
+
+def sampling_test(listing: list[dict], k: int) -> tuple[bool, str]:
+    """Whether sampled tokens fall outside each position's top k as often as the model's own
+    distribution says. Per position: tail = 1 - (mass of the top k), outside = the sampled token's
+    log-probability is below the k-th largest. Under sampling from the whole distribution at the
+    temperature asked, the count outside is a sum of Bernoulli(tail); the test is exact
+    (Poisson-binomial), two-sided at SAMPLING_P_VALUE."""
+    tails, outside = [], 0
+    for entry in listing:
+        top = sorted((float(v) for _, v in entry.get("top") or [] if v is not None), reverse=True)[:k]
+        if len(top) < k or entry.get("logprob") is None:
+            continue
+        tails.append(min(1.0, max(0.0, 1.0 - float(np.exp(top).sum()))))
+        outside += entry["logprob"] < top[-1] - 1e-9
+    expected = float(sum(tails))
+    if not tails:
+        return True, "sampling truncation not tested (the engine returned no top log-probabilities)"
+    if expected < 3:
+        return True, (f"sampling truncation not testable ({len(tails)} tokens, only {expected:.1f} expected "
+                      f"outside the top {k})")
+    pmf = np.zeros(len(tails) + 1)
+    pmf[0] = 1.0
+    for q in tails:                 # the distribution of the count, one position at a time
+        pmf[1:] = pmf[1:] * (1 - q) + pmf[:-1] * q
+        pmf[0] *= 1 - q
+    below, above = float(pmf[:outside + 1].sum()), float(pmf[outside:].sum())
+    figures = (f"{outside} of {len(tails)} sampled tokens outside the top {k}, {expected:.1f} expected "
+               f"(P(<= {outside}) = {below:.2g}, P(>= {outside}) = {above:.2g})")
+    if below < SAMPLING_P_VALUE:
+        return False, (f"the engine truncates sampling despite the request (top-p, top-k or min-p "
+                       f"on the server?): {figures}; its responses are not drawn from the probabilities recorded")
+    if above < SAMPLING_P_VALUE:
+        return False, (f"the engine samples more widely than the model at this temperature (a "
+                       f"temperature above it, or penalties?): {figures}")
+    return True, f"sampling from the whole distribution: {figures}"
