@@ -20,10 +20,11 @@ the one teacher forcing uses).
   response is checked by its text.
 
 llama-cpp-python's echo is misaligned for a prompt that does not start with the model's BOS token
-(each token gets the value read from the logits after it; the generated token falls off the end
-of the listing): that signature is recognized and the unit refused. Whatever no parsing can
-catch is left to the engine check (``engine_check``): an engine whose generation and teacher
-forcing disagree is refused with the reason. Engines return log-probabilities at temperature 1 (raw), so the
+(each token gets the value read from the logits after it): such a unit is refused from the prompt
+alone (when the generated token is end-of-text the reply looks right). Whatever no parsing can
+catch is left to the engine check (``engine_check``, on each replica, never from the cache): an
+engine whose sampling values and teacher forcing disagree, that stops where the model does not, or
+that truncates sampling despite the request is refused with the reason. Engines return log-probabilities at temperature 1 (raw), so the
 config allows only temperature 1.0 for a policy on an endpoint, and this module checks it again.
 
 The stop is one event (ope_prep/events.py): any of the model's end-of-generation tokens next.
