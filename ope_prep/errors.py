@@ -22,7 +22,12 @@ class InputError(PipelineError):
 
 
 class RefusedError(PipelineError):
-    """The data directory holds work from another config, or is locked by another run."""
+    """The data directory holds work from another config, or is locked by another run. ``redo``:
+    redoing the stage that raised it is the way out (the stage's runner names the command)."""
+
+    def __init__(self, message: str, redo: bool = False):
+        super().__init__(message)
+        self.redo = redo
 
 
 class UnitsFailedError(PipelineError):

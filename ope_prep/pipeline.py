@@ -31,7 +31,7 @@ from . import checkpoint
 from .config import PROJECT_DIR, Config, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_UNITS_FAILED, ConfigError, PipelineError, RefusedError
 from .report import cje_line
-from .stage_cli import LOCK_FD_ENV, acquire_lock
+from .stage_cli import LOCK_FD_ENV, acquire_lock, rerun_command
 from .stages import STAGE_NAMES, STAGES, later_stages
 from .stages.summarize import DATASET_INFO
 from .stages.units import RUN_PARAMS
@@ -336,7 +336,7 @@ def _run(config: Config, args, forced: str | None, lock_fd: int) -> int:
         # Said last, where a user looks first: whether CJE can calibrate on this many labels.
         cje = json.loads((data_dir / DATASET_INFO).read_text(encoding="utf-8")).get("cje")
         say(f"CJE: {cje_line(cje)}" if cje else
-            "CJE: this summary predates the CJE section; `--force-step 5` writes it")
+            f"CJE: this summary predates the CJE section; `{rerun_command(config, 'summarize')}` writes it")
     return 0
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import fcntl
 import importlib
+import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -111,16 +113,28 @@ def verify_outputs(data_dir: Path, outputs: dict[str, dict]) -> str | None:
     return None
 
 
-def require_complete(data_dir: Path, stages: list[str]) -> dict[str, dict]:
+def rerun_command(config, stage: str) -> str:
+    """The command that redoes ``stage`` and the stages after it for this run, right to paste: the
+    run's own N (stage 1's, from run.json) and this config file."""
+    n = "N"
+    try:
+        n = str(int(json.loads((config.data_dir / "run.json").read_text(encoding="utf-8"))["samples"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass          # no run yet (or a damaged record, which stage 5 reports): N is for the user
+    return (f"python run_pipeline.py {n} --config {shlex.quote(str(config.config_path))} "
+            f"--force-step {shlex.quote(stage)}")
+
+
+def require_complete(config, stages: list[str]) -> dict[str, dict]:
     """The checkpoint entries of the stages this one reads, each verified on disk."""
+    data_dir = config.data_dir
     ck = checkpoint.load(data_dir)["stages"]
     for name in stages:
         if name not in ck:
             raise InputError(f"stage {name!r} has not completed in {data_dir}; run it first")
         problem = verify_outputs(data_dir, ck[name]["outputs"])
         if problem:
-            raise InputError(f"output of stage {name!r}: {problem}; rerun it (python run_pipeline.py "
-                             f"--force-step {name})")
+            raise InputError(f"output of stage {name!r}: {problem}; rerun it: {rerun_command(config, name)}")
     return ck
 
 
@@ -156,7 +170,7 @@ def _what_changed(old: dict, new: dict) -> str:
     return "; ".join(out)
 
 
-def refusal(stage: str, old: dict, new: dict, cli_keys: dict[str, str]) -> RefusedError:
+def refusal(config, stage: str, old: dict, new: dict, cli_keys: dict[str, str]) -> RefusedError:
     """Why a completed stage's work cannot be reused, with the way out that fits the cause: a
     command-line argument (``cli_keys``: fingerprint key -> its flag, for the flags given) is
     fixed on the command line, a config key in the config."""
@@ -171,7 +185,7 @@ def refusal(stage: str, old: dict, new: dict, cli_keys: dict[str, str]) -> Refus
             f"data directory, or with --fresh (the old one is kept)")
     return RefusedError(
         f"stage {stage} completed with another config ({'; '.join(changed)}); restore the config, "
-        f"or rerun from here with: python run_pipeline.py --force-step {stage}")
+        f"or rerun from here with: {rerun_command(config, stage)}")
 
 
 def disk_estimate(config, stage: str, args) -> int:
@@ -220,7 +234,7 @@ def main(stage: str, description: str, add_args=None, argv=None) -> int:
             return answered
         data_dir = config.data_dir
         with run_lock(data_dir):
-            ck = require_complete(data_dir, STAGE_NAMES[:STAGE_NAMES.index(stage)])
+            ck = require_complete(config, STAGE_NAMES[:STAGE_NAMES.index(stage)])
             fp = module.fingerprint(config, args, ck)
             inputs = module.inputs(config, args, ck)
             entry = checkpoint.load(data_dir)["stages"].get(stage)
@@ -228,7 +242,8 @@ def main(stage: str, description: str, add_args=None, argv=None) -> int:
                 supersede(data_dir, stage, list(entry["outputs"]) if entry else module.OUTPUTS)
             elif entry is not None:
                 if entry["fingerprint"] != fp:
-                    raise refusal(stage, entry["fingerprint"], fp, getattr(module, "cli_keys", lambda a: {})(args))
+                    raise refusal(config, stage, entry["fingerprint"], fp,
+                                  getattr(module, "cli_keys", lambda a: {})(args))
                 if entry.get("inputs") != inputs:
                     # A grown (or shrunk) run: the stage is redone for the new inputs, and every
                     # finished unit whose own inputs are unchanged is kept.
@@ -248,7 +263,10 @@ def main(stage: str, description: str, add_args=None, argv=None) -> int:
         print(f"[{stage}] complete in {time.time() - started:.1f}s")
         return EXIT_OK
     except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Work of another config found inside the stage (a work file's header): the way out is
+        # this stage's redo, said as a command to paste.
+        redo = f": {rerun_command(config, stage)}" if isinstance(e, RefusedError) and e.redo else ""
+        print(f"error: {e}{redo}", file=sys.stderr)
         return e.exit_code
     except jinja2.TemplateError as e:
         # A chat template the config does not set (the GGUF file's own) is only compiled here;

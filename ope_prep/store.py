@@ -203,7 +203,7 @@ class WorkFile:
             changed = "; ".join(diff_keys(header, fingerprint_keys))
             raise RefusedError(
                 f"{self.path} holds partial work made with another config ({changed}); "
-                "restore the config, or rerun with --force-step to discard that work")
+                "restore the config, or discard that work (moved aside, kept) by redoing the stage", redo=True)
         for lineno, line in enumerate(lines[1:], 2):
             try:
                 row = json.loads(line)

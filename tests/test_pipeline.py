@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import N, ROOT, small_config, write_config
+from conftest import N, ROOT, run_script, small_config, write_config
 from ope_prep.backends.llama import load_tokenizer
 from pipeline_harness import (comparable, computed_ok, done_keys, kill_group, records, run, start,
                               wait_for)
@@ -82,7 +82,19 @@ def test_config_change_is_refused_with_keys_and_force_step_reruns_from_there(ref
     refused = run(config, N, trace)
     assert refused.returncode == 2
     assert "policies.p0.temperature: 0.7 -> 0.9" in refused.stdout
-    assert "--force-step generate" in refused.stdout
+    # the way out, right to paste: the run's N and this config, not a 10,000-prompt run
+    assert f"python run_pipeline.py {N} --config {config.resolve()} --force-step generate" in refused.stdout
+    # A stage's partial work of the old config, found by the stage itself: the same command.
+    from ope_prep import checkpoint
+    checkpoint_file = checkpoint.checkpoint_path(tmp_path / "data")
+    saved = checkpoint_file.read_bytes()
+    checkpoint.forget(tmp_path / "data", ["generate"])
+    partial = run_script("02_generate_responses.py", "--config", str(config))
+    assert partial.returncode == 2, partial.stderr
+    assert "holds partial work made with another config" in partial.stderr
+    assert partial.stderr.strip().endswith(f"python run_pipeline.py {N} --config {config.resolve()} "
+                                           "--force-step generate"), partial.stderr
+    checkpoint_file.write_bytes(saved)
 
     forced = run(config, N, trace, "--force-step", "generate")
     assert forced.returncode == 0, forced.stdout[-3000:]
