@@ -116,6 +116,8 @@ class Replay:
                     raise RuntimeError("llama_decode failed")
             elif op[0] == "clear":
                 llama_cpp.llama_memory_seq_rm(mem, op[1], -1, -1)
+            elif op[0] == "trim":
+                llama_cpp.llama_memory_seq_rm(mem, op[1], op[2], -1)
             else:
                 llama_cpp.llama_memory_seq_cp(mem, op[1], op[2], -1, -1)
                 llama_cpp.llama_memory_seq_rm(mem, op[2], op[3], -1)

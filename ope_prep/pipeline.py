@@ -35,7 +35,7 @@ from .stage_cli import LOCK_FD_ENV, acquire_lock, rerun_command
 from .stages import STAGE_NAMES, STAGES, later_stages
 from .stages.summarize import DATASET_INFO
 from .stages.units import RUN_PARAMS
-from .status import RUN_STATE, status_text
+from .status import RUN_STATE, status_text, whole_run_eta
 from .store import fsync_dir, write_json
 
 STAGE_ALIASES = {"1": "prepare", "2": "generate", "2b": "logprobs", "3": "judge", "4": "oracle",
@@ -390,6 +390,8 @@ def run_round(config: Config, args, n: int, force: set[str], say, log, state: di
                 f"(attempt {attempt + 1} of run.stage_attempts {config.run.stage_attempts}); finished units are kept")
             time.sleep(wait)
         timings.append((name, time.time() - started))
+        if rc == 0 and name != "summarize":
+            say(f"[runner] {whole_run_eta(config, state['samples'])}")
         if rc != 0:
             say(f"\nstage {name} failed (exit {rc}); it is not marked complete. "
                 "Fix the cause and rerun the same command: finished work is kept.")

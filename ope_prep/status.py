@@ -48,6 +48,47 @@ def unit_totals(config: Config, n: int) -> dict[str, int]:
             "oracle": round(n * config.oracle.calibration_fraction + n * targets * config.oracle.validation_fraction)}
 
 
+def _stage_rows(data_dir: Path, stage: str) -> dict[str, dict]:
+    rows: dict[str, dict] = {}
+    for path in sorted((data_dir / "work").glob(f"{stage}*.jsonl")):
+        rows.update(_rows(path))
+    return rows
+
+
+def measured_rate(rows: dict[str, dict]) -> float | None:
+    """Units per second a stage has saved while it was busy, over all its runs in this data dir:
+    the time between consecutive saves, a gap of more than WINDOW_S (the stage stopped, or
+    another stage ran) not counted. None before it has a measured stretch."""
+    times = sorted(r["t"] for r in rows.values() if isinstance(r.get("t"), (int, float)))
+    busy = sum(b - a for a, b in zip(times, times[1:]) if b - a <= WINDOW_S)
+    return (len(times) - 1) / busy if len(times) > 1 and busy > 0 else None
+
+
+def whole_run_eta(config: Config, samples: int, quarantine_after: int | None = None) -> str:
+    """The whole run's ETA, all rounds up to ``samples`` prompts: each unit stage's units not yet
+    done (or quarantined) at that stage's own measured speed (`measured_rate`), summed. Stages
+    1 and 5 and model loading are not counted; a stage not yet measured is named."""
+    data_dir = config.data_dir
+    quarantine_after = config.run.quarantine_after if quarantine_after is None else quarantine_after
+    seconds, unmeasured, parts = 0.0, [], []
+    for stage, total in unit_totals(config, samples).items():
+        rows = _stage_rows(data_dir, stage)
+        settled = sum(r["status"] == "ok" or is_quarantined(r, quarantine_after) for r in rows.values())
+        left = max(total - settled, 0)
+        rate = measured_rate(rows)
+        if left and rate is None:
+            unmeasured.append(stage)
+        elif left:
+            seconds += left / rate
+            parts.append(f"{stage} {_fmt_eta(left / rate)}")
+    text = f"whole run to {samples} prompts (all rounds): "
+    if unmeasured:
+        return text + (f"ETA over {_fmt_eta(seconds)}" if parts else "ETA not known yet") + (
+            f" ({', '.join(parts) + '; ' if parts else ''}not measured yet: {', '.join(unmeasured)})")
+    return text + (f"ETA {_fmt_eta(seconds)} ({', '.join(parts)}; at each stage's measured speed)"
+                   if parts else "every unit done")
+
+
 def _fmt_eta(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f}s"
@@ -104,9 +145,7 @@ def status_text(config: Config, now: float | None = None) -> str:
         if complete:
             out.append(f"  {stage:<9} complete")
             continue
-        rows: dict[str, dict] = {}
-        for path in sorted((data_dir / "work").glob(f"{stage}*.jsonl")):
-            rows.update(_rows(path))
+        rows = _stage_rows(data_dir, stage)
         done = sum(r["status"] == "ok" for r in rows.values())
         quarantined = sum(is_quarantined(r, quarantine_after) for r in rows.values())
         failed = sum(r["status"] == "failed" for r in rows.values()) - quarantined
@@ -124,6 +163,8 @@ def status_text(config: Config, now: float | None = None) -> str:
             last = max((r.get("t", 0) for r in rows.values()), default=0)
             line += f"; last unit saved {_fmt_eta(now - last)} ago" if last else ""
         out.append(line)
+    if state.get("samples"):
+        out.append(whole_run_eta(config, state["samples"], quarantine_after))
     snaps = sorted((p for p in (data_dir / "snapshots").glob("*_prompts") if p.is_dir()),
                    key=lambda p: int(p.name.split("_")[0]))
     out.append(f"latest snapshot: {snaps[-1]}" if snaps else "latest snapshot: none yet")

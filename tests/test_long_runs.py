@@ -106,6 +106,7 @@ def test_rounds_leave_snapshots_that_stage_5_and_cje_03_accept_and_status_reads_
     last = seen[-1]
     assert "(6 prompts; rounds 3, 6)" in last and "latest snapshot: " + str(data / "snapshots" / "3_prompts") in last
     assert any(line.strip().startswith(("judge", "oracle")) and "done" in line for line in last.splitlines()), last
+    assert "whole run to 6 prompts (all rounds): ETA" in last, last
 
     # Every unit once over both rounds, as many as a single pass.
     assert set(computed_ok(trace).values()) == {1}
@@ -114,6 +115,8 @@ def test_rounds_leave_snapshots_that_stage_5_and_cje_03_accept_and_status_reads_
 
     log = (tmp_path / "run.log").read_text()
     assert "rounds: 3, 6 prompts" in log and "round 1/2 done: 3 prompts" in log
+    # After each stage, the runner says the whole run's ETA (all rounds, all unit stages).
+    assert log.count("[runner] whole run to 6 prompts (all rounds): ") >= 8, log[-3000:]
     for n in (3, 6):
         snap = data / "snapshots" / f"{n}_prompts"
         info = json.loads((snap / "dataset_info.json").read_text())
@@ -296,3 +299,20 @@ def test_the_runner_retries_transient_failures_and_quarantines_a_unit_that_never
     assert "stage oracle not started, nothing paid: 1 of 3 prompts are left out" in p.stdout + p.stderr
     assert first["prompt_id"] in p.stdout + p.stderr
     assert not sum(computed_ok(trace).values())
+
+
+def test_the_whole_run_eta_is_each_stage_left_at_its_own_busy_speed(tmp_path):
+    """Judge units saved 1 s apart in two stretches 5,000 s apart (another stage ran between):
+    23 units in 22 busy seconds. For 12 prompts, 24 judge units are left: 24 / (23/22) s = 23 s;
+    the stages with no saved unit are named, not guessed."""
+    from ope_prep.config import load_config
+    from ope_prep.status import whole_run_eta
+    data = tmp_path / "data"
+    (data / "work").mkdir(parents=True)
+    times = list(range(12)) + [5000 + t for t in range(12)]
+    lines = ['{"_header": {}}'] + [json.dumps({"key": f"q{i}/p", "status": "ok", "t": t}) for i, t in enumerate(times)]
+    (data / "work" / "judge.jsonl").write_text("\n".join(lines) + "\n")
+    config = load_config(write_config(tmp_path / "config.yaml", small_config(data)))
+    assert whole_run_eta(config, 12) == ("whole run to 12 prompts (all rounds): ETA over 23s (judge 23s; not "
+                                         "measured yet: generate, logprobs, oracle)")
+    assert whole_run_eta(config, 6) .endswith("ETA not known yet (not measured yet: generate, logprobs, oracle)")

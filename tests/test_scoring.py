@@ -1,6 +1,7 @@
 """In-process judge and oracle (stages/scoring.py LocalScorer) on the real models: the digit
 distribution read from raw logits at the answer position, independent of batch and order; the
-quoted texts stay text; labels identical after kill -9 and resume on every provider."""
+quoted texts stay text; the rubric decoded once per stage, not per call; labels identical after
+kill -9 and resume on every provider."""
 
 from __future__ import annotations
 
@@ -47,7 +48,15 @@ def test_scores_do_not_depend_on_batch_or_order(tmp_path, model_key):
         together = _scores(scorer, units)
         shuffled = units[:]
         random.Random(7).shuffle(shuffled)
+        # The rubric and examples stay decoded between calls (kept in their own sequence): the
+        # second pass decodes none of them again, and its scores are the same bits.
+        kept = len(scorer.model._kept_prefix)
+        assert kept >= 512
+        decoded: list[int] = []
+        scorer.model.trace = lambda op: decoded.extend(p for _, p, _, _ in op[1]) if op[0] == "decode" else None
         assert _scores(scorer, shuffled) == together                 # the same bits
+        scorer.model.trace = None
+        assert decoded and min(decoded) >= kept
         alone = {}
         for u in units[::2]:
             alone.update(_scores(scorer, [u]))

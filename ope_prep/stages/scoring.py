@@ -219,8 +219,9 @@ class LocalScorer:
     """A models.<key> GGUF in process: each judge prompt prefilled, the logits at its answer
     position read over every digit token."""
 
-    # Units scored per call, then saved together: a kill loses at most these. Each call decodes
-    # the rubric and examples once (about 1,000 tokens), so fewer would cost speed.
+    # Units scored per call, then saved together: a kill loses at most these. The rubric and
+    # examples (about 1,000 tokens) are decoded once and kept between calls; a call decodes the
+    # prompts (each once for its policies' responses) and the responses.
     _UNITS_PER_CALL = 8
     save_every = 1           # rows appended as soon as they are yielded (a call yields them at once)
 

@@ -147,6 +147,10 @@ class Engine:
         # Called with each decode batch and cache operation of teacher forcing, ("decode",
         # entries), ("clear", seq), ("share", src, dst, n): how the benchmark replays them raw.
         self.trace: Optional[Callable[[tuple], None]] = None
+        # Teacher forcing keeps the prefix that every sequence of a call shared (a judge's rubric
+        # and worked examples) in the last sequence id after the call: its tokens ([]: none), so
+        # the next call that starts with them does not decode them again.
+        self._kept_prefix: list[int] = []
 
     def close(self) -> None:
         if self.batch is not None:
@@ -161,9 +165,17 @@ class Engine:
         return self.ctx.memory
 
     def _clear(self, seq: int = -1) -> None:
+        if seq in (-1, self.n_seq - 1):
+            self._kept_prefix = []
         if self.trace:
             self.trace(("clear", seq))
         llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+
+    def _trim(self, seq: int, n: int) -> None:
+        """Drop sequence seq's cells from position n on."""
+        if self.trace:
+            self.trace(("trim", seq, n))
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, n, -1)
 
     def _decode(self, entries: list[tuple[int, int, Union[int, tuple[int, ...]], bool]]) -> None:
         """entries: (token, position, sequence id or ids, want logits)."""
@@ -225,6 +237,8 @@ class Engine:
         """Give sequence dst the cells of src's positions [0, n) (dst is empty)."""
         # Between per-sequence caches llama.cpp copies whole caches (at the next decode, before
         # it runs); the copy's positions from n on are then dropped.
+        if dst == self.n_seq - 1:
+            self._kept_prefix = []
         if self.trace:
             self.trace(("share", src, dst, n))
         llama_cpp.llama_memory_seq_cp(self._memory, src, dst, -1, -1)

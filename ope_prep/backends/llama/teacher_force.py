@@ -187,19 +187,33 @@ class TeacherForcer(Engine):
         the others then copy that sequence's cache cells and decode only their own rest.
         """
         # A prefix common to all sequences that is long enough to pay for a cache copy per group
-        # is decoded once into the last sequence id, kept for the whole call; each group's lead
-        # starts from a copy of it.
+        # is held in the last sequence id for the whole call; each group's lead starts from a
+        # copy of it. It stays there after the call, so the next call decodes only what its own
+        # common prefix does not share with it (a judge's rubric and examples: once per stage).
+        # Its cells are the ones a fresh decode would give: positions split at multiples of
+        # _GRAIN, whatever the batch, give the same values (see _GRAIN).
         common = self._common_to_all(seqs) if len(seqs) > 1 and self.n_seq > 2 else 0
         if common < _MIN_COMMON:
             common = 0
-        free = list(range(self.n_seq - 1 if common else self.n_seq))
+        keep = self.n_seq - 1
+        free = list(range(keep if common else self.n_seq))
         groups = deque(self._groups(seqs, len(free), common))
         active: list[_TFStream] = []
         waiting: list[tuple[_TFStream, _TFStream, int]] = []   # (lead, member, shared length)
-        self._clear()
         try:
             if common:
-                self._prefill(seqs[0].tokens[:common], self.n_seq - 1)
+                for s in free:
+                    self._clear(s)
+                kept = _common_prefix(self._kept_prefix, seqs[0].tokens, common)
+                kept -= kept % _GRAIN
+                if kept < len(self._kept_prefix):
+                    self._trim(keep, kept)
+                if kept < common:
+                    self._kept_prefix = []          # until its cells are all there
+                    self._prefill(seqs[0].tokens[:common], keep, start=kept)
+                self._kept_prefix = list(seqs[0].tokens[:common])
+            else:
+                self._clear()
             while groups or active or waiting:
                 while groups and len(free) >= len(groups[0][0]):
                     members, shared = groups.popleft()
@@ -241,8 +255,11 @@ class TeacherForcer(Engine):
                     free.append(st.seq)
                 active = [st for st in active if st.cursor < st.end]
                 free.sort()
-        finally:
+        except BaseException:
             self._clear()
+            raise
+        for s in range(keep if common else self.n_seq):    # the kept prefix stays
+            self._clear(s)
 
     @staticmethod
     def _output_rows(sq: _TFSeq, start: int, stop: int) -> tuple[int, int]:
