@@ -206,7 +206,7 @@ class TeacherForcer(Engine):
                     self._clear(s)
                 kept = _common_prefix(self._kept_prefix, seqs[0].tokens, common)
                 kept -= kept % _GRAIN
-                if kept < len(self._kept_prefix):
+                if kept < len(self._kept_prefix) or kept == 0:   # 0: whatever the sequence holds goes
                     self._trim(keep, kept)
                 if kept < common:
                     self._kept_prefix = []          # until its cells are all there
