@@ -184,7 +184,9 @@ def test_stage_1_leaves_out_a_prompt_too_long_for_the_judge_before_any_compute_i
 
 def test_stage_1_drops_prompts_too_long_for_one_policy_model(tmp_path):
     data = tmp_path / "data"
-    cfg = small_config(data, **{"models.gemma3_270m.n_ctx": 96, "source.max_prompt_chars": 2000})
+    # the oracle on the other model: on gemma3_270m at 96 its own prompt would not fit either
+    cfg = small_config(data, **{"models.gemma3_270m.n_ctx": 96, "source.max_prompt_chars": 2000,
+                                "oracle.model": "smollm2_135m"})
     config = write_config(tmp_path / "config.yaml", cfg)
     p = run_script("01_prepare_data.py", "--config", str(config), "--samples", "8")
     assert p.returncode == 0, p.stdout + p.stderr

@@ -22,6 +22,7 @@ from ope_prep import checkpoint
 from ope_prep.config import load_config
 from ope_prep.rubrics import RUBRICS
 from ope_prep.backends.providers import scoring_model
+from ope_prep.backends.llama.engine import _GRAIN
 from ope_prep.stages.scoring import LocalScorer, ScoringUnit, fence_code, judge_messages
 
 PROMPTS = ["What is 2 + 2?", "Name one primary color.", "Write a haiku about the sea."]
@@ -49,14 +50,18 @@ def test_scores_do_not_depend_on_batch_or_order(tmp_path, model_key):
         shuffled = units[:]
         random.Random(7).shuffle(shuffled)
         # The rubric and examples stay decoded between calls (kept in their own sequence): the
-        # second pass decodes none of them again, and its scores are the same bits.
-        kept = len(scorer.model._kept_prefix)
-        assert kept >= 512
+        # second pass decodes none of what every unit's prompt shares again (from the last grain
+        # boundary below it), and its scores are the same bits.
+        assert len(scorer.model._kept_prefix) >= 512
+        prompts = [scorer.prompt_tokens(u) for u in units]
+        shared = next((i for i, col in enumerate(zip(*prompts)) if len(set(col)) > 1), min(map(len, prompts)))
+        shared -= shared % _GRAIN
+        assert shared >= 512
         decoded: list[int] = []
         scorer.model.trace = lambda op: decoded.extend(p for _, p, _, _ in op[1]) if op[0] == "decode" else None
         assert _scores(scorer, shuffled) == together                 # the same bits
         scorer.model.trace = None
-        assert decoded and min(decoded) >= kept
+        assert decoded and min(decoded) >= shared
         alone = {}
         for u in units[::2]:
             alone.update(_scores(scorer, [u]))

@@ -217,10 +217,10 @@ def test_token_bound_counts_the_base_models_tokens(tmp_path):
     from ope_prep.stages.prepare import context_check
     spec = _jsonl_source(tmp_path, "lens", ["word " * n + "?" for n in (3, 8, 60, 200)])
     config = _config(tmp_path, [spec], language=None, max_prompt_tokens=40)
-    sample = sample_prompts(config, 2, seed=0, too_long=context_check(config))
+    sample = sample_prompts(config, 2, seed=0, too_long=context_check(config, seed=0))
     assert sorted(len(p.prompt) for p in sample.prompts) == [16, 41]
     with pytest.raises(InputError, match="longer than source.max_prompt_tokens: 2"):
-        sample_prompts(config, 3, seed=0, too_long=context_check(config))
+        sample_prompts(config, 3, seed=0, too_long=context_check(config, seed=0))
 
 
 def test_sampling_is_uniform_over_eligible_rows_whatever_the_file_order(tmp_path):
