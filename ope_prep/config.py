@@ -238,6 +238,18 @@ class ValidationConfig(_Strict):
     # Prompts left out because one of their units was quarantined: above this fraction of the
     # run's prompts, stage 5 fails the run.
     max_excluded_fraction: float = Field(0.01, ge=0, le=1)
+    # Overlap, computed right after stage 2b from the log-probabilities alone: a target below
+    # either figure gets a warning there and a note in stage 5 (or stops, see on_low_overlap).
+    min_ess_fraction: float = Field(
+        0.1, ge=0, le=1, description="Warn when a target's effective sample size (Σw)²/Σw² of its "
+        "importance weights is below this fraction of the prompts.")
+    min_typicality_coverage: float = Field(
+        0.7, ge=0, le=1, description="Warn when a target's target-typicality coverage (the share of "
+        "base responses inside the per-token surprisal band holding 90% of the target's mass; about "
+        "0.9 for a policy identical to the base) is below this; CJE's gate is 0.7.")
+    on_low_overlap: Literal["warn", "stop"] = Field(
+        "warn", description="'stop': stages 3 and 4 refuse to start (nothing paid) while a target's "
+        "overlap is below the limits above; 'warn': they go on, and the report says so.")
 
 
 class Config(_Strict):

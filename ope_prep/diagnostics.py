@@ -12,6 +12,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from scipy import stats
 
+QUANTILES = (0.5, 0.9, 0.99)
+
 
 @dataclass
 class Spread:
@@ -86,3 +88,74 @@ def exclusion_profile(included: Sequence, left_out: Sequence, reasons: Mapping[s
             "by_source": {s: {"left_out": sum(p.source == s for p in left_out),
                               "kept": sum(p.source == s for p in included)} for s in sources},
             "prompt_chars": {"left_out": chars(left_out), "kept": chars(included)}}
+
+
+# ---- importance weights --------------------------------------------------------------------------
+
+def _logsumexp(x: np.ndarray) -> float:
+    m = float(np.max(x))
+    return m + math.log(float(np.sum(np.exp(x - m))))
+
+
+def _quantiles(x: np.ndarray) -> dict:
+    q = np.quantile(x, QUANTILES)
+    return {"min": float(np.min(x)), "mean": float(np.mean(x)),
+            **{f"q{round(p * 100)}": float(v) for p, v in zip(QUANTILES, q)}, "max": float(np.max(x))}
+
+
+def weight_diagnostics(log_w: np.ndarray, judge_base: np.ndarray | None = None) -> dict:
+    """Raw importance-weight diagnostics from log-weights, computed in log space."""
+    n = len(log_w)
+    lse = _logsumexp(log_w)
+    ess = math.exp(2 * lse - _logsumexp(2 * log_w))
+    out = {"n": n, "ess": ess, "ess_fraction": ess / n,
+           "max_weight_share": math.exp(float(np.max(log_w)) - lse),
+           "log_weight": _quantiles(log_w)}
+    if judge_base is not None:
+        # Self-normalised IPS of the target's mean judge score from the logged base responses.
+        out["snips_judge_estimate"] = float(np.sum(np.exp(log_w - lse) * judge_base))
+    return out
+
+
+def target_typicality_coverage(target_lp: np.ndarray, base_lp: np.ndarray, n_tokens: np.ndarray,
+                               mass: float = 0.9) -> float:
+    """Target-typicality coverage: the share of the logged (base) responses that look typical to
+    the target, where "typical" is the per-token surprisal band that holds `mass` of the target's
+    own probability. The target's mass is estimated from the logged responses themselves, by
+    self-normalised importance weights; so a target whose mass sits on a few logged responses has
+    a narrow band and low coverage, which a weight tail alone can miss. Below about 0.7 the
+    logged data barely reach where the target puts its mass (CJE's gate); below 0.3 they do not.
+    target_lp, base_lp: each logged response's total log-probability under target and base;
+    n_tokens: its length in the target's tokens."""
+    surprisal = -np.asarray(target_lp, float) / np.maximum(np.asarray(n_tokens, float), 1.0)
+    log_w = np.asarray(target_lp, float) - np.asarray(base_lp, float)
+    w = np.exp(log_w - _logsumexp(log_w))
+    order = np.argsort(surprisal, kind="stable")
+    reached = np.searchsorted(np.cumsum(w[order]), mass)     # as cje-eval's compute_ttc
+    threshold = surprisal[order][min(int(reached), len(order) - 1)]
+    return float(np.mean(surprisal <= threshold))
+
+
+def overlap(target_lp: np.ndarray, base_lp: np.ndarray, n_tokens: np.ndarray,
+            judge_base: np.ndarray | None = None) -> dict:
+    """How well the logged (base) responses cover a target: its weight diagnostics and its
+    target-typicality coverage, from the teacher-forced log-probabilities alone (stage 2b, before
+    any score) or with the base responses' judge scores for SNIPS (stage 5)."""
+    target_lp, base_lp = np.asarray(target_lp, float), np.asarray(base_lp, float)
+    return {**weight_diagnostics(target_lp - base_lp, judge_base),
+            "typicality_coverage": target_typicality_coverage(target_lp, base_lp, n_tokens)}
+
+
+def low_overlap(target: str, figures: Mapping, min_ess_fraction: float, min_typicality_coverage: float) -> Optional[str]:
+    """Why importance weights for this target mean little, or None when its overlap is enough."""
+    why = []
+    if figures["ess_fraction"] < min_ess_fraction:
+        why.append(f"effective sample size {figures['ess_fraction']:.1%} of {figures['n']} prompts "
+                   f"(validation.min_ess_fraction {min_ess_fraction:g})")
+    if figures["typicality_coverage"] < min_typicality_coverage:
+        why.append(f"target-typicality coverage {figures['typicality_coverage']:.2f} "
+                   f"(validation.min_typicality_coverage {min_typicality_coverage:g})")
+    if not why:
+        return None
+    return (f"{target}: {' and '.join(why)}; the largest weight holds {figures['max_weight_share']:.0%} of "
+            "the total, so IPS estimates for it rest on few prompts")

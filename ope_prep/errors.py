@@ -57,5 +57,13 @@ class TooManyExcluded(PipelineError):
     exit_code = EXIT_STOPPED
 
 
+class LowOverlap(PipelineError):
+    """A target's importance weights rest on too few prompts (stage 2b's overlap figures) and
+    validation.on_low_overlap is 'stop': the judge and oracle would be paid for weights that
+    mean little."""
+
+    exit_code = EXIT_STOPPED
+
+
 class EngineRefused(PipelineError):
     """An inference engine failed its check: its log-probabilities would give wrong weights."""

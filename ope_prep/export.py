@@ -25,7 +25,9 @@ Both CJE lines read the same export (``<data_dir>/cje/``):
                   "judge_score": 0.7, "oracle_label": 0.8,   # (also here, for readers of CJE 0.2;
                                                              # always equal: 0.9 rejects a mismatch)
                   "judge_mean": 0.68, "judge_variance": 0.02,
-                  "base_policy_sampling_logprob": -42.1, "n_tokens": 37, "finish_reason": "stop"}}
+                  "base_policy_sampling_logprob": -42.1, "n_tokens": 37, "finish_reason": "stop",
+                  "response_token_count": 37,        # tokens the log-probabilities cover
+                  "oracle_inclusion_probability": 0.25}}  # oracle.calibration_fraction
 
 ``cje/responses/<policy>_responses.jsonl``, the fresh draws, one file per policy (every target,
 and the base policy for CJE 0.9's comparisons against it; CJE 0.3's IPS and DR read the targets'
@@ -34,7 +36,7 @@ only), one record per prompt; CJE infers the policy from the file name::
     {"prompt_id": "q0001", "observation_id": "q0001/pi_bad", "prompt": "...", "response": "...",
      "policy": "pi_bad", "judge_score": 0.2, "draw_idx": 0,
      "metadata": {"judge_mean": 0.22, "judge_variance": 0.03, "sampling_logprob": -51.0,
-                  "n_tokens": 40, "finish_reason": "length"}}
+                  "n_tokens": 40, "response_token_count": 40, "finish_reason": "length"}}
 
 Fresh draws carry no ``oracle_label``, at the top level or in metadata. CJE reads one from
 either place and fits on it: 0.3's IPS and DR with logged data calibrate on the logged data's
@@ -49,7 +51,8 @@ So:
   ``oracle_label``**, one file per target policy, one record per label, in prompt order::
 
     {"prompt_id": "q0004", "observation_id": "q0004/pi_bad", "policy": "pi_bad",
-     "split": "validation", "judge_score": 0.0, "oracle_label": 0.18}
+     "split": "validation", "judge_score": 0.0, "oracle_label": 0.18,
+     "inclusion_probability": 0.25}        # oracle.validation_fraction
 
   No CJE loader looks in that folder unless told to. CJE 0.9 takes each file as a held-out
   transport probe (``--transport-probe pi_bad=<data_dir>/cje/validation/pi_bad.jsonl
@@ -167,6 +170,12 @@ def logged_records(config: Config, data) -> list[dict]:
         meta.update({"judge_mean": j.mean, "judge_variance": j.variance,
                      "base_policy_sampling_logprob": r.sampling_logprob,
                      "n_tokens": r.n_tokens, "finish_reason": r.finish_reason,
+                     # The tokens the log-probabilities cover (CJE's per-token TTC reads it, and
+                     # falls back to characters without it).
+                     "response_token_count": data.logprobs[(pid, base)].n_tokens,
+                     # The oracle's sampling design: every base response is labeled with this
+                     # probability, independently (stages/oracle.py), labeled or not.
+                     "oracle_inclusion_probability": config.oracle.calibration_fraction,
                      # How much of the response the log-probabilities score (see stages/logprobs.py).
                      "scored_bytes": data.logprobs[(pid, base)].scored_bytes,
                      "scored_complete": data.logprobs[(pid, base)].complete})
@@ -194,19 +203,20 @@ def fresh_draw_records(config: Config, data, policy: str) -> list[dict]:
                     "response": r.response, "policy": policy, "judge_score": j.score, "draw_idx": 0,
                     "metadata": {"judge_mean": j.mean, "judge_variance": j.variance,
                                  "sampling_logprob": r.sampling_logprob, "n_tokens": r.n_tokens,
-                                 "finish_reason": r.finish_reason}})
+                                 "response_token_count": r.n_tokens, "finish_reason": r.finish_reason}})
     return out
 
 
-def validation_records(data, policy: str) -> list[dict]:
-    """A target policy's held-out oracle labels, in a file no CJE loader reads unless told to."""
+def validation_records(config: Config, data, policy: str) -> list[dict]:
+    """A target policy's held-out oracle labels, in a file no CJE loader reads unless told to;
+    each with the probability that its response was chosen for a label (the sampling design)."""
     out = []
     for p in data.prompts:
         o = data.oracle.get((p.prompt_id, policy))
         if o is not None:
             out.append({"prompt_id": p.prompt_id, "observation_id": observation_id(p.prompt_id, policy),
                         "policy": policy, "split": o.split, "judge_score": data.judge[(p.prompt_id, policy)].score,
-                        "oracle_label": o.label})
+                        "oracle_label": o.label, "inclusion_probability": config.oracle.validation_fraction})
     return out
 
 
@@ -254,7 +264,7 @@ def write_all(config: Config, data) -> dict[str, dict]:
     for pol in (base, *targets):
         out[fresh_draws_path(pol)] = write_jsonl(d / fresh_draws_path(pol), fresh_draw_records(config, data, pol))
     for t in targets:
-        out[validation_path(t)] = write_jsonl(d / validation_path(t), validation_records(data, t))
+        out[validation_path(t)] = write_jsonl(d / validation_path(t), validation_records(config, data, t))
     for rel, unc in ((P0_DET, False), (P0_UNC, True)):
         out[rel] = write_jsonl(d / rel, (_scored(config, data, p.prompt_id, p.prompt, base, unc)
                                          for p in data.prompts))

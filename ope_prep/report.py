@@ -185,18 +185,37 @@ def render_report(config: Config, info: dict) -> str:
 
     out += discrimination_section(info["discrimination"], base)
 
-    out += ["## OPE diagnostics", "", f"Raw importance weights w = exp(log p_target − log p_{base}) of "
-            f"{base}'s responses, per prompt. ESS = (Σw)² / Σw², as a fraction of n. SNIPS: the "
-            f"self-normalised IPS estimate of the target's mean judge score from {base}'s logged "
-            "responses, beside the target's own mean judge score.", ""]
+    out += ["## OPE diagnostics", "",
+            f"An importance-weighted estimate reuses {base}'s responses to say how a target would "
+            f"score: each response counts with its weight w = exp(log p_target − log p_{base}), how "
+            f"much likelier the target is than {base} to have written it. Such an estimate is only as "
+            "good as the overlap between the two policies, and these figures say how good that is.", "",
+            "- **ESS** (effective sample size, (Σw)² / Σw², as a share of n): how many of the n "
+            "prompts the estimate effectively rests on. 100% when every weight is equal (the clone); "
+            "below about 10% the estimate is carried by a handful of prompts and its error bars are "
+            "not to be trusted.",
+            "- **max weight share**: the share of the total weight held by the single heaviest "
+            "response. Near 1/n is healthy; tens of percent means one response decides the estimate.",
+            "- **log w quantiles**: the spread of the log-weights; a long upper tail is what makes the "
+            "two figures above bad.",
+            "- **typicality coverage** (target-typicality coverage): the share of "
+            f"{base}'s responses that look typical to the target, i.e. fall in the per-token surprisal "
+            "band that holds 90% of the target's own probability. About 0.9 for a target identical "
+            f"to {base}; below 0.7 (CJE's gate) {base} rarely writes what the target would, and no "
+            "reweighting can recover what was never logged.",
+            f"- **SNIPS judge**: the self-normalised importance-weighted estimate of the target's mean "
+            f"judge score from {base}'s responses alone, beside the target's own mean judge score "
+            "(on-policy judge). When the two are far apart with good ESS, suspect the judge; with poor "
+            "ESS, suspect the weights.", ""]
     rows = []
     for n, d in tgts.items():
         lw = d["log_weight"]
         rows.append([n, _pct(d["ess_fraction"]), _pct(d["max_weight_share"]),
                      *(_f(lw[k], ".3g") for k in ("q50", "q90", "q99", "max")),
+                     _f(d["typicality_coverage"], ".2f"),
                      _f(d["snips_judge_estimate"]), _f(d["on_policy_judge_mean"])])
     out += [_table(["target", "ESS", "max weight share", "log w q50", "log w q90", "log w q99",
-                    "log w max", "SNIPS judge", "on-policy judge"], rows), ""]
+                    "log w max", "typicality coverage", "SNIPS judge", "on-policy judge"], rows), ""]
     if checks["notes"]:
         out += ["Notes:", ""] + [f"- {n}" for n in checks["notes"]] + [""]
 
@@ -344,7 +363,8 @@ def terminal_summary(config: Config, info: dict) -> str:
         d = info["targets"].get(n)
         if d:
             line += (f"  ESS {_pct(d['ess_fraction'])}, max w share {_pct(d['max_weight_share'])}, "
-                     f"log w q99 {_f(d['log_weight']['q99'], '.3g')}, SNIPS judge {_f(d['snips_judge_estimate'])}")
+                     f"log w q99 {_f(d['log_weight']['q99'], '.3g')}, typicality {_f(d['typicality_coverage'], '.2f')}, "
+                     f"SNIPS judge {_f(d['snips_judge_estimate'])}")
         lines.append(line)
     for note in checks["notes"] + info["discrimination"]["notes"]:
         lines.append(f"  note: {note}")

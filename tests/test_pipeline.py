@@ -4,11 +4,13 @@ and the refusal of a changed config with the documented way out."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 
 from conftest import N, ROOT, run_script, small_config, write_config
+from ope_prep import checkpoint
 from ope_prep.backends.llama import load_tokenizer
 from pipeline_harness import (comparable, computed_ok, done_keys, kill_group, records, run, start,
                               wait_for)
@@ -85,7 +87,6 @@ def test_config_change_is_refused_with_keys_and_force_step_reruns_from_there(ref
     # the way out, right to paste: the run's N and this config, not a 10,000-prompt run
     assert f"python run_pipeline.py {N} --config {config.resolve()} --force-step generate" in refused.stdout
     # A stage's partial work of the old config, found by the stage itself: the same command.
-    from ope_prep import checkpoint
     checkpoint_file = checkpoint.checkpoint_path(tmp_path / "data")
     saved = checkpoint_file.read_bytes()
     checkpoint.forget(tmp_path / "data", ["generate"])
@@ -208,3 +209,41 @@ def test_stage_5_checks_every_target_record_against_the_base_event_across_tokeni
     _, _, problems = summarize.load_and_check(config)
     no_event = [p for p in problems if "no event every tokenizer shares" in p]
     assert len(no_event) == 1 and f"{p0['prompt_id']}/p0" in no_event[0], problems
+
+
+def test_overlap_is_known_after_stage_2b_and_stop_mode_refuses_the_judge_before_paying(reference, tmp_path):
+    src, _, _, proc = reference
+    out = proc.stdout
+    cfg = small_config(tmp_path / "data")
+    targets = [p["name"] for p in cfg["policies"] if p["name"] != cfg["base_policy"]]
+    # In the default run's log: each target's overlap figures, after 2b and before stage 3.
+    at = out.index(f"[logprobs] overlap with {cfg['base_policy']}'s responses, before any judge or oracle call")
+    assert at < out.index("=== [4/6] judge")
+    figures = json.loads((src / "data" / "overlap.json").read_text())["targets"]
+    assert sorted(figures) == sorted(targets)
+    for t in targets:
+        assert f"[logprobs]   {t}" in out[at:out.index("=== [4/6] judge")]
+        assert figures[t]["n"] == N
+    clone = figures[cfg["clone_policy"]]
+    assert clone["ess_fraction"] > 0.999 and abs(clone["log_weight"]["max"]) < 1e-3
+    # The report says the same figures, and what they mean.
+    report = (src / "data" / "report.md").read_text()
+    assert "typicality coverage" in report and "how many of the n prompts the estimate effectively rests on" in report
+
+    # Stop mode, with limits no real target meets: the judge refuses before any call.
+    shutil.copytree(src / "data", tmp_path / "data")
+    checkpoint.forget(tmp_path / "data", ["judge", "oracle", "summarize"])
+    for work in (tmp_path / "data" / "work").glob("judge*"):
+        work.unlink()
+    cfg["validation"] = {"on_low_overlap": "stop", "min_ess_fraction": 0.9999}
+    config = write_config(tmp_path / "config.yaml", cfg)
+    refused = run_script("03_judge_scores.py", "--config", str(config))
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    message = refused.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: stage judge not started, nothing paid: ")
+    low = [t for t in targets if t != cfg["clone_policy"]]
+    assert all(f"{t}: effective sample size" in message for t in low), message
+    assert cfg["clone_policy"] + ":" not in message
+    assert f"validation.on_low_overlap: warn in {config.resolve()}" in message
+    assert not list((tmp_path / "data" / "work").glob("judge*")) or \
+        not done_keys(tmp_path / "data").get("judge")

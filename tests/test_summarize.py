@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_run import BASE, CLONE, POLICIES, PROJECT_DIR, TARGETS, make_run, write_config  # noqa: E402
 
 from ope_prep import checkpoint  # noqa: E402
+from ope_prep import diagnostics as dx  # noqa: E402
 from ope_prep.config import load_config  # noqa: E402
 from ope_prep.errors import ValidationFailed  # noqa: E402
 from ope_prep.stage_cli import verify_outputs  # noqa: E402
@@ -87,7 +88,7 @@ def test_weight_diagnostics_match_direct_computation(good):
 
 def test_log_space_survives_huge_log_weights():
     lw = np.array([-5000.0, -5001.0, -5003.0])       # exp() underflows to 0 for all of them
-    d = summarize.weight_diagnostics(lw, np.array([1.0, 0.0, 0.0]))
+    d = dx.weight_diagnostics(lw, np.array([1.0, 0.0, 0.0]))
     w = np.exp(lw - lw.max())
     assert d["ess_fraction"] == pytest.approx(w.sum() ** 2 / (w ** 2).sum() / 3, rel=1e-12)
     assert d["max_weight_share"] == pytest.approx(w.max() / w.sum(), rel=1e-12)
@@ -176,6 +177,7 @@ def test_every_output_has_a_manifest_that_verifies(good):
 def test_cje_logged_data_shape(good):
     run, _, _ = good
     rows = read_jsonl(run.data_dir / "cje/logged_data.jsonl")
+    config = load_config(run.config_path)
     prompts = run.rows["prompts.jsonl"]
     tf, judge = by_key(run.rows["logprobs.jsonl"]), by_key(run.rows["judge_scores.jsonl"])
     resp, oracle = by_key(run.rows["responses.jsonl"]), by_key(run.rows["oracle_labels.jsonl"])
@@ -194,6 +196,10 @@ def test_cje_logged_data_shape(good):
         assert r["metadata"]["prompt_id"] == pid
         assert r["metadata"]["judge_mean"] == judge[(pid, BASE)]["mean"]
         assert r["metadata"]["base_policy_sampling_logprob"] == resp[(pid, BASE)]["sampling_logprob"]
+        # CJE's per-token TTC reads the tokens the log-probabilities cover; the sampling design
+        # (every base response labeled with this probability) is on every record, labeled or not.
+        assert r["metadata"]["response_token_count"] == tf[(pid, BASE)]["n_tokens"]
+        assert r["metadata"]["oracle_inclusion_probability"] == config.oracle.calibration_fraction
     assert sum("oracle_label" in r for r in rows) == sum(1 for k in oracle if k[1] == BASE)
 
 
@@ -250,6 +256,7 @@ def test_held_out_labels_are_only_in_the_validation_files(good):
             k = (r["prompt_id"], t)
             assert r["oracle_label"] == oracle[k]["label"] and r["judge_score"] == judge[k]["score"]
             assert r["observation_id"] == f"{k[0]}/{t}" and r["split"] == "validation"
+            assert r["inclusion_probability"] == load_config(run.config_path).oracle.validation_fraction
     logged = read_jsonl(d / "cje/logged_data.jsonl")
     assert sum("oracle_label" in r for r in logged) == sum(k[1] == BASE for k in oracle)
     assert all(r["observation_id"] == f"{r['prompt_id']}/{BASE}" for r in logged)
@@ -727,3 +734,27 @@ def test_quarantine_records_that_are_corrupt_or_name_an_unknown_prompt_fail_the_
     with pytest.raises(ValidationFailed, match="quarantined units name a prompt that is not in the run: judge nope/p0"):
         run_stage(run)
     assert not (run.data_dir / "report.md").exists()
+
+
+def test_typicality_coverage_by_hand_and_at_its_ends():
+    # Per-token surprisals 1..4 (one token each); the target's self-normalised weights over the
+    # logged responses 0.7, 0.25, 0.04, 0.01: 90% of its mass is reached at surprisal 2, so the
+    # typical band holds 2 of the 4 logged responses.
+    target_lp = -np.array([1.0, 2.0, 3.0, 4.0])
+    base_lp = target_lp - np.log([0.7, 0.25, 0.04, 0.01])
+    assert dx.target_typicality_coverage(target_lp, base_lp, np.ones(4)) == 0.5
+    # The band is per token: the same totals over 2 tokens each halve every surprisal, not the answer.
+    assert dx.target_typicality_coverage(target_lp, base_lp, np.full(4, 2)) == 0.5
+    # A target identical to the base: the band holds 90% of the responses.
+    rng = np.random.default_rng(0)
+    same = -rng.uniform(5, 50, 1000)
+    assert abs(dx.target_typicality_coverage(same, same, rng.integers(5, 40, 1000)) - 0.9) < 0.01
+    # A target whose mass sits on the few responses it finds least surprising: low coverage, and
+    # the overlap check says so by name.
+    sharp = same.copy()
+    sharp[np.argsort(-same / 20)[:5]] += 60
+    f = dx.overlap(sharp, same, np.full(1000, 20))
+    assert f["typicality_coverage"] < 0.05 and f["ess_fraction"] < 0.01
+    why = dx.low_overlap("pi_sharp", f, 0.1, 0.7)
+    assert why.startswith("pi_sharp: effective sample size") and "typicality coverage" in why
+    assert dx.low_overlap("pi_same", dx.overlap(same, same, np.full(1000, 20)), 0.1, 0.7) is None

@@ -16,8 +16,8 @@ from ..records import JudgeScore, Response
 from ..store import WorkFile, work_path, read_jsonl, write_json
 from .scoring import (RUBRICS, Judgement, ScoringUnit, Tally, open_scorer,
                       report, rubric_digest, score_units, stage_inputs, unit_input)
-from .units import (RESPONSES, finish, load_prompts, read_run_seed, refuse_if_too_many_excluded, run_identity,
-                    stopped, unit_key, usage_file)
+from .units import (RESPONSES, finish, load_prompts, read_run_seed, refuse_if_overlap_low,
+                    refuse_if_too_many_excluded, run_identity, stopped, unit_key, usage_file)
 
 JUDGE_SCORES = "judge_scores.jsonl"
 JUDGE_USAGE = usage_file("judge")
@@ -58,6 +58,7 @@ def run(config: Config, args, fp: dict) -> dict:
         if todo:
             refuse_if_too_many_excluded("judge", data_dir, ["generate", "logprobs"], len(prompts),
                                         config.validation.max_excluded_fraction)
+            refuse_if_overlap_low("judge", config)
         with open_scorer(config, "judge", "judge", read_run_seed(data_dir), need_distribution=True) as scorer:
             try:
                 score_units("judge", scorer, work, todo, record, tally)

@@ -24,6 +24,9 @@ import math
 from dataclasses import asdict
 from typing import Union
 
+import numpy as np
+
+from .. import diagnostics as dx
 from ..backends.providers import PolicyModel, model_usage, policy_model, policy_tokenizers
 from ..config import Config
 from ..errors import BudgetExceeded, FatalApiError
@@ -31,12 +34,12 @@ from ..events import NoSharedEvent, ScoredEvent, scored_event
 from ..fingerprint import policies_keys
 from ..records import Response, SelfCheck, TeacherForced
 from ..store import WorkFile, failed_row, input_digest, ok_row, read_jsonl, work_path, write_json
-from .units import (LOGPROBS, RESPONSES, SELF_CONSISTENCY, exception_row, finish, load_prompts, progress,
-                    read_run_seed, run_identity, self_check_prompts, stopped, unit_key, upstream_digests,
+from .units import (LOGPROBS, OVERLAP, RESPONSES, SELF_CONSISTENCY, exception_row, finish, load_prompts,
+                    low_overlap_targets, progress, read_run_seed, run_identity, self_check_prompts, stopped, unit_key, upstream_digests,
                     usage_file)
 
 LOGPROBS_USAGE = usage_file("logprobs")
-OUTPUTS = [LOGPROBS, SELF_CONSISTENCY, LOGPROBS_USAGE]
+OUTPUTS = [LOGPROBS, SELF_CONSISTENCY, OVERLAP, LOGPROBS_USAGE]
 
 PROMPTS_PER_CALL = 16   # prompts whose units are scored (and made durable) together
 TF_SEQUENCES = 4        # sequences in flight per model; each has the model's n_ctx cells
@@ -126,10 +129,44 @@ def run(config: Config, args, fp: dict) -> dict:
         bar.close()
     try:
         usage_manifest = write_json(data_dir / LOGPROBS_USAGE, usage)
-        return {**finish("logprobs", data_dir, [work], {LOGPROBS: tf_keys, SELF_CONSISTENCY: self_keys}),
+        manifests = finish("logprobs", data_dir, [work], {LOGPROBS: tf_keys, SELF_CONSISTENCY: self_keys})
+        figures = overlap_figures(config, read_jsonl(data_dir / LOGPROBS, TeacherForced))
+        print_overlap(config, figures)
+        return {**manifests, OVERLAP: write_json(data_dir / OVERLAP, {"base_policy": base, "targets": figures}),
                 LOGPROBS_USAGE: usage_manifest}
     finally:
         work.close()
+
+
+def overlap_figures(config: Config, records: list[TeacherForced]) -> dict[str, dict]:
+    """Each target's overlap with the base policy's responses (diagnostics.overlap), over the
+    prompts scored under both: known before any judge or oracle call is paid."""
+    by_unit = {(r.prompt_id, r.policy): r for r in records}
+    base = config.base_policy
+    figures = {}
+    for t in config.target_policies:
+        scored = [(by_unit[(pid, t)], by_unit[(pid, base)]) for (pid, pol) in by_unit if pol == t and (pid, base) in by_unit]
+        if scored:
+            figures[t] = dx.overlap(np.array([tr.logprob for tr, _ in scored]), np.array([br.logprob for _, br in scored]),
+                                    np.array([tr.n_tokens for tr, _ in scored]))
+    return figures
+
+
+def print_overlap(config: Config, figures: dict[str, dict]) -> None:
+    print(f"[logprobs] overlap with {config.base_policy}'s responses, before any judge or oracle call:")
+    width = max((len(t) for t in figures), default=0)
+    for t, f in figures.items():
+        print(f"[logprobs]   {t:<{width}}  ESS {f['ess_fraction']:6.1%} of {f['n']}  "
+              f"max weight share {f['max_weight_share']:5.1%}  log w q99 {f['log_weight']['q99']:8.3g}  "
+              f"typicality coverage {f['typicality_coverage']:.2f}")
+    low = low_overlap_targets(config, figures)
+    for why in low:
+        print(f"[logprobs] warning: {why}")
+    if low:
+        then = ("stages 3 and 4 will refuse to start (validation.on_low_overlap: stop)"
+                if config.validation.on_low_overlap == "stop" else
+                "the judge and oracle go on (validation.on_low_overlap: warn); stage 5 notes it")
+        print(f"[logprobs] {then}")
 
 
 def _score_prompts(config: Config, model: PolicyModel, model_key: str, prompts: list, policies: list,

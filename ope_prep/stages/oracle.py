@@ -34,8 +34,8 @@ from ..records import OracleLabel, Response
 from ..store import WorkFile, work_path, read_jsonl, write_json
 from .scoring import (RUBRICS, Judgement, ScoringUnit, Tally, open_scorer,
                       report, rubric_digest, score_units, stage_inputs, unit_input)
-from .units import (RESPONSES, finish, load_prompts, read_run_seed, refuse_if_too_many_excluded, run_identity,
-                    stopped, unit_seed, usage_file)
+from .units import (RESPONSES, finish, load_prompts, read_run_seed, refuse_if_overlap_low,
+                    refuse_if_too_many_excluded, run_identity, stopped, unit_seed, usage_file)
 
 ORACLE_LABELS = "oracle_labels.jsonl"
 ORACLE_USAGE = usage_file("oracle")
@@ -98,6 +98,7 @@ def run(config: Config, args, fp: dict) -> dict:
         if any(todo.values()):
             refuse_if_too_many_excluded("oracle", data_dir, ["generate", "logprobs", "judge"], len(prompts),
                                         config.validation.max_excluded_fraction)
+            refuse_if_overlap_low("oracle", config)
         started = time.monotonic()
         tally = Tally()
         with open_scorer(config, "oracle", "oracle", read_run_seed(data_dir), need_distribution=False) as scorer:

@@ -46,7 +46,7 @@ from ..records import JudgeScore, OracleLabel, Prompt, Quarantined, Response, Se
 from ..store import read_jsonl, write_json
 from ..validate import check_scored_events
 from .units import (LOGPROBS, PROMPTS, RESPONSES, RUN_PARAMS, SELF_CONSISTENCY, exclusion_over_limit,
-                    quarantine_file, run_identity, self_check_prompts, upstream_digests, usage_file)
+                    low_overlap_targets, quarantine_file, run_identity, self_check_prompts, upstream_digests, usage_file)
 
 JUDGE = "judge_scores.jsonl"
 ORACLE = "oracle_labels.jsonl"
@@ -65,7 +65,6 @@ OUTPUTS = [REPORT, DATASET_INFO, "cje", "plots",
 
 MAX_EXAMPLES = 5          # per problem line
 MAX_LISTED = 100          # suspicious records kept in dataset_info.json
-QUANTILES = (0.5, 0.9, 0.99)
 
 
 def fingerprint(config: Config, args, ck: dict) -> dict:
@@ -517,31 +516,6 @@ def _propensity_checks(config: Config, data: Data, problems: Problems) -> dict:
 
 # ---- statistics ------------------------------------------------------------------------------------
 
-def _logsumexp(x: np.ndarray) -> float:
-    m = float(np.max(x))
-    return m + math.log(float(np.sum(np.exp(x - m))))
-
-
-def _quantiles(x: np.ndarray) -> dict:
-    q = np.quantile(x, QUANTILES)
-    return {"min": float(np.min(x)), "mean": float(np.mean(x)),
-            **{f"q{round(p * 100)}": float(v) for p, v in zip(QUANTILES, q)}, "max": float(np.max(x))}
-
-
-def weight_diagnostics(log_w: np.ndarray, judge_base: np.ndarray | None = None) -> dict:
-    """Raw importance-weight diagnostics from log-weights, computed in log space."""
-    n = len(log_w)
-    lse = _logsumexp(log_w)
-    ess = math.exp(2 * lse - _logsumexp(2 * log_w))
-    out = {"n": n, "ess": ess, "ess_fraction": ess / n,
-           "max_weight_share": math.exp(float(np.max(log_w)) - lse),
-           "log_weight": _quantiles(log_w)}
-    if judge_base is not None:
-        # Self-normalised IPS of the target's mean judge score from the logged base responses.
-        out["snips_judge_estimate"] = float(np.sum(np.exp(log_w - lse) * judge_base))
-    return out
-
-
 def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
     # Constant inputs have no correlation; np.std of five copies of 1/9 is ~1e-17, not 0.
     if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
@@ -626,14 +600,11 @@ def diagnostics(config: Config, data: Data, checks: dict) -> dict:
     judge_base = np.array([data.judge[(pid, base)].score for pid in pids], dtype=float)
     targets = {}
     for t in config.target_policies:
-        lw = np.array([data.logprobs[(pid, t)].logprob for pid in pids], dtype=float) - lp_base
-        targets[t] = {**weight_diagnostics(lw, judge_base),
+        tf = [data.logprobs[(pid, t)] for pid in pids]
+        targets[t] = {**dx.overlap(np.array([r.logprob for r in tf]), lp_base, np.array([r.n_tokens for r in tf]),
+                                   judge_base),
                       "on_policy_judge_mean": policies[t]["judge"]["mean"]}
-    notes = []
-    for t, d in targets.items():
-        if d["ess_fraction"] < 0.1 and t != config.clone_policy:
-            notes.append(f"{t}: effective sample size is {d['ess_fraction']:.1%} of n; "
-                         "IPS estimates for it rest on few prompts")
+    notes = low_overlap_targets(config, targets)
     if policies[base]["oracle"]["n"] < 2:
         notes.append(f"{base}: {policies[base]['oracle']['n']} calibration labels; the judge cannot "
                      "be calibrated")

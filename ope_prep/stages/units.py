@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import PipelineError, TooManyExcluded, UnitsFailedError
+from .. import diagnostics as dx
+from ..errors import LowOverlap, PipelineError, TooManyExcluded, UnitsFailedError
 from ..records import Prompt, Quarantined
 from ..store import WorkFile, failed_row, read_jsonl, write_jsonl
 
@@ -18,6 +19,7 @@ RUN_PARAMS = "run.json"     # the run's samples and seed (stage 1), read by the 
 RESPONSES = "responses.jsonl"
 LOGPROBS = "logprobs.jsonl"
 SELF_CONSISTENCY = "self_consistency.jsonl"
+OVERLAP = "overlap.json"    # each target's weight figures, from stage 2b, before anything is paid
 QUARANTINE_DIR = "quarantine"   # quarantine/<stage>.jsonl: the units a stage gave up on, and why
 
 # Each policy's own responses teacher-forced by stage 2b to check its sampling propensities:
@@ -96,6 +98,29 @@ def refuse_if_too_many_excluded(stage: str, data_dir: Path, stages: list[str], n
         raise TooManyExcluded(f"stage {stage} not started, nothing paid: {problem}, so stage 5 would refuse the "
                               f"run ({first}; all in {data_dir / QUARANTINE_DIR}). Fix the cause, or raise the "
                               "limit if such prompts may be left out")
+
+
+def low_overlap_targets(config, figures: dict) -> list[str]:
+    """Stage 2b's overlap figures (OVERLAP's "targets") judged by the config's current limits."""
+    v = config.validation
+    return [why for t, f in figures.items() if t != config.clone_policy
+            and (why := dx.low_overlap(t, f, v.min_ess_fraction, v.min_typicality_coverage))]
+
+
+def refuse_if_overlap_low(stage: str, config) -> None:
+    """Before a scoring stage pays for anything: with validation.on_low_overlap 'stop', stop
+    (LowOverlap) when a target's overlap with the base policy is below the limits."""
+    path = config.data_dir / OVERLAP
+    if config.validation.on_low_overlap != "stop":
+        return
+    if not path.exists():
+        print(f"[{stage}] overlap not checked: {path} is missing (written when stage 2b finishes)")
+        return
+    low = low_overlap_targets(config, json.loads(path.read_text(encoding="utf-8"))["targets"])
+    if low:
+        raise LowOverlap(f"stage {stage} not started, nothing paid: {'; '.join(low)} (figures in {path}). "
+                         "Change the target or the base policy, or set validation.on_low_overlap: warn in "
+                         f"{config.config_path} to score them anyway")
 
 
 def run_identity(ck: dict) -> dict:
