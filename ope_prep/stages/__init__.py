@@ -12,6 +12,8 @@ STAGES = [
     ("summarize", "05_validate_and_summarize.py"),
 ]
 STAGE_NAMES = [name for name, _ in STAGES]
+STAGE_ALIASES = {"1": "prepare", "2": "generate", "2b": "logprobs", "3": "judge", "4": "oracle",
+                 "5": "summarize"}
 
 
 def later_stages(name: str) -> list[str]:
