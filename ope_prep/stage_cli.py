@@ -115,12 +115,15 @@ def verify_outputs(data_dir: Path, outputs: dict[str, dict]) -> str | None:
 
 def rerun_command(config, stage: str) -> str:
     """The command that redoes ``stage`` and the stages after it for this run, right to paste: the
-    run's own N (stage 1's, from run.json) and this config file."""
+    run's own N (the runner's target, else stage 1's, from run.json) and this config file."""
+    from .status import RUN_STATE
     n = "N"
-    try:
-        n = str(int(json.loads((config.data_dir / "run.json").read_text(encoding="utf-8"))["samples"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass          # no run yet (or a damaged record, which stage 5 reports): N is for the user
+    for name, key in ((RUN_STATE, "samples"), ("run.json", "samples")):
+        try:
+            n = str(int(json.loads((config.data_dir / name).read_text(encoding="utf-8"))[key]))
+            break
+        except (OSError, ValueError, KeyError, TypeError):
+            pass      # no run yet (or a damaged record, which stage 5 reports): N is for the user
     return (f"python run_pipeline.py {n} --config {shlex.quote(str(config.config_path))} "
             f"--force-step {shlex.quote(stage)}")
 

@@ -19,6 +19,10 @@ def _mutate(case: str, cfg: dict, tmp_path) -> str | None:
         cfg["policies"][0]["temperature"] = -0.5
     elif case == "missing model file":
         cfg["models"]["gemma3_270m"]["path"] = str(tmp_path / "nope.gguf")
+    elif case == "missing model file of your own":
+        cfg["models"]["gemma3_270m"]["path"] = str(tmp_path / "nope.gguf")
+    elif case == "missing default model file":
+        cfg["models"]["gemma3_270m"]["path"] = str(tmp_path / "gemma-3-270m-q4_k_m.gguf")
     elif case == "policy name used twice":
         cfg["policies"][2]["name"] = "p0"
     elif case == "unknown policy model":
@@ -60,7 +64,9 @@ CASES = {
     "unknown key": ("generation.max_tokenz: unknown key", 3),
     "wrong type": ("generation.max_tokens", 3),
     "negative temperature": ("policies.0.temperature", 3),
-    "missing model file": ("models.gemma3_270m.path: model file not found", 3),
+    "missing model file": ("models.gemma3_270m.path: model file not found: ", 3),
+    "missing model file of your own": ("nope.gguf (this project does not download it: get the GGUF file yourself", 3),
+    "missing default model file": ("gemma-3-270m-q4_k_m.gguf (run `python -m ope_prep.fetch_models`", 3),
     "policy name used twice": ("'p0' is used twice", 3),
     "unknown policy model": ("policies.1.model", 3),
     "base policy missing": ("base_policy", 3),
