@@ -41,6 +41,13 @@ from .store import fsync_dir, write_json
 SNAPSHOTS = "snapshots"
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a whole number of at least 1")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Run the whole OPE data pipeline; resumes where it stopped, and grows a finished "
@@ -66,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="print what a run of N prompts asks for (generations, teacher-forcing passes, judge and "
                         "oracle calls, tokens, API cost from the config's prices) and the local wall time projected "
                         "from a probe run in a scratch directory; write nothing in the data directory")
-    p.add_argument("--plan-probe", type=int, default=2, metavar="K", help="prompts in --plan's probe (default 2)")
+    p.add_argument("--plan-probe", type=_positive, default=2, metavar="K",
+                   help="--plan times the local stages on K and on 4K prompts (default 2)")
     p.add_argument("--check-providers", action="store_true",
                    help="check every policy model served by an engine (models.<key>.endpoint): its "
                         "generation and teacher-forcing log-probabilities must agree; and score one unit "

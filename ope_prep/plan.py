@@ -3,23 +3,16 @@
 The sample is drawn exactly as stage 1 draws it (nothing written), so the prompt counts and
 prompt tokens are exact. Response tokens are bounded by generation.max_tokens, so token counts
 and API costs are upper bounds. Local wall time is projected from a probe: the stages that run
-on local models, run for real on a few prompts in a scratch directory (API stages are not
-probed: that would spend money).
+on local models run for real on two small samples in scratch directories, fitted as start-up +
+per-prompt work (timing.py; API stages are not probed: that would spend money).
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
-
-import yaml
-
-from .config import PROJECT_DIR, ApiConfig, Config
+from .config import ApiConfig, Config
 from .rubrics import RUBRICS
 from .stages import STAGES
+from .timing import ProbeFailed, fit, fmt_h, local_stages, project, run_rounds, time_stages
 
 
 def _cost(api, input_tokens: float, output_tokens: float) -> float:
@@ -82,42 +75,23 @@ def plan_text(config: Config, args) -> str:
 
 
 def _probe(config: Config, args, n: int) -> list[str]:
-    """Run the local stages on a few prompts in a scratch directory; project their time to n."""
-    k = args.plan_probe
-    local = {"prepare", "generate", "logprobs", "summarize"}
-    local |= {name for name, api in (("judge", config.judge), ("oracle", config.oracle)) if api.provider != "openai"}
-    if any(m.endpoint for m in config.models.values()):
-        local -= {"generate", "logprobs"}
-    raw = yaml.safe_load(Path(config.config_path).read_text(encoding="utf-8"))
-    with tempfile.TemporaryDirectory(prefix="ope_plan_") as tmp:
-        raw.setdefault("paths", {})["data_dir"] = str(Path(tmp) / "data")
-        probe_cfg = Path(config.config_path).parent / f".plan_probe_{Path(tmp).name}.yaml"
-        probe_cfg.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-        try:
-            times = {}
-            for name, script in STAGES:
-                if name not in local:
-                    break        # a later stage needs this one's outputs
-                cmd = [sys.executable, str(PROJECT_DIR / script), "--config", str(probe_cfg)]
-                if name == "prepare":
-                    from .pipeline import prepare_flags
-                    cmd += ["--samples", str(k), *prepare_flags(args)]
-                started = time.time()
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_DIR)
-                if proc.returncode != 0:
-                    last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                    return [f"Probe: stage {name} failed on {k} prompts ({last}); no time projected"]
-                times[name] = time.time() - started
-        finally:
-            probe_cfg.unlink(missing_ok=True)
-    out = [f"Local wall time, projected from a probe of {k} prompts (each stage's start-up included, so "
-           "high for small N):"]
-    fixed = {"prepare", "summarize"}     # mostly start-up and one pass over the files: not scaled
-    for name, t in times.items():
-        out.append(f"  {name}: {t:.0f} s" if name in fixed else
-                   f"  {name}: {t:.0f} s for {k} -> ~{t / k * n / 3600:,.1f} h for {n:,}")
-    total = sum(t if name in fixed else t / k * n for name, t in times.items()) / 3600
-    skipped = [name for name, _ in STAGES if name not in times]
-    out.append(f"  total ~{total:,.1f} h" + (f"; not probed: {', '.join(skipped)} (API, or after one)" if skipped else ""))
+    """The local stages timed for real on K and 4K prompts in scratch directories, fitted as
+    start-up + per-prompt work (timing.py), and projected to n prompts in the config's rounds."""
+    from .pipeline import prepare_flags
+    small, large = args.plan_probe, 4 * args.plan_probe
+    stages = local_stages(config)
+    try:
+        fits = fit(small, time_stages(config, small, stages, prepare_flags(args)),
+                   large, time_stages(config, large, stages, prepare_flags(args)))
+    except ProbeFailed as e:
+        return [f"Probe: {e}; no time projected"]
+    rounds = run_rounds(config, n)
+    seconds = project(fits, rounds)
+    out = [f"Local wall time, timed on {small} and {large} prompts, fitted as start-up + per-prompt work, and "
+           f"projected to {n:,} prompts in {len(rounds)} round(s) of the config (start-up once per round):"]
+    out += [f"  {name}: {f.fixed_s:.0f} s start-up + {f.per_prompt_s:.2f} s per prompt -> {fmt_h(seconds[name])}"
+            for name, f in fits.items()]
+    skipped = [name for name, _ in STAGES if name not in fits]
+    out.append(f"  total ~{fmt_h(sum(seconds.values()))}" +
+               (f"; not probed: {', '.join(skipped)} (API, or after one)" if skipped else ""))
     return out
-

@@ -28,8 +28,24 @@ def test_plan_counts_costs_and_probes_without_writing(tmp_path):
     assert abs(cost - (tokens_in * 0.5 + tokens_out * 2.0) / 1000) < 0.01
     assert f"API cost: <= ${cost:,.2f}" in out
     # the probe ran the local stages for real, and stopped before the API judge: no money spent
-    for stage in ("prepare", "generate", "logprobs"):
-        assert re.search(rf"  {stage}: \d+ s", out), out
+    # at two sizes, fitted as start-up + per-prompt work, projected in the config's rounds
+    assert "timed on 2 and 8 prompts, fitted as start-up + per-prompt work, and projected to 40 prompts" in out
+    fitted = {m[0]: (float(m[1]), float(m[2])) for m in
+              re.findall(r"  (\w+): (\d+) s start-up \+ ([\d.]+) s per prompt -> ", out)}
+    assert list(fitted) == ["prepare", "generate", "logprobs"], out
+    assert fitted["generate"][1] > 0 and fitted["logprobs"][1] > 0, "generating and teacher forcing take time per prompt"
     assert "not probed: judge, oracle, summarize" in out
     assert not (tmp_path / "data").exists()
-    assert not list(tmp_path.glob(".plan_probe_*"))
+    assert not list(tmp_path.glob(".timing_probe_*"))
+
+
+def test_the_projection_pays_start_up_per_round_and_whole_pass_stages_per_prompt_per_round():
+    from ope_prep.timing import StageFit, fit, project
+    fits = fit(2, {"generate": 12.0, "summarize": 3.0}, 8, {"generate": 30.0, "summarize": 3.6})
+    assert fits["generate"] == StageFit(fixed_s=6.0, per_prompt_s=3.0)
+    assert abs(fits["summarize"].per_prompt_s - 0.1) < 1e-12
+    rounds = [100, 200, 400, 1000]
+    seconds = project(fits, rounds)
+    assert seconds["generate"] == 4 * 6.0 + 3.0 * 1000
+    assert abs(seconds["summarize"] - (4 * fits["summarize"].fixed_s + 0.1 * 1700)) < 1e-9
+    assert fit(2, {"x": 10.0}, 8, {"x": 9.0})["x"] == StageFit(fixed_s=9.0, per_prompt_s=0.0)
