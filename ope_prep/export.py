@@ -10,7 +10,7 @@ Both CJE lines read the same export (``<data_dir>/cje/``):
 * CJE 0.3 (``cje-eval==0.3.0``, off-policy: calibrated IPS, DR; its own venv, scripts/cje_env.py):
   ``cje.analyze_dataset(logged_data_path="<data_dir>/cje/logged_data.jsonl",
   fresh_draws_dir="<data_dir>/cje/responses", estimator="dr-cpo")``; scripts/cje_roundtrip.py.
-* CJE 0.9 (``cje-eval==0.9.3``, requirements.txt; Direct mode, each policy's fresh draws
+* CJE 0.9 (``cje-eval==0.9.3``, pyproject.toml's cje extra; Direct mode, each policy's fresh draws
   calibrated on labeled data): ``cje analyze <data_dir>/cje/responses --calibration-data
   <data_dir>/cje/logged_data.jsonl``.
 

@@ -7,7 +7,7 @@ about a minute) and driven through scripts/cje_roundtrip.py in a subprocess. Tha
 doubly robust DR-CPO estimator (logged data + fresh draws): through ``cje.analyze_dataset`` from
 10 calibration labels, with fewer folds or uncalibrated below.
 
-cje-eval 0.9 (Direct mode, requirements.txt) runs in this environment: its real ``cje analyze``
+cje-eval 0.9 (Direct mode, the test extra of pyproject.toml) runs in this environment: its real ``cje analyze``
 CLI, on the fresh draws with the logged data as calibration data and the held-out validation
 labels as transport probes. Each CJE call takes under 10 s.
 """

@@ -106,3 +106,17 @@ def test_the_configuration_reference_is_current_and_every_key_is_described():
     text = config_reference.reference()
     assert "| `validation.on_low_overlap` | `warn` \\| `stop` | `warn` |" in text
     assert "| `models.<key>.endpoint.engine` |" in text and "| `policies.*.temperature` | number | required | > 0 |" in text
+
+
+def test_the_readme_example_of_your_own_config_is_valid():
+    import re
+
+    import yaml
+
+    from ope_prep.config import Config
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Your own models, data and judge"):]
+    example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    config = Config.model_validate(yaml.safe_load(example))
+    assert [p.name for p in config.policies] == ["p0", "pi_clone", "pi_terse"]
+    assert config.judge.rubric == "quality_1_5_fewshot" and config.source.mix[1].type == "arena"
