@@ -8,7 +8,9 @@ Every local stage runs for real, each in its own process as the runner starts it
 removed after), the order of the two sizes flipping every round. Each round's two timings give
 each stage's fixed start-up and per-prompt work (ope_prep/timing.py, which `--plan` uses too),
 projected to N prompts in the config's rounds (start-up once per round; stages 1 and 5 go over
-every prompt done so far, every round). API stages are not run (nothing is paid).
+every prompt done so far, every round). Stage 2b's self-checks, one per prompt and policy only up to
+200 prompts, are timed apart and projected by how many a run computes (timing.py). API stages are
+not run (nothing is paid).
 
 The figures hold for the prompts timed: the first `large` of the sample, in the mix's shares;
 a larger `large` says more about the prompts of a 10,000 run and takes longer (~12 min per 40
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_scoring import code_version, load_average  # noqa: E402
 from ope_prep.config import load_config  # noqa: E402
-from ope_prep.timing import fit, fmt_h, local_stages, project, run_rounds, time_stages  # noqa: E402
+from ope_prep.timing import fit, fmt_h, local_stages, project, run_rounds, self_checks_over_run, time_stages  # noqa: E402
 
 IDLE_LOAD = 1.5
 OUTPUT = ROOT / "benchmarks" / "last_bench_run.txt"
@@ -55,6 +57,7 @@ def main() -> None:
     config = load_config(args.config)
     stages = local_stages(config)
     rounds_of_run = run_rounds(config, args.n)
+    checks = self_checks_over_run(config, rounds_of_run, config.run.seed)
     lines: list[str] = []
 
     def say(text: str = "") -> None:
@@ -70,7 +73,7 @@ def main() -> None:
         sizes = [args.small, args.large] if r % 2 == 0 else [args.large, args.small]
         timed = {k: time_stages(config, k, stages, []) for k in sizes}
         fits = fit(args.small, timed[args.small], args.large, timed[args.large])
-        seconds = project(fits, rounds_of_run)
+        seconds = project(fits, rounds_of_run, checks)
         totals.append(sum(seconds.values()))
         say(f"\nround {r + 1} ({sizes[0]} prompts first); load average after it {load_average()} "
             "(this benchmark's own threads included)")
@@ -78,8 +81,14 @@ def main() -> None:
         for name in stages:
             f = fits[name]
             per_stage[name].append(seconds[name])
-            say(f"  {name:<10}{timed[args.small][name]:>12.1f} s{timed[args.large][name]:>12.1f} s"
+            say(f"  {name:<10}{timed[args.small].seconds[name]:>12.1f} s{timed[args.large].seconds[name]:>12.1f} s"
                 f"{f.fixed_s:>9.1f} s{f.per_prompt_s:>11.2f} s   {fmt_h(seconds[name]):>10}")
+        if "logprobs" in fits:
+            f = fits["logprobs"]
+            say(f"  logprobs' self-checks: {timed[args.small].self_check_s:.1f} s for {timed[args.small].self_check_units} "
+                f"and {timed[args.large].self_check_s:.1f} s for {timed[args.large].self_check_units} (left out of its "
+                f"line above), {f.per_self_check_s:.2f} s each; {checks:,} over the run: "
+                f"{fmt_h(f.per_self_check_s * checks)}, in its {args.n:,}-prompt figure")
         say(f"  total{'':<45}{fmt_h(totals[-1]):>22}")
     say(f"\nper stage over the rounds (median, min-max): " + "; ".join(
         f"{name} {fmt_h(statistics.median(v))} ({fmt_h(min(v))}-{fmt_h(max(v))})" for name, v in per_stage.items()))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .config import ApiConfig, Config
 from .rubrics import RUBRICS
 from .stages import STAGES
-from .timing import ProbeFailed, fit, fmt_h, local_stages, project, run_rounds, time_stages
+from .timing import ProbeFailed, fit, fmt_h, local_stages, project, run_rounds, self_checks_over_run, time_stages
 
 
 def _cost(api, input_tokens: float, output_tokens: float) -> float:
@@ -70,11 +70,11 @@ def plan_text(config: Config, args) -> str:
     total = judge_cost + oracle_cost + engine_cost
     lines.append(f"API cost: <= ${total:,.2f} (judge ${judge_cost:,.2f}, oracle ${oracle_cost:,.2f}, engines "
                  f"${engine_cost:,.2f}; from the prices in the config, every response at max_tokens)")
-    lines += _probe(config, args, n)
+    lines += _probe(config, args, n, seed)
     return "\n".join(lines)
 
 
-def _probe(config: Config, args, n: int) -> list[str]:
+def _probe(config: Config, args, n: int, seed: int) -> list[str]:
     """The local stages timed for real on K and 4K prompts in scratch directories, fitted as
     start-up + per-prompt work (timing.py), and projected to n prompts in the config's rounds."""
     from .pipeline import prepare_flags
@@ -86,11 +86,13 @@ def _probe(config: Config, args, n: int) -> list[str]:
     except ProbeFailed as e:
         return [f"Probe: {e}; no time projected"]
     rounds = run_rounds(config, n)
-    seconds = project(fits, rounds)
+    checks = self_checks_over_run(config, rounds, seed)
+    seconds = project(fits, rounds, checks)
     out = [f"Local wall time, timed on {small} and {large} prompts, fitted as start-up + per-prompt work, and "
            f"projected to {n:,} prompts in {len(rounds)} round(s) of the config (start-up once per round):"]
-    out += [f"  {name}: {f.fixed_s:.0f} s start-up + {f.per_prompt_s:.2f} s per prompt -> {fmt_h(seconds[name])}"
-            for name, f in fits.items()]
+    out += [f"  {name}: {f.fixed_s:.0f} s start-up + {f.per_prompt_s:.2f} s per prompt"
+            + (f" + {f.per_self_check_s:.2f} s per self-check ({checks:,} over the run)" if f.per_self_check_s else "")
+            + f" -> {fmt_h(seconds[name])}" for name, f in fits.items()]
     skipped = [name for name, _ in STAGES if name not in fits]
     out.append(f"  total ~{fmt_h(sum(seconds.values()))}" +
                (f"; not probed: {', '.join(skipped)} (API, or after one)" if skipped else ""))

@@ -100,3 +100,4 @@ class UsageTotals:
     usd: float = 0.0
     failures: int = 0
     notes: Optional[str] = None
+    seconds: float = 0.0        # wall seconds of the work, model loading left out (stage 2b)

@@ -113,19 +113,24 @@ def verify_outputs(data_dir: Path, outputs: dict[str, dict]) -> str | None:
     return None
 
 
-def rerun_command(config, stage: str) -> str:
-    """The command that redoes ``stage`` and the stages after it for this run, right to paste: the
-    run's own N (the runner's target, else stage 1's, from run.json) and this config file."""
+def run_command(config, *flags: str) -> str:
+    """The runner's command for this run, right to paste: the run's own N (the runner's target,
+    else stage 1's, from run.json), this config file, and ``flags``."""
     from .status import RUN_STATE
     n = "N"
-    for name, key in ((RUN_STATE, "samples"), ("run.json", "samples")):
+    for name in (RUN_STATE, "run.json"):
         try:
-            n = str(int(json.loads((config.data_dir / name).read_text(encoding="utf-8"))[key]))
+            n = str(int(json.loads((config.data_dir / name).read_text(encoding="utf-8"))["samples"]))
             break
         except (OSError, ValueError, KeyError, TypeError):
             pass      # no run yet (or a damaged record, which stage 5 reports): N is for the user
-    return (f"python run_pipeline.py {n} --config {shlex.quote(str(config.config_path))} "
-            f"--force-step {shlex.quote(stage)}")
+    return " ".join(["python run_pipeline.py", n, "--config", shlex.quote(str(config.config_path)),
+                     *map(shlex.quote, flags)])
+
+
+def rerun_command(config, stage: str) -> str:
+    """The command that redoes ``stage`` and the stages after it for this run."""
+    return run_command(config, "--force-step", stage)
 
 
 def require_complete(config, stages: list[str]) -> dict[str, dict]:
@@ -185,7 +190,7 @@ def refusal(config, stage: str, old: dict, new: dict, cli_keys: dict[str, str]) 
         return RefusedError(
             f"stage {stage} completed with another {', '.join(flags)}: {given}; rerun with the run's "
             f"own value (or without the flag if the config gives it), or start a new run in another "
-            f"data directory, or with --fresh (the old one is kept)")
+            f"data directory, or start over here keeping the old run: {run_command(config, '--fresh')}")
     return RefusedError(
         f"stage {stage} completed with another config ({'; '.join(changed)}); restore the config, "
         f"or rerun from here with: {rerun_command(config, stage)}")

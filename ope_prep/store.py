@@ -285,6 +285,7 @@ class WorkFile:
         self._fh.write("".join(_dumps(r) + "\n" for r in rows))
         self._fh.flush()
         os.fsync(self._fh.fileno())
+        _pause_point(self.path.stem)
         for row in rows:
             self.results[row["key"]] = row
 
@@ -308,6 +309,18 @@ def _trace(work_name: str, rows: list[dict]) -> None:
     if trace:
         with open(trace, "a", encoding="utf-8") as f:
             f.write("".join(f"{work_name}\t{r['key']}\t{r['status']}\n" for r in rows))
+
+
+def _pause_point(work_name: str) -> None:
+    """With OPE_PREP_PAUSE_AFTER_SAVE=<work name>:<marker file>, the process stops right after its
+    first durable batch of that work file: it writes the marker and sleeps (10 min at most) until a
+    signal ends it. A named point where the tests interrupt or kill a stage, instead of a clock."""
+    name, _, marker = os.environ.get("OPE_PREP_PAUSE_AFTER_SAVE", "").partition(":")
+    if name != work_name or not marker:
+        return
+    del os.environ["OPE_PREP_PAUSE_AFTER_SAVE"]     # once per process, and not for its children
+    Path(marker).write_text(str(os.getpid()), encoding="utf-8")
+    time.sleep(600)
 
 
 def is_quarantined(row: dict, quarantine_after: int) -> bool:

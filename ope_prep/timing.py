@@ -2,23 +2,33 @@
 sample, each stage's wall time is fitted as fixed start-up (process, config checks, model loads)
 plus per-prompt work, and the fit is projected to N prompts in the config's rounds.
 
+Stage 2b's self-checks (each policy's own responses under itself, units.self_check_prompts) are
+per prompt only up to SELF_CHECKS_PER_POLICY prompts, so they are timed apart: each model's
+teacher-forcing seconds (logprobs_usage.json) are split between the pass's units and the
+self-checks by their tokens, and the self-checks are projected by how many a run computes over
+its rounds.
+
 `run_pipeline.py N --plan` times small sizes once; benchmarks/bench_run.py times larger ones,
 in several rounds, for the README's figure. Both use this module.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from .config import PROJECT_DIR, Config
+from .records import SelfCheck, TeacherForced
 from .stages import STAGES
+from .stages.units import LOGPROBS, SELF_CONSISTENCY, self_check_prompts, usage_file
+from .store import read_jsonl
 
 # Stages that go over every prompt done so far in every round (stage 1 draws the sample again,
 # stage 5 checks and summarizes all files); the others compute only a round's new prompts.
@@ -30,9 +40,18 @@ class ProbeFailed(Exception):
 
 
 @dataclass(frozen=True)
+class StageTimes:
+    """One probe: wall seconds per stage, and of stage 2b's the share its self-checks took."""
+    seconds: dict[str, float]
+    self_check_s: float = 0.0
+    self_check_units: int = 0
+
+
+@dataclass(frozen=True)
 class StageFit:
     fixed_s: float          # paid once per run of the stage (per round)
     per_prompt_s: float
+    per_self_check_s: float = 0.0    # stage 2b only
 
 
 def local_stages(config: Config) -> list[str]:
@@ -50,13 +69,14 @@ def local_stages(config: Config) -> list[str]:
     return stages
 
 
-def time_stages(config: Config, samples: int, stages: list[str], prepare_flags: list[str]) -> dict[str, float]:
+def time_stages(config: Config, samples: int, stages: list[str], prepare_flags: list[str]) -> StageTimes:
     """Wall seconds of each of `stages` run in order, each as its own process like the runner
     starts it, on `samples` prompts in a scratch data directory (removed after)."""
     raw = yaml.safe_load(Path(config.config_path).read_text(encoding="utf-8"))
-    times = {}
+    seconds = {}
     with tempfile.TemporaryDirectory(prefix="ope_timing_") as tmp:
-        raw.setdefault("paths", {})["data_dir"] = str(Path(tmp) / "data")
+        data_dir = Path(tmp) / "data"
+        raw.setdefault("paths", {})["data_dir"] = str(data_dir)
         # beside the config, so that its relative paths mean what they mean there
         probe_cfg = Path(config.config_path).parent / f".timing_probe_{Path(tmp).name}.yaml"
         probe_cfg.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
@@ -70,29 +90,71 @@ def time_stages(config: Config, samples: int, stages: list[str], prepare_flags: 
                 if proc.returncode != 0:
                     last = (proc.stderr.strip().splitlines() or ["?"])[-1]
                     raise ProbeFailed(f"stage {name} failed on {samples} prompts ({last})")
-                times[name] = time.perf_counter() - started
+                seconds[name] = time.perf_counter() - started
         finally:
             probe_cfg.unlink(missing_ok=True)
-    return times
+        if "logprobs" not in seconds:
+            return StageTimes(seconds)
+        self_s, units = _self_check_share(config, data_dir)
+        return StageTimes(seconds, self_s, units)
 
 
-def fit(small: int, small_times: dict[str, float], large: int, large_times: dict[str, float]) -> dict[str, StageFit]:
+def _self_check_share(config: Config, data_dir: Path) -> tuple[float, int]:
+    """Seconds of stage 2b's self-checks in a finished probe, and how many there were: each
+    model's teacher-forcing seconds times the self-checks' share of the tokens it scored."""
+    usage = json.loads((data_dir / usage_file("logprobs")).read_text(encoding="utf-8"))
+    model_of = {p.name: p.model for p in config.policies}
+    main: dict[str, int] = {}
+    own: dict[str, int] = {}
+    for r in read_jsonl(data_dir / LOGPROBS, TeacherForced):
+        main[model_of[r.policy]] = main.get(model_of[r.policy], 0) + r.n_tokens
+    checks = read_jsonl(data_dir / SELF_CONSISTENCY, SelfCheck)
+    for r in checks:
+        own[model_of[r.policy]] = own.get(model_of[r.policy], 0) + len(r.token_logprobs)
+    seconds = sum(usage[m].get("seconds", 0.0) * own.get(m, 0) / (main.get(m, 0) + own.get(m, 0))
+                  for m in usage if main.get(m, 0) + own.get(m, 0))
+    return seconds, len(checks)
+
+
+def fit(small: int, small_times: StageTimes, large: int, large_times: StageTimes) -> dict[str, StageFit]:
     """Each stage's line through its two timings (neither part below zero: a stage whose larger
-    run was faster is all start-up)."""
+    run was faster is all start-up); stage 2b's self-checks apart, per self-check."""
     fits = {}
-    for name in small_times:
-        per = max((large_times[name] - small_times[name]) / (large - small), 0.0)
-        fits[name] = StageFit(fixed_s=max(large_times[name] - per * large, 0.0), per_prompt_s=per)
+    for name in small_times.seconds:
+        t_small, t_large = small_times.seconds[name], large_times.seconds[name]
+        per_check = 0.0
+        if name == "logprobs" and small_times.self_check_units + large_times.self_check_units:
+            t_small -= small_times.self_check_s
+            t_large -= large_times.self_check_s
+            per_check = ((small_times.self_check_s + large_times.self_check_s)
+                         / (small_times.self_check_units + large_times.self_check_units))
+        per = max((t_large - t_small) / (large - small), 0.0)
+        fits[name] = StageFit(fixed_s=max(t_large - per * large, 0.0), per_prompt_s=per, per_self_check_s=per_check)
     return fits
 
 
-def project(fits: dict[str, StageFit], rounds: list[int]) -> dict[str, float]:
+def self_checks_over_run(config: Config, rounds: list[int], run_seed: int) -> int:
+    """How many self-checks stage 2b computes over a run that stops at each of `rounds`: a check
+    once computed is kept, and a larger round may choose other prompts. Counted on stand-in prompt
+    ids (the choice is a seeded hash of the id, so any ids give the same count in distribution)."""
+    ids = [f"prompt-{i}" for i in range(rounds[-1])]
+    total = 0
+    for pol in config.policies:
+        chosen: set[str] = set()
+        for n in rounds:
+            chosen.update(self_check_prompts(run_seed, ids[:n], pol.name))
+        total += len(chosen)
+    return total
+
+
+def project(fits: dict[str, StageFit], rounds: list[int], self_checks: int = 0) -> dict[str, float]:
     """Seconds of each stage over a whole run that stops at each of `rounds` (prompt counts, the
     last is N): start-up once per round, per-prompt work once per prompt, or, for WHOLE_PASS
-    stages, once per prompt per round it is in."""
+    stages, once per prompt per round it is in; stage 2b's `self_checks` at their own cost."""
     n = rounds[-1]
     prompt_rounds = sum(rounds)
     return {name: len(rounds) * f.fixed_s + f.per_prompt_s * (prompt_rounds if name in WHOLE_PASS else n)
+            + f.per_self_check_s * self_checks
             for name, f in fits.items()}
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_script, small_config, write_config
+from pipeline_harness import wait_for
 from fault_proxy import FaultProxy, ScriptedChatServer
 from ope_prep import checkpoint
 from ope_prep.backends.api import Reply
@@ -267,23 +268,25 @@ def _children_running(config_json: Path) -> list[int]:
 
 
 def test_ctrl_c_stops_the_server_and_keeps_finished_units(tmp_path):
+    """Ctrl-C at a named point (the stage paused right after its first durable batch; no clock):
+    exit 130, the server gone, the batch kept, and a rerun asks only for the rest."""
     path = make_data(tmp_path, **server_overrides("judge"))
     data = tmp_path / "data"
+    paused = tmp_path / "paused"
     proc = subprocess.Popen([sys.executable, str(ROOT / "03_judge_scores.py"), "--config", str(path)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, KEY_ENV: MARKER})
+                            env={**os.environ, KEY_ENV: MARKER, "OPE_PREP_PAUSE_AFTER_SAVE": f"judge:{paused}"})
     work = data / "work" / "judge.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (work.exists() and len(rows(work)) >= 1):
-        time.sleep(0.2)
+    assert wait_for(paused.exists, 900, proc), proc.communicate()
     assert _children_running(data / "logs" / "server_judge.json"), "the server should be running"
+    saved = [r for r in rows(work) if r["status"] == "ok"]
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, out + err
     assert "interrupted" in err
     done = [r for r in rows(work) if r["status"] == "ok"]
-    assert done and len(done) < N_UNITS
-    time.sleep(0.5)
+    assert done == saved and 0 < len(done) < N_UNITS
+    # the stage waited for its server before it exited
     assert _children_running(data / "logs" / "server_judge.json") == []
     p = run("03_judge_scores.py", path)     # resumes: only the rest is asked
     assert p.returncode == 0, p.stdout + p.stderr

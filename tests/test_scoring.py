@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, small_config, write_config
+from pipeline_harness import wait_for
 from test_judge_oracle import POLICIES, make_data, records, run, server_overrides
 from ope_prep import checkpoint
 from ope_prep.config import load_config
@@ -120,11 +121,11 @@ def test_labels_identical_after_kill_and_resume(tmp_path, provider):
     killed = make_data(tmp_path / "killed", prompts=prompts, answers=answers, **overrides)
     data = tmp_path / "killed" / "data"
     checkpoint.mark_complete(data, "judge", {"test": True}, {})
+    paused = tmp_path / "paused"       # a named point: the first durable batch, then kill -9
     proc = subprocess.Popen([sys.executable, str(ROOT / "04_oracle_labels.py"), "--config", str(killed)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while _work_rows(data) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "OPE_PREP_PAUSE_AFTER_SAVE": f"oracle_calibration:{paused}"})
+    assert wait_for(paused.exists, 900, proc), "the stage ended before its first batch was saved"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = _work_rows(data)

@@ -21,7 +21,8 @@ each policy under itself, see units.self_check_prompts) go in another.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+import time
+from dataclasses import asdict, replace
 from typing import Union
 
 import numpy as np
@@ -112,7 +113,7 @@ def run(config: Config, args, fp: dict) -> dict:
                 continue
             bar.set_description(f"[logprobs] {model_key}")
             model = policy_model(config, model_key, TF_SEQUENCES, "logprobs")
-            tokens = 0
+            tokens, started = 0, time.perf_counter()
             try:
                 for i in range(0, len(todo), PROMPTS_PER_CALL):
                     rows = _score_prompts(config, model, model_key, todo[i:i + PROMPTS_PER_CALL], policies,
@@ -120,7 +121,8 @@ def run(config: Config, args, fp: dict) -> dict:
                     work.append(rows)
                     tokens += sum(r["record"]["n_tokens"] for r in rows if r["status"] == "ok" and "n_tokens" in r["record"])
                     bar.update(len(rows))
-                usage[model_key] = asdict(model_usage(model, tokens))
+                usage[model_key] = asdict(replace(model_usage(model, tokens),
+                                                  seconds=round(time.perf_counter() - started, 3)))
             finally:
                 model.close()
     except (BudgetExceeded, FatalApiError) as e:

@@ -21,6 +21,7 @@ from ..records import Prompt
 from ..rubrics import RUBRICS
 from ..sources import Sample, active_sources, reasons_text, sample_prompts
 from ..sources.registry import describe
+from ..stage_cli import run_command
 from ..store import read_jsonl, write_json, write_jsonl
 from .scoring import judge_messages, rubric_digest
 from .units import PROMPTS, RUN_PARAMS
@@ -152,7 +153,7 @@ def run(config: Config, args, fp: dict) -> dict:
     seed = run_seed(config, args)
     sample = draw(config, args, samples(args))
     data_dir = config.data_dir
-    _check_extends(data_dir / PROMPTS, sample.prompts)
+    _check_extends(config, data_dir / PROMPTS, sample.prompts)
     print(f"[prepare] {len(sample.prompts)} prompts (seed {seed}):\n{counts_text(sample)}")
     return {PROMPTS: write_jsonl(data_dir / PROMPTS, sample.prompts),
             RUN_PARAMS: write_json(data_dir / RUN_PARAMS, {
@@ -160,7 +161,7 @@ def run(config: Config, args, fp: dict) -> dict:
                 "skipped": sample.skipped, "sources": sample.provenance})}
 
 
-def _check_extends(path, prompts: list[Prompt]) -> None:
+def _check_extends(config: Config, path, prompts: list[Prompt]) -> None:
     """A new sample must agree with the run's earlier one on the prompts they share: if the
     source's data changed under the same config, later stages' work would belong to other
     prompts."""
@@ -176,4 +177,5 @@ def _check_extends(path, prompts: list[Prompt]) -> None:
                 f"{path}: prompt {i + 1} of the run's sample ({a.prompt_id}) differs from this "
                 f"sample's ({b.prompt_id}): the source's data changed, or which prompts fit the policies' "
                 "contexts did (generation.max_tokens, a policy's model, n_ctx or system prompt). Restore "
-                "it, or start a new run in another data directory, or with --fresh (the old one is kept)")
+                "it, or start a new run in another data directory, or start over here keeping the old "
+                f"run: {run_command(config, '--fresh')}")

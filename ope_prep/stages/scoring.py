@@ -376,8 +376,9 @@ def score_units(stage: str, scorer: Scorer, work: WorkFile, units: list[ScoringU
                                           certain=outcome.certain, prompt_id=unit.prompt_id, **extra))
             bar.update(1)
             if len(pending) >= scorer.save_every or time.monotonic() - last_append > _APPEND_EVERY_S:
-                work.append(pending)
-                pending, last_append = [], time.monotonic()
+                # handed over before the write: a Ctrl-C inside it must not append them again below
+                batch, pending, last_append = pending, [], time.monotonic()
+                work.append(batch)
     finally:
         work.append(pending)
         bar.close()
