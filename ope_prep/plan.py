@@ -79,10 +79,9 @@ def _probe(config: Config, args, n: int, seed: int) -> list[str]:
     start-up + per-prompt work (timing.py), and projected to n prompts in the config's rounds."""
     from .pipeline import prepare_flags
     small, large = args.plan_probe, 4 * args.plan_probe
-    stages = local_stages(config)
+    stages, flags = local_stages(config), prepare_flags(args)
     try:
-        fits = fit(small, time_stages(config, small, stages, prepare_flags(args)),
-                   large, time_stages(config, large, stages, prepare_flags(args)))
+        fits = fit(small, time_stages(config, small, stages, flags), large, time_stages(config, large, stages, flags))
     except ProbeFailed as e:
         return [f"Probe: {e}; no time projected"]
     rounds = run_rounds(config, n)

@@ -116,9 +116,10 @@ def verify_outputs(data_dir: Path, outputs: dict[str, dict]) -> str | None:
 def run_command(config, *flags: str) -> str:
     """The runner's command for this run, right to paste: the run's own N (the runner's target,
     else stage 1's, from run.json), this config file, and ``flags``."""
+    from .stages.units import RUN_PARAMS
     from .status import RUN_STATE
     n = "N"
-    for name in (RUN_STATE, "run.json"):
+    for name in (RUN_STATE, RUN_PARAMS):
         try:
             n = str(int(json.loads((config.data_dir / name).read_text(encoding="utf-8"))["samples"]))
             break

@@ -84,6 +84,15 @@ def test_the_data_only_packages_are_found_outside_site_packages():
     assert nq.is_file() and nq.stat().st_size > 100_000
 
 
+def test_the_configuration_reference_check_fails_on_a_stale_copy(tmp_path, monkeypatch, capsys):
+    from ope_prep import config_reference
+    stale = tmp_path / "config.md"
+    stale.write_text(config_reference.reference().replace("| `run.seed` | integer | `42` |", "| `run.seed` | integer | `7` |"))
+    monkeypatch.setattr(config_reference, "REFERENCE", stale)
+    assert config_reference.main(["--check"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {stale} is not current")
+
+
 def test_the_configuration_reference_is_current_and_every_key_is_described():
     from pydantic import BaseModel
 
