@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .rubrics import DEFAULT_RUBRIC, RUBRICS
@@ -212,29 +212,51 @@ class ModelEndpoint(EndpointConfig):
     running the GGUF file in process. The file (models.<key>.path) still gives the tokenizer and
     chat template, so prompts are rendered, and responses split into tokens, exactly as in process.
 
-    engine: llama_cpp (llama-cpp-python's server: text prompts, teacher forcing by echo) or vllm
-    (token-id prompts, teacher forcing by prompt_logprobs, token ids returned); both through the
-    completions API. Engines return log-probabilities at temperature 1, so every policy on an
-    endpoint must have temperature 1.0."""
+    engine: one of backends/engines/ (llama_cpp_python, vllm, llama_server, sglang, tgi; each
+    module says what it sends and reads). A policy at a temperature other than 1.0 needs an engine
+    that returns values after temperature (not llama_cpp_python) and teacher forcing in process
+    (teacher_force false): engines give prompt log-probabilities at temperature 1 only."""
 
-    engine: Literal["llama_cpp", "vllm"]
-    """llama_cpp (llama-cpp-python's server) or vllm."""
+    engine: str
+    """The engine type: llama_cpp_python (alias llama_cpp), vllm, llama_server, sglang or tgi."""
     model: str
     """The served model name."""
     base_url: str
-    """The engine's URL, up to /v1 (required here)."""
+    """The engine's URL: up to /v1 for an OpenAI-API engine (llama_cpp_python, vllm), the server's
+    root for one with its own route (llama_server, sglang, tgi)."""
     more_base_urls: list[str] = []
     """Replicas of the same model; requests go to the least busy, and the engine check asks each."""
     api_key_env: Optional[str] = None
     """The environment variable holding the engine's key (null: none)."""
     teacher_force: bool = True
-    """Teacher forcing on the endpoint (true) or in process from models.<key>.path (false)."""
+    """Teacher forcing on the endpoint (true) or in process from models.<key>.path (false; needed
+    for llama_server, and for a policy at a temperature other than 1.0)."""
+
     check_prompts: int = Field(5, ge=1)
     """The engine check (before stages 2 and 2b, and `run_pipeline.py --check-providers`) generates
     this many responses on every replica and teacher-forces them."""
     check_tolerance_per_token: float = Field(1e-3, gt=0)
     """In the engine check, the log-probabilities returned while generating must equal the
     teacher-forced ones within this, per token."""
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, name: str) -> str:
+        from .backends.engines import engine_type   # the registry (imported here: it needs this module)
+        engine_type(name)
+        return name
+
+    @model_validator(mode="after")
+    def _engine_can(self):
+        from .backends.engines import engine_type
+        engine = engine_type(self.engine)
+        if self.teacher_force and engine.no_teacher_forcing:
+            raise ValueError(f"teacher_force: true, but {engine.no_teacher_forcing}; set teacher_force: false "
+                             "(teacher forcing in process from models.<key>.path)")
+        if engine.route is not None and self.base_url.rstrip("/").endswith("/v1"):
+            raise ValueError(f"base_url {self.base_url!r} ends in /v1, but engine {self.engine} is asked on its "
+                             f"own route (/{engine.route}): give the server's root")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -360,11 +382,17 @@ class Config(_Strict):
         for i, p in enumerate(self.policies):
             if p.model not in self.models:
                 raise ValueError(f"policies.{i}.model: {p.model!r} is not a key of models")
-            if self.models[p.model].endpoint is not None and p.temperature != 1.0:
-                raise ValueError(
-                    f"policies.{i}.temperature: {p.temperature:g}, but models.{p.model} is served by an "
-                    "endpoint, and engines return log-probabilities at temperature 1: the propensities "
-                    "would be wrong. Use temperature 1.0, or run the model in process (no endpoint)")
+            endpoint = self.models[p.model].endpoint
+            if endpoint is not None and p.temperature != 1.0:
+                from .backends.engines import engine_type
+                why = engine_type(endpoint.engine).no_temperature or (
+                    "engines return prompt log-probabilities at temperature 1 only, so it must be "
+                    f"teacher-forced in process (set models.{p.model}.endpoint.teacher_force: false)"
+                    if endpoint.teacher_force else "")
+                if why:
+                    raise ValueError(f"policies.{i}.temperature: {p.temperature:g}, but models.{p.model} is on "
+                                     f"engine {endpoint.engine}: {why}; the propensities would be wrong. Use "
+                                     "temperature 1.0, or run the model in process (no endpoint)")
         for key, api in (("judge", self.judge), ("oracle", self.oracle)):
             if api.provider in ("local", "local_server") and api.model not in self.models:
                 raise ValueError(f"{key}.model: {api.model!r} is not a key of models")

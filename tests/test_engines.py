@@ -326,3 +326,87 @@ def test_the_engine_check_refuses_an_engine_that_stops_where_the_model_does_not(
         proc = run_script("run_pipeline.py", "--check-providers", "--config", str(config))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"REFUSED: {s.url}/v1: the engine ends responses where the model does not" in proc.stdout, proc.stdout
+
+
+def smol_on_engine(data_dir, engine: str, base_url: str, **endpoint) -> dict:
+    """The small default with SmolLM2 (p0, pi_clone, pi_bad) on an engine, Gemma in process."""
+    cfg = small_config(data_dir)
+    cfg["models"]["smollm2_135m"]["endpoint"] = {"engine": engine, "model": "smollm2_135m", "base_url": base_url,
+                                                 "api_key_env": None, "check_prompts": 2, **endpoint}
+    return cfg
+
+
+def assert_values_are_the_models(data, cfg: dict, models: dict, tolerance: float) -> int:
+    """Every response's and teacher-forced record's values on models (the engine's) are the in-
+    process model's at the policy's temperature; returns the records compared."""
+    prompts = {p["prompt_id"]: p["prompt"] for p in read(data / "prompts.jsonl")}
+    policies = {p["name"]: p for p in cfg["policies"]}
+    responses = {(r["prompt_id"], r["policy"]): r for r in read(data / "responses.jsonl")}
+    compared = 0
+    for r, base in [(r, None) for r in responses.values()] + [
+            (t, responses[(t["prompt_id"], cfg["base_policy"])]) for t in read(data / "logprobs.jsonl")]:
+        pol = policies[r["policy"]]
+        if pol["model"] not in models:
+            continue
+        model = models[pol["model"]]
+        prompt = model.chat.prompt_tokens(pol["system_prompt"], prompts[r["prompt_id"]])
+        local = model.teacher_force(prompt, r["token_ids"], pol["temperature"], stop_set(model, r, base))
+        assert r["token_logprobs"] == pytest.approx(local, abs=tolerance), (r["prompt_id"], r["policy"])
+        compared += 1
+    return compared
+
+
+def test_a_policy_at_temperature_0_7_on_vllm_needs_processed_logprobs_and_then_passes_stage_5(vllm_server, tmp_path):
+    """SmolLM2's three policies at T 0.7 on vLLM, teacher-forced in process. vLLM's default
+    --logprobs-mode (raw_logprobs) returns the raw logits' value of a token sampled at 0.7: the
+    engine check refuses it; with processed_logprobs every stage passes and the values are the
+    model's at 0.7."""
+    from vllm_shape_server import VllmShapeServer
+    smol = {"smollm2_135m": vllm_server.models["smollm2_135m"]}
+    cfg = smol_on_engine(tmp_path / "data", "vllm", vllm_server.url + "/v1", teacher_force=False)
+    assert {p["temperature"] for p in cfg["policies"]} == {0.7}
+    config = write_config(tmp_path / "config.yaml", cfg)
+    proc = run_script("run_pipeline.py", "--check-providers", "--config", str(config))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert ("models.smollm2_135m.endpoint: REFUSED" in proc.stdout and "disagree by up to" in proc.stdout
+            and "(in process)" in proc.stdout), proc.stdout
+    with VllmShapeServer(smol, logprobs_mode="processed_logprobs") as processed:
+        cfg["models"]["smollm2_135m"]["endpoint"]["base_url"] = processed.url + "/v1"
+        write_config(config, cfg)
+        proc = run_script("run_pipeline.py", str(N), "--config", str(config), timeout=1500)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert all(q["temperature"] == 0.7 for q in processed.requests_log)
+    data = tmp_path / "data"
+    assert json.loads((data / "dataset_info.json").read_text())["checks"]["passed"]
+    assert assert_values_are_the_models(data, cfg, smol, 1e-9) >= N * 3 * 2
+
+
+@pytest.mark.parametrize("engine", ["sglang", "tgi"])
+def test_sglang_and_tgi_native_routes_give_the_in_process_values(vllm_server, engine, tmp_path):
+    """SmolLM2 on a server answering in SGLang's or TGI's documented shape (neither runs on these
+    machines), sampling and teacher forcing on the engine: every value recorded is the model's,
+    the stop event's included (the engine returns the stop token with its own value)."""
+    from vllm_shape_server import SglangShapeServer, TgiShapeServer
+    smol = {"smollm2_135m": vllm_server.models["smollm2_135m"]}
+    with {"sglang": SglangShapeServer, "tgi": TgiShapeServer}[engine](smol) as server:
+        cfg = smol_on_engine(tmp_path / "data", engine, server.url)
+        cfg["generation"]["max_tokens"] = 64
+        for p in cfg["policies"]:
+            p["temperature"] = 1.0 if p["model"] == "smollm2_135m" else p["temperature"]
+        cfg["validation"]["max_excluded_fraction"] = 0.5
+        config = write_config(tmp_path / "config.yaml", cfg)
+        proc = run_script("run_pipeline.py", "--check-providers", "--config", str(config))
+        assert proc.returncode == 0 and "models.smollm2_135m.endpoint: ok" in proc.stdout, proc.stdout + proc.stderr
+        for script, extra in (("01_prepare_data.py", ["--samples", str(N)]), ("02_generate_responses.py", []),
+                              ("02b_compute_logprobs.py", [])):
+            run_script(script, "--config", str(config), *extra, check=True)
+        sent = server.requests_log
+    assert assert_values_are_the_models(tmp_path / "data", cfg, smol, 1e-6) >= 2 * 3
+    responses = read(tmp_path / "data" / "responses.jsonl")
+    assert any(r["finish_reason"] == "stop" for r in responses)     # a stop event was computed
+    if engine == "sglang":
+        assert all(isinstance(q["input_ids"], list) for q in sent)
+        assert any(q["sampling_params"]["max_new_tokens"] == 0 for q in sent)     # teacher forcing
+    else:
+        assert all(isinstance(q["inputs"], str) and q["parameters"]["decoder_input_details"] for q in sent)
+        assert all((q["parameters"].get("top_n_tokens") or 0) <= 5 for q in sent)

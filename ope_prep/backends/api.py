@@ -91,6 +91,7 @@ class Reply:
     model: Optional[str] = None
     # vLLM's completions extension: per prompt token, None or {token id: {"logprob", ...}}
     prompt_logprobs: Optional[list] = None
+    raw: Optional[dict] = None          # a native route's reply (NativeRequest), as the engine sent it
     cached: bool = False
 
     def to_json(self) -> dict:
@@ -101,6 +102,24 @@ class Reply:
     @classmethod
     def from_json(cls, d: dict, cached: bool = False) -> "Reply":
         return cls(**d, cached=cached)
+
+
+@dataclass(frozen=True)
+class NativeRequest:
+    """A request to an engine's own route under its base URL (llama-server's /completion, SGLang's
+    and TGI's /generate) rather than the OpenAI API. The engine says what it costs at most and how
+    its reply counts tokens, since the body's keys are the engine's own."""
+    route: str
+    body: dict
+    prompt_tokens: int
+    max_tokens: int
+    token_counts: Callable[[dict], tuple[int, int]]    # reply -> (prompt tokens, completion tokens)
+
+    def key(self) -> dict:
+        return {"route": self.route, "body": self.body}
+
+
+Request = Union[dict, NativeRequest]
 
 
 def _compact(completion) -> Reply:
@@ -195,12 +214,13 @@ class ApiClient:
         return self.api.concurrency * max(1, len(self._clients or [None]))
 
     # ---- requests and the cache ------------------------------------------------------
-    def cache_key(self, body: dict) -> str:
-        blob = json.dumps({"identity": self.identity, "request": body}, sort_keys=True,
+    def cache_key(self, body: Request) -> str:
+        request = body.key() if isinstance(body, NativeRequest) else body
+        blob = json.dumps({"identity": self.identity, "request": request}, sort_keys=True,
                           ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
-    def cached(self, body: dict) -> Optional[Reply]:
+    def cached(self, body: Request) -> Optional[Reply]:
         with self._lock:
             row = self._cache.results.get(self.cache_key(body))
         if row is not None and row["status"] == "ok":
@@ -215,7 +235,9 @@ class ApiClient:
         return (input_tokens * self.api.usd_per_1k_input_tokens
                 + output_tokens * self.api.usd_per_1k_output_tokens) / 1000.0
 
-    def _estimate_usd(self, body: dict) -> tuple[float, int]:
+    def _estimate_usd(self, body: Request) -> tuple[float, int]:
+        if isinstance(body, NativeRequest):
+            return self._usd(body.prompt_tokens, body.max_tokens), 0
         if isinstance(body.get("prompt"), list):     # token ids: exactly that many prompt tokens
             return self._usd(len(body["prompt"]), body["max_tokens"]), 0
         texts = [m["content"] for m in body["messages"]] if "messages" in body else [body["prompt"]]
@@ -260,13 +282,24 @@ class ApiClient:
         may come from a worker thread; the stages call this from the main thread."""
         self._openai()
 
-    def _create(self, body: dict):
+    def _create(self, body: Request):
         """Send one request to the least busy base URL."""
         clients = self._openai()
         with self._lock:
             i = min(range(len(clients)), key=lambda c: self._inflight[c])
             self._inflight[i] += 1
             self.counters.calls += 1
+        if isinstance(body, NativeRequest):
+            try:
+                raw = clients[i].post(body.route, body=body.body, cast_to=object)
+            finally:
+                with self._lock:
+                    self._inflight[i] -= 1
+            if not isinstance(raw, dict):
+                raise RequestFailed(f"{body.route}: the reply is not a JSON object", deterministic=True)
+            prompt_tokens, completion_tokens = body.token_counts(raw)
+            return Reply(content=None, finish_reason=None, logprobs=None, prompt_tokens=prompt_tokens,
+                         completion_tokens=completion_tokens, raw=raw)
         known = _CHAT_KEYS if "messages" in body else _COMPLETION_KEYS
         params = {k: v for k, v in body.items() if k in known}
         extra = {k: v for k, v in body.items() if k not in known} or None
@@ -286,14 +319,15 @@ class ApiClient:
         if slot > now and self._stop.wait(slot - now):
             raise _Stopped()
 
-    def _send(self, body: dict) -> Reply:
+    def _send(self, body: Request) -> Reply:
         if self._stop.is_set() or self._halted.is_set():
             raise _Stopped()
         est, nbytes = self._estimate_usd(body)
         self._reserve(est)
         try:
             self._rate_limit()
-            reply = _compact(self._create(body))
+            created = self._create(body)
+            reply = created if isinstance(created, Reply) else _compact(created)
         except BaseException:
             self._release(est)
             raise
@@ -322,8 +356,9 @@ class ApiClient:
         with self._lock:
             self.counters.retries += 1
 
-    def call(self, body: dict, accept: Callable[[Reply], bool] = lambda r: True) -> Reply:
-        """The reply to ``body``: from the cache, or asked (with retries) and then cached.
+    def call(self, body: Request, accept: Callable[[Reply], bool] = lambda r: True) -> Reply:
+        """The reply to ``body`` (an OpenAI API body, or a NativeRequest): from the cache, or asked
+        (with retries) and then cached.
 
         Raises RequestFailed when the request failed for good, BudgetExceeded or FatalApiError
         when the stage must stop.

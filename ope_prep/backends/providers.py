@@ -112,19 +112,21 @@ def check_engine(config: Config, model_key: str, stage: str) -> EngineCheck:
 
 def _engine_check(config: Config, model_key: str, stage: str, local_tf: Optional[_LocalTeacherForcer]) -> EngineCheck:
     """Generation and teacher forcing of models.<key>'s engine agree on the check prompts (under
-    the first policy on that model), on every replica by itself, asked anew each time (a check
-    answered from the cache would pass with the server down or changed)."""
+    the first policy on that model, at each temperature of the policies on it), on every replica
+    by itself, asked anew each time (a check answered from the cache would pass with the server
+    down or changed)."""
     ep = config.models[model_key].endpoint
     assert ep is not None
     pol = next(p for p in config.policies if p.model == model_key)
+    temperatures = sorted({p.temperature for p in config.policies if p.model == model_key})
     prompts = CHECK_PROMPTS[:ep.check_prompts] if ep.check_prompts <= len(CHECK_PROMPTS) else \
         [CHECK_PROMPTS[i % len(CHECK_PROMPTS)] + f" ({i})" for i in range(ep.check_prompts)]
     results = []
     for url in [ep.base_url, *ep.more_base_urls]:
         replica = remote_model(config, model_key, stage, base_urls=[url], local_tf=local_tf, check=True)
         try:
-            jobs = [(replica.chat.prompt_tokens(pol.system_prompt, text), 1.0, config.run.seed + i)
-                    for i, text in enumerate(prompts)]
+            jobs = [(replica.chat.prompt_tokens(pol.system_prompt, text), t, config.run.seed + i)
+                    for t in temperatures for i, text in enumerate(prompts)]
             result = engine_check(model_key, replica, jobs, min(CHECK_MAX_TOKENS, config.generation.max_tokens),
                                   ep.check_tolerance_per_token)
         finally:

@@ -1,40 +1,32 @@
-"""A policy model behind an OpenAI-compatible inference engine (``models.<key>.endpoint``), with
-the in-process model's interface for stages 2 and 2b: ``generate_iter`` and ``teacher_force_many``.
+"""A policy model behind an inference engine (``models.<key>.endpoint``), with the in-process
+model's interface for stages 2 and 2b: ``generate_iter`` and ``teacher_force_many``.
 
 The local GGUF file still gives the tokenizer and the chat template (``chat``): prompts are the
 token ids stage 2 renders in process, and a response is split into those same token ids, so the
-records and the checks are the same whichever provider made them. Both engines go through the
-completions API (never chat completions: the engine's own template rendering could differ from
-the one teacher forcing uses).
+records and the checks are the same whichever provider made them. Each engine's wire format is its
+module in backends/engines/ (the registry); this module decides, once for all engines, what the
+values mean.
 
-* ``vllm``: the prompt is sent as token ids; generated tokens come back as ids
-  (``return_tokens_as_token_ids``); teacher forcing reads ``prompt_logprobs`` of the prompt and
-  response sent together (its first entry is null), with ``max_tokens`` 1 (0 is rejected).
-* ``llama_cpp`` (llama-cpp-python's server): the prompt is sent as text (its leading BOS text left
-  out when the server adds BOS itself), and ``usage.prompt_tokens`` must equal our count; a
-  response's tokens are its text's tokens under the local tokenizer, which must spell exactly
-  the returned tokens; teacher forcing is ``echo`` with ``logprobs`` and ``max_tokens`` 1 (0
-  means "until the context is full"): the echoed listing leaves out BOS tokens, its first value
-  is null, and the one extra token it generates is absent when it is end-of-text
-  (``usage.completion_tokens`` says), so values are located from the end and every token of the
-  response is checked by its text.
+Whatever no parsing can catch is left to the engine check (``engine_check``, on each replica,
+never from the cache, at each temperature a policy on the model uses): an engine whose sampling
+values and teacher forcing disagree, that stops where the model does not, or that truncates
+sampling despite the request is refused with the reason.
 
-llama-cpp-python's echo is misaligned for a prompt that does not start with the model's BOS token
-(each token gets the value read from the logits after it): such a unit is refused from the prompt
-alone (when the generated token is end-of-text the reply looks right). Whatever no parsing can
-catch is left to the engine check (``engine_check``, on each replica, never from the cache): an
-engine whose sampling values and teacher forcing disagree, that stops where the model does not, or
-that truncates sampling despite the request is refused with the reason. Engines return log-probabilities at temperature 1 (raw), so the
-config allows only temperature 1.0 for a policy on an endpoint, and this module checks it again.
+Temperature: values returned while sampling are after temperature where the engine can give them
+so (not llama-cpp-python's server: its policies need temperature 1.0); prompt log-probabilities
+are the raw logits' on every engine, so a policy at another temperature is teacher-forced in
+process (endpoint.teacher_force false). The config refuses the rest up front; this module checks
+again.
 
 The stop is one event (ope_prep/events.py): any of the model's end-of-generation tokens next.
 A response that ended by itself gets as its last value the stop event's log-probability, the
-log-sum-exp over the end-of-generation set, read by one teacher-forcing request per end token
-(engines return at most the sampled token's own value). Its last token id is the stop token the
-engine returned (vLLM); when the engine does not return it (llama-cpp-python's server), the id is
-the template's end-of-turn token (``chat.end_of_turn``), a marker: the value is the whole set's
-either way. ``teacher_force_many`` takes an item (prompt, response, temperature, stop_tokens)
-whose last token is such a stop: its value is the same log-sum-exp.
+log-sum-exp over the end-of-generation set: in process in one pass, or on the engine by one
+teacher-forcing request per end token (engines return at most the sampled token's own value). Its
+last token id is the stop token the engine returned (vLLM, llama-server); when the engine does
+not return it (llama-cpp-python's server), the id is the template's end-of-turn token
+(``chat.end_of_turn``), a marker: the value is the whole set's either way. ``teacher_force_many``
+takes an item (prompt, response, temperature, stop_tokens) whose last token is such a stop: its
+value is the same log-sum-exp.
 """
 
 from __future__ import annotations
@@ -47,30 +39,24 @@ import numpy as np
 from scipy import stats
 
 from ..config import ModelEndpoint
-from .api import ApiClient, Reply, RequestFailed
+from .api import ApiClient, RequestFailed
+from .engines import Sampled, engine_type
 from .llama.chat import ChatTokenizer
 from .llama.generate import Generation
 
-TeacherForce = Callable[[Sequence[tuple[Sequence[int], Sequence[int], float]]], list]
-
-# Sampling parameters that leave softmax(logits / T) alone (llama.cpp's defaults would not).
-_NEUTRAL = {
-    "llama_cpp": {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0,
-                  "presence_penalty": 0.0, "frequency_penalty": 0.0},
-    "vllm": {"top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-             "frequency_penalty": 0.0, "return_tokens_as_token_ids": True, "skip_special_tokens": False},
-}
+TeacherForce = Callable[[Sequence[tuple]], list]
 
 
 class RemoteModel:
     def __init__(self, endpoint: ModelEndpoint, chat: ChatTokenizer, n_ctx: int, client: ApiClient,
                  local_teacher_force: Optional[TeacherForce] = None):
         """local_teacher_force: teacher forcing in process (endpoint.teacher_force false), used
-        for the end-of-turn token's log-probability too; closed with the model if it has close()."""
+        for the stop event's log-probability too; closed with the model if it has close()."""
         self.endpoint, self.chat, self.n_ctx_per_seq, self.client = endpoint, chat, n_ctx, client
+        self.engine = engine_type(endpoint.engine)(chat, endpoint.model)
         self._local_tf = local_teacher_force
-        self._bos = chat.model.token_bos()
-        self._adds_bos = chat.model.add_bos_token()
+        if local_teacher_force is None and self.engine.no_teacher_forcing:
+            raise ValueError(f"{self.engine.no_teacher_forcing}: teacher forcing must run in process")
 
     @property
     def teacher_forces_in_process(self) -> bool:
@@ -86,39 +72,29 @@ class RemoteModel:
         if close_local is not None:
             close_local()
 
-    # ---- requests ------------------------------------------------------------------------
-    def _prompt(self, ids: Sequence[int]) -> Union[str, list[int]]:
-        if self.endpoint.engine == "vllm":
-            return list(ids)
-        if self._adds_bos and ids and ids[0] == self._bos:
-            ids = ids[1:]                      # the server puts BOS in front itself
-        return self.chat.token_bytes(ids).decode("utf-8")
-
-    def generation_body(self, prompt: Sequence[int], temperature: float, seed: int, max_tokens: int,
-                        top_logprobs: int = 1) -> dict:
-        return {"model": self.endpoint.model, "prompt": self._prompt(prompt), "max_tokens": max_tokens,
-                "temperature": temperature, "seed": seed, "logprobs": top_logprobs, **_NEUTRAL[self.endpoint.engine]}
-
-    def teacher_force_body(self, tokens: Sequence[int]) -> dict:
-        body = {"model": self.endpoint.model, "prompt": self._prompt(tokens), "max_tokens": 1,
-                "temperature": 1.0, **_NEUTRAL[self.endpoint.engine]}
-        if self.endpoint.engine == "vllm":
-            body["prompt_logprobs"] = 0        # the prompt token's own log-probability only
-        else:
-            body.update(echo=True, logprobs=1)
-        return body
+    def _refuse_temperature(self, temperature: float, teacher_forcing: bool) -> None:
+        if temperature == 1.0:
+            return
+        if not teacher_forcing and self.engine.no_temperature:
+            raise ValueError(f"temperature {temperature:g}: {self.engine.no_temperature}")
+        if teacher_forcing and self._local_tf is None:
+            raise ValueError(f"temperature {temperature:g}: engines return prompt log-probabilities at "
+                             "temperature 1 only (teacher-force in process: endpoint.teacher_force false)")
 
     # ---- generation ------------------------------------------------------------------------
+    def _sample(self, prompt: Sequence[int], temperature: float, seed: int, max_tokens: int,
+                top_logprobs: int) -> Sampled:
+        self._refuse_temperature(temperature, teacher_forcing=False)
+        request = self.engine.generation_request(prompt, temperature, seed, max_tokens, top_logprobs)
+        return self.engine.read_generation(self.client.call(request), prompt)
+
     def generate_iter(self, jobs: Iterable[tuple[list[int], float, int]], max_tokens: int
                       ) -> Iterator[tuple[int, Union[Generation, RequestFailed]]]:
         """(job index, Generation or the RequestFailed that says why not) as replies arrive,
         ``concurrency`` requests in flight per base URL."""
         def one(item):
             _, (prompt, temperature, seed) = item
-            if temperature != 1.0:
-                raise ValueError(f"temperature {temperature:g}: an endpoint gives log-probabilities at 1 only")
-            reply = self.client.call(self.generation_body(prompt, temperature, seed, max_tokens))
-            return self._generation(reply, prompt)
+            return self._generation(self._sample(prompt, temperature, seed, max_tokens, 1), prompt, temperature)
 
         for (j, _), result in self.client.run_all(enumerate(jobs), one):
             if isinstance(result, BaseException) and not isinstance(result, RequestFailed):
@@ -132,8 +108,8 @@ class RemoteModel:
         listing (each token's top log-probabilities)."""
         def one(item):
             _, (prompt, temperature, seed) = item
-            reply = self.client.call(self.generation_body(prompt, temperature, seed, max_tokens, top_logprobs))
-            return self._as_returned(reply, prompt), reply.logprobs or []
+            s = self._sample(prompt, temperature, seed, max_tokens, top_logprobs)
+            return Generation(s.token_ids, s.token_logprobs, s.finish_reason), s.listing
 
         out: list = [None] * len(jobs)
         for (j, _), result in self.client.run_all(enumerate(jobs), one):
@@ -142,57 +118,30 @@ class RemoteModel:
             out[j] = result
         return out
 
-    def _generation(self, reply: Reply, prompt: Sequence[int]) -> Generation:
-        gen = self._as_returned(reply, prompt)
-        if gen.finish_reason == "stop":
-            ids = gen.token_ids
-            if not (ids and self.chat.is_end_of_generation(ids[-1])):
-                ids = ids + [self.chat.end_of_turn]          # not in the reply: a marker
-            values = gen.token_logprobs[:len(ids) - 1] + [self._stop_value(prompt, ids[:-1])]
-            return Generation(ids, values, "stop")
-        return gen
+    def _generation(self, s: Sampled, prompt: Sequence[int], temperature: float) -> Generation:
+        if s.finish_reason != "stop":
+            return Generation(s.token_ids, s.token_logprobs, s.finish_reason)
+        ids = s.token_ids
+        if not (ids and self.chat.is_end_of_generation(ids[-1])):
+            ids = ids + [self.chat.end_of_turn]          # not in the reply: a marker
+        values = s.token_logprobs[:len(ids) - 1] + [self._stop_value(prompt, ids[:-1], temperature)]
+        return Generation(ids, values, "stop")
 
-    def _as_returned(self, reply: Reply, prompt: Sequence[int]) -> Generation:
-        if reply.prompt_tokens and reply.prompt_tokens != len(prompt):
-            raise RequestFailed(
-                f"the engine read the prompt as {reply.prompt_tokens} tokens, not {len(prompt)}: it "
-                "tokenized the text otherwise (a control token spelled in the prompt?)", certain=True)
-        if reply.finish_reason not in ("stop", "length"):
-            raise RequestFailed(f"finish_reason {reply.finish_reason!r}", deterministic=True)
-        listing = reply.logprobs or []
-        ids = self._sampled_ids(listing, reply.content or "")
-        values = [e["logprob"] for e in listing]
-        if any(v is None for v in values):
-            raise RequestFailed("a generated token has no log-probability", deterministic=True)
-        return Generation(ids, [float(v) for v in values], reply.finish_reason)
-
-    def _stop_value(self, prompt: Sequence[int], text_ids: list[int]) -> float:
+    def _stop_value(self, prompt: Sequence[int], text_ids: list[int], temperature: float) -> float:
         """The stop event's log-probability after prompt + text_ids: any end token next."""
-        each = [self._teacher_force_one(prompt, text_ids + [t])[-1] for t in self.chat.end_of_generation_tokens()]
+        stops = self.chat.end_of_generation_tokens()
+        if self._local_tf is not None:
+            out = self._local_tf([(prompt, text_ids + [stops[0]], temperature, stops)])[0]
+            if isinstance(out, Exception):
+                raise out
+            return float(out[-1])
+        each = [self._teacher_force_one(prompt, text_ids + [t], temperature)[-1] for t in stops]
         return float(np.logaddexp.reduce(each))
 
-    def _sampled_ids(self, listing: list[dict], text: str) -> list[int]:
-        tokens = [e["token"] for e in listing]
-        if self.endpoint.engine == "vllm":
-            try:
-                return [int(t.split(":", 1)[1]) for t in tokens]
-            except (IndexError, ValueError):
-                raise RequestFailed("tokens are not 'token_id:N' (return_tokens_as_token_ids)", deterministic=True)
-        ids = self.chat.tokenize_text(text)
-        if self._pieces(ids) == tokens:
-            return ids
-        raise RequestFailed(
-            f"the returned tokens ({len(tokens)}) are not the local tokenizer's tokens of the text "
-            f"({len(ids)}): a non-canonical tokenization or a character cut in two", deterministic=True)
-
-    def _pieces(self, ids: Sequence[int]) -> list[str]:
-        return [self.chat.piece_bytes(t).decode("utf-8", "ignore") for t in ids]
-
     # ---- teacher forcing ---------------------------------------------------------------------
-    def teacher_force_many(self, items: Sequence[tuple[Sequence[int], Sequence[int], float]]
-                           ) -> list[Union[list[float], Exception]]:
-        """Per-token log-probabilities of each (prompt, response, temperature) item's response;
-        or the exception that says why not (ValueError: never scorable; RequestFailed)."""
+    def teacher_force_many(self, items: Sequence[tuple]) -> list[Union[list[float], Exception]]:
+        """Per-token log-probabilities of each (prompt, response, temperature[, stop_tokens]) item's
+        response; or the exception that says why not (ValueError: never scorable; RequestFailed)."""
         if self._local_tf is not None:
             return self._local_tf(items)
         results: list = [None] * len(items)
@@ -200,80 +149,25 @@ class RemoteModel:
         def one(i: int) -> list[float]:
             prompt, response, temperature, *rest = items[i]
             stops = bool(rest and rest[0])
-            if temperature != 1.0:
-                raise ValueError(f"temperature {temperature:g}: an endpoint gives log-probabilities at 1 only")
             if len(prompt) + len(response) + 1 > self.n_ctx_per_seq:
                 raise ValueError(f"prompt + response of {len(prompt) + len(response)} tokens exceed the "
                                  f"context of {self.n_ctx_per_seq}")
             if not response:
                 return []
-            values = self._teacher_force_one(prompt, list(response))
+            values = self._teacher_force_one(prompt, list(response), temperature)
             if stops:      # the last token is the stop: the whole end-of-generation set's value
-                values[-1] = self._stop_value(prompt, list(response[:-1]))
+                values[-1] = self._stop_value(prompt, list(response[:-1]), temperature)
             return values
 
         for i, result in self.client.run_all(range(len(items)), one):
             results[i] = result
         return results
 
-    def _teacher_force_one(self, prompt: Sequence[int], response: list[int]) -> list[float]:
+    def _teacher_force_one(self, prompt: Sequence[int], response: list[int], temperature: float) -> list[float]:
+        self._refuse_temperature(temperature, teacher_forcing=True)
         tokens = list(prompt) + response
-        if self._local_tf is not None:
-            out = self._local_tf([(prompt, response, 1.0)])[0]
-            if isinstance(out, Exception):
-                raise out
-            return out
-        reply = self.client.call(self.teacher_force_body(tokens))
-        if self.endpoint.engine == "vllm":
-            return self._from_prompt_logprobs(reply, tokens, len(prompt))
-        return self._from_echo(reply, tokens, len(response))
-
-    def _from_prompt_logprobs(self, reply: Reply, tokens: list[int], n_prompt: int) -> list[float]:
-        rows = reply.prompt_logprobs
-        if rows is None or len(rows) != len(tokens):
-            raise RequestFailed(f"prompt_logprobs has {len(rows) if rows is not None else 'no'} entries "
-                                f"for {len(tokens)} tokens", deterministic=True)
-        out = []
-        for pos in range(n_prompt, len(tokens)):
-            row = rows[pos] or {}
-            entry = row.get(str(tokens[pos]), row.get(tokens[pos]))
-            if entry is None:
-                raise RequestFailed(f"prompt_logprobs at position {pos} has no entry for token {tokens[pos]}",
-                                    deterministic=True)
-            out.append(float(entry["logprob"] if isinstance(entry, dict) else entry))
-        return out
-
-    def _from_echo(self, reply: Reply, tokens: list[int], n_response: int) -> list[float]:
-        listing = reply.logprobs or []
-        extra = reply.completion_tokens          # the generated token, absent when it was end-of-text
-        response = tokens[len(tokens) - n_response:]
-        if self._bos in response:
-            raise RequestFailed("the response holds the BOS token, which the echo listing leaves out",
-                                certain=True)
-        starts_with_bos = tokens[0] == self._bos
-        shown = [t for t in (tokens[1:] if starts_with_bos else tokens) if t != self._bos]
-        if not starts_with_bos:
-            # llama-cpp-python 0.3 pairs the listed tokens with the logits rows from the first one on
-            # once no BOS was cut from the front: each token gets the value read from the logits
-            # *after* it. When the generated token is end-of-text, nothing in the reply shows it (the
-            # count is right), so the prompt alone decides.
-            raise RequestFailed("the echo is misaligned: its values are read one position late (llama-cpp-"
-                                "python's echo, for a prompt that does not start with the model's BOS "
-                                "token)", certain=True)
-        if len(listing) - extra != len(shown):
-            raise RequestFailed(f"the echo lists {len(listing) - extra} tokens, not {len(shown)}: the "
-                                "engine tokenized the text otherwise", certain=True)
-        part = listing[len(shown) - n_response:len(shown)]
-        # llama-cpp-python shows a control token (the end of turn) as ""
-        spelled = [e["token"] in (piece, "" if not self.chat.is_text_token(t) else piece)
-                   for e, t, piece in zip(part, response, self._pieces(response))]
-        if not all(spelled):
-            raise RequestFailed(f"the echoed tokens do not spell the response's tokens (token "
-                                f"{spelled.index(False)} of {len(response)})", certain=True)
-        values = [e["logprob"] for e in part]
-        if any(v is None for v in values):
-            raise RequestFailed("the echo has no log-probability for a response token", deterministic=True)
-        return [float(v) for v in values]
+        reply = self.client.call(self.engine.teacher_force_request(tokens))
+        return self.engine.read_teacher_force(reply, tokens, len(response))
 
     def usage(self):
         return self.client.usage(0)
@@ -294,7 +188,8 @@ class EngineCheck:
         return f"models.{self.model_key}.endpoint: {verdict}: {self.detail}"
 
 
-# Top log-probabilities asked per generated token in the check (vLLM's default max_logprobs).
+# Top log-probabilities asked per generated token in the check (vLLM's default max_logprobs), or the
+# engine's most (Engine.max_top_logprobs).
 CHECK_TOP_LOGPROBS = 20
 # A sampling test fails at this p-value: a false refusal once in a million checks.
 SAMPLING_P_VALUE = 1e-6
@@ -313,10 +208,14 @@ def engine_check(model_key: str, model: RemoteModel, jobs: list[tuple[list[int],
       top-k, min-p) despite the request, or samples hotter, is refused.
     Any failure refuses the engine, with what it looks like."""
     where = "in process" if model.teacher_forces_in_process else "on the engine"
-    hint = (f". Its log-probabilities would give wrong weights; set models.{model_key}.endpoint.teacher_force: "
-            "false to teacher-force in process from models.{model_key}.path, or fix the engine").replace(
-                "{model_key}", model_key)
-    sampled = model.sample_as_returned(jobs, max_tokens, CHECK_TOP_LOGPROBS)
+    if model.teacher_forces_in_process:
+        hint = (". Its log-probabilities would give wrong weights; serve the model with the pipeline's numeric "
+                "settings (README: engines) or fix the engine")
+    else:
+        hint = (f". Its log-probabilities would give wrong weights; set models.{model_key}.endpoint.teacher_force: "
+                f"false to teacher-force in process from models.{model_key}.path, or fix the engine")
+    top = min(CHECK_TOP_LOGPROBS, model.engine.max_top_logprobs)
+    sampled = model.sample_as_returned(jobs, max_tokens, top)
     failed = [g for g in sampled if isinstance(g, Exception)]
     if failed:
         return EngineCheck(model_key, False, 0, math.inf, f"a check request failed: {failed[0]}")
@@ -334,7 +233,7 @@ def engine_check(model_key: str, model: RemoteModel, jobs: list[tuple[list[int],
     tests = [(True, f"{len(jobs)} responses, {len(diffs)} tokens: generation and teacher forcing ({where}) "
                     f"agree within {worst:.2g} per token (tolerance {tolerance:g})"),
              _stops_plausible(model, jobs, gens),
-             sampling_test([e for _, listing in sampled for e in listing], CHECK_TOP_LOGPROBS)]
+             sampling_test([e for _, listing in sampled for e in listing], top)]
     # what failed first, then what passed
     detail = "; ".join(d for ok, d in tests if not ok) or "; ".join(d for _, d in tests)
     if not all(ok for ok, _ in tests):
