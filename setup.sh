@@ -15,15 +15,27 @@ WHEELHOUSE="${OPE_PREP_WHEELHOUSE:-$HOME/.cache/ope_prep/wheels}"
 # log-probability (one token per step) by ~1e-2 nats per token. With it off, both agree
 # to float noise. The wheel is built once and kept in $WHEELHOUSE (pip's own cache cannot
 # tell builds with different CMAKE_ARGS apart).
+# A build of the pinned version with GPU offload (CUDA, Metal, Vulkan, ...) is the user's own and
+# is kept: stage 2b's self-checks (sampling against teacher-forced values, per policy) decide
+# whether its numeric path holds. OPE_PREP_REBUILD_LLAMA=1 replaces it with the CPU build.
 needs_our_build() {
   "$PY" - "$LLAMA_VERSION" <<'PYEOF'
+import os
 import sys
 try:
     import llama_cpp
 except ImportError:
     sys.exit(0)
+if os.environ.get("OPE_PREP_REBUILD_LLAMA") == "1":
+    sys.exit(0)
 info = llama_cpp.llama_print_system_info().decode()
-sys.exit(0 if llama_cpp.__version__ != sys.argv[1] or "LLAMAFILE = 1" in info else 1)
+same_version = llama_cpp.__version__ == sys.argv[1]
+if llama_cpp.llama_supports_gpu_offload() and same_version:
+    print(f"setup: keeping your llama-cpp-python {llama_cpp.__version__} with GPU offload (stage 2b's "
+          "self-checks decide whether its values hold; OPE_PREP_REBUILD_LLAMA=1 bash setup.sh replaces it "
+          "with the CPU build)", file=sys.stderr)
+    sys.exit(1)
+sys.exit(0 if not same_version or "LLAMAFILE = 1" in info else 1)
 PYEOF
 }
 if needs_our_build; then
