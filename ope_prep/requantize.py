@@ -29,6 +29,7 @@ FTYPES = {
     "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
     "Q5_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
     "Q6_K": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
+    "F32": llama_cpp.LLAMA_FTYPE_ALL_F32,       # the weights dequantized: the accuracy reference
 }
 
 

@@ -83,7 +83,10 @@ def test_every_stage_passes_on_llama_server_at_temperature_0_7(servers, tmp_path
     proc = run_script("run_pipeline.py", "3", "--config", str(config), timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = tmp_path / "data"
-    assert json.loads((data / "dataset_info.json").read_text())["checks"]["passed"]
+    info = json.loads((data / "dataset_info.json").read_text())
+    assert info["checks"]["passed"]
+    assert info["numeric_path"]["policy_models"] == {"smollm2_135m": "llama_server", "gemma3_270m": "in process"}
+    assert info["numeric_path"]["in_process"]["flash_attn"] is False and info["numeric_path"]["in_process"]["n_threads"]
     model = in_process("smollm2_135m")
     try:
         # float32 probabilities from the server, float64 in process: equal to ~1e-7

@@ -636,6 +636,18 @@ def diagnostics(config: Config, data: Data, checks: dict) -> dict:
     }
 
 
+def numeric_path(config: Config) -> dict:
+    """How the log-probabilities were computed: llama.cpp's build and kernel settings, threads
+    and batch size in process, and where each policy model ran (in process or its engine)."""
+    from ..backends.llama import numeric_identity
+    from ..backends.llama.engine import BATCH_TOKENS
+    models = dict.fromkeys(p.model for p in config.policies)
+    return {"in_process": {**numeric_identity(), "n_threads": config.generation.n_threads,
+                           "batch_tokens": BATCH_TOKENS},
+            "policy_models": {key: config.models[key].endpoint.engine if config.models[key].endpoint else "in process"
+                              for key in models}}
+
+
 def usage_rows(config: Config, data_dir: Path) -> list[dict]:
     """What each stage's last run spent, per model: requests, tokens, dollars (from the price
     tables in the config). Stages 2 and 2b write one entry per model, judge and oracle one."""
@@ -682,6 +694,7 @@ def run(config: Config, args, fp: dict) -> dict:
                                + "\n".join(f"  - {p}" for p in problems))
     info = clean_json(diagnostics(config, data, checks))
     info["cost"] = usage_rows(config, data_dir)
+    info["numeric_path"] = numeric_path(config)
     outputs: dict[str, dict] = {}
     outputs.update(export.write_all(config, data))
     outputs.update(report.write_plots(config, data, info))

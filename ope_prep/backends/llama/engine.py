@@ -60,9 +60,11 @@ _llama_logger.setLevel(logging.CRITICAL)   # llama.cpp prints pages per context;
 # What decides the kernels, recorded in the stages' fingerprints: a run resumed under another
 # build, CPU or setting would mix two numeric paths, so it is refused.
 NUMERIC_SETTINGS = {"flash_attn": False, "repacked_weights": False, "tiled_kquant_matmul": False}
+BATCH_TOKENS = 512      # n_batch = n_ubatch: the most tokens per llama_decode call
 
 
 def numeric_identity() -> dict[str, object]:
+    """What decides the values' arithmetic (part of stages 2 and 2b's fingerprint)."""
     return {"llama_cpp_python": llama_cpp.__version__,
             "system_info": llama_cpp.llama_print_system_info().decode().strip(),
             **NUMERIC_SETTINGS}
@@ -128,7 +130,7 @@ class Engine:
         self.chat = ChatTokenizer(self.model, self.path, chat_template)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx * n_seq
-        params.n_batch = params.n_ubatch = 512
+        params.n_batch = params.n_ubatch = BATCH_TOKENS
         params.n_seq_max = n_seq
         params.kv_unified = False         # each sequence its own n_ctx cells (see above)
         params.n_threads = params.n_threads_batch = n_threads
