@@ -206,6 +206,10 @@ class EndpointConfig(_Strict):
     usd_per_1k_output_tokens: float = Field(0.0, ge=0)
     """Price of 1,000 output tokens, for the budget and `--plan`."""
 
+    def usd(self, input_tokens: float, output_tokens: float) -> float:
+        """What so many tokens cost at this endpoint's prices."""
+        return (input_tokens * self.usd_per_1k_input_tokens + output_tokens * self.usd_per_1k_output_tokens) / 1000
+
 
 class ModelEndpoint(EndpointConfig):
     """A policy model served by an inference engine: stages 2 and 2b send it requests instead of

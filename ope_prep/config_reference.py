@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 import typing
-from pathlib import Path
 
 import yaml
 from pydantic import BaseModel

@@ -92,18 +92,9 @@ import math
 from pathlib import Path
 
 from .config import Config
+from .files import (CALIBRATION, FRESH_DIR, LOGGED_DATA, P0_DET, P0_UNC, TARGETS_DET, TARGETS_UNC, VALIDATION,
+                    VALIDATION_DIR)
 from .store import write_jsonl
-
-CJE_DIR = "cje"
-LOGGED_DATA = f"{CJE_DIR}/logged_data.jsonl"
-FRESH_DIR = f"{CJE_DIR}/responses"
-VALIDATION_DIR = f"{CJE_DIR}/validation"
-P0_DET = "p0_scored_deterministic.jsonl"
-P0_UNC = "p0_scored_uncertainty.jsonl"
-TARGETS_DET = "targets_scored_deterministic.jsonl"
-TARGETS_UNC = "targets_scored_uncertainty.jsonl"
-CALIBRATION = "labeling/oracle_labels_calibration_detailed.jsonl"
-VALIDATION = "labeling/oracle_labels_validation_detailed.jsonl"
 
 
 # How many oracle labels CJE needs to calibrate the judge (read in cje-eval's source). 0.3's

@@ -30,15 +30,12 @@ from pathlib import Path
 from . import checkpoint
 from .config import PROJECT_DIR, Config, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_UNITS_FAILED, ConfigError, PipelineError, RefusedError
+from .files import DATASET_INFO, RUN_PARAMS, RUN_STATE, SNAPSHOTS, WORK_DIR
 from .report import cje_line
 from .stage_cli import LOCK_FD_ENV, acquire_lock, rerun_command
 from .stages import STAGE_ALIASES, STAGE_NAMES, STAGES, later_stages
-from .stages.summarize import DATASET_INFO
-from .stages.units import RUN_PARAMS
-from .status import RUN_STATE, status_text, whole_run_eta
+from .status import status_text, whole_run_eta
 from .store import fsync_dir, write_json
-
-SNAPSHOTS = "snapshots"
 
 
 def _positive(text: str) -> int:
@@ -203,7 +200,7 @@ class StallWatch:
         self.size, self.since, self.warned = self._size(), time.time(), 0.0
 
     def _size(self) -> int:
-        return sum(p.stat().st_size for p in (self.data_dir / "work").glob(f"{self.stage}*.jsonl"))
+        return sum(p.stat().st_size for p in (self.data_dir / WORK_DIR).glob(f"{self.stage}*.jsonl"))
 
     def __call__(self) -> None:
         size, now = self._size(), time.time()
@@ -240,7 +237,6 @@ def main(argv=None) -> int:
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    data_dir = config.data_dir
     try:
         # One lock for the whole run, taken before anything is written or renamed: another
         # runner, or a stage run by hand, is refused until this run ends; the stages this

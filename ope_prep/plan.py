@@ -15,10 +15,6 @@ from .stages import STAGES
 from .timing import ProbeFailed, fit, fmt_h, local_stages, project, run_rounds, self_checks_over_run, time_stages
 
 
-def _cost(api, input_tokens: float, output_tokens: float) -> float:
-    return (input_tokens * api.usd_per_1k_input_tokens + output_tokens * api.usd_per_1k_output_tokens) / 1000
-
-
 def _scorer_line(name: str, api: ApiConfig, calls: float, tokenizer, prompts, max_tokens: int, seed: int) -> tuple[str, float]:
     """Calls, input tokens (rubric + prompt + a response of max_tokens, counted with the base
     model's tokenizer: other tokenizers differ by some percent) and the cost bound."""
@@ -29,7 +25,7 @@ def _scorer_line(name: str, api: ApiConfig, calls: float, tokenizer, prompts, ma
     input_tokens = calls * sum(per_prompt) / len(per_prompt)
     output_tokens = calls * api.max_tokens
     where = api.model if api.provider == "openai" else f"models.{api.model} ({api.provider})"
-    cost = _cost(api, input_tokens, output_tokens) if api.provider == "openai" else 0.0
+    cost = api.usd(input_tokens, output_tokens) if api.provider == "openai" else 0.0
     line = (f"{name}: {calls:,.0f} calls to {where}; <= {input_tokens:,.0f} input tokens, {output_tokens:,.0f} "
             f"output tokens" + (f"; <= ${cost:,.2f}" if api.provider == "openai" else ""))
     return line, cost
@@ -66,7 +62,7 @@ def plan_text(config: Config, args) -> str:
             users = [p.name for p in pols if p.model == key]
             in_tok = sum(prompt_tokens[u] for u in users) * 2      # generation, then teacher forcing
             out_tok = n * len(users) * max_tokens
-            engine_cost += _cost(model.endpoint, in_tok + out_tok, out_tok)
+            engine_cost += model.endpoint.usd(in_tok + out_tok, out_tok)
     total = judge_cost + oracle_cost + engine_cost
     lines.append(f"API cost: <= ${total:,.2f} (judge ${judge_cost:,.2f}, oracle ${oracle_cost:,.2f}, engines "
                  f"${engine_cost:,.2f}; from the prices in the config, every response at max_tokens)")

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config
+from .files import PLOTS_DIR
 from .store import atomic_write_bytes
 
-PLOTS_DIR = "plots"
 JUDGE_PLOT = f"{PLOTS_DIR}/judge_scores.png"
 CALIBRATION_PLOT = f"{PLOTS_DIR}/judge_vs_oracle_calibration.png"
 VALIDATION_PLOT = f"{PLOTS_DIR}/judge_vs_oracle_validation.png"

@@ -26,10 +26,11 @@ import jinja2
 
 from . import checkpoint
 from .config import load_config
+from .files import PROMPTS, RUN_PARAMS, RUN_STATE, WORK_DIR
 from .fingerprint import diff_keys
 from .errors import EXIT_BAD_INPUT, EXIT_OK, InputError, PipelineError, RefusedError
 from .stages import STAGE_NAMES
-from .store import WORK_DIR, count_records, file_manifest
+from .store import count_records, file_manifest
 
 
 
@@ -116,8 +117,6 @@ def verify_outputs(data_dir: Path, outputs: dict[str, dict]) -> str | None:
 def run_command(config, *flags: str) -> str:
     """The runner's command for this run, right to paste: the run's own N (the runner's target,
     else stage 1's, from run.json), this config file, and ``flags``."""
-    from .stages.units import RUN_PARAMS
-    from .status import RUN_STATE
     n = "N"
     for name in (RUN_STATE, RUN_PARAMS):
         try:
@@ -204,7 +203,7 @@ def disk_estimate(config, stage: str, args) -> int:
     if stage == "prepare":
         from .stages.prepare import samples
         return samples(args) * (config.source.max_prompt_chars * 4 + 300)
-    units = count_records(data_dir / "prompts.jsonl") * len(config.policies)
+    units = count_records(data_dir / PROMPTS) * len(config.policies)
     per_token = 40 * config.generation.max_tokens
     per_unit = {"generate": per_token + 2000, "logprobs": 2 * (per_token + 500), "judge": 1000,
                 "oracle": 1000}.get(stage)

@@ -16,12 +16,12 @@ from pathlib import Path
 from . import checkpoint
 from .config import Config
 from .errors import PipelineError
+from .files import PROMPTS, RUN_PARAMS, RUN_STATE, SNAPSHOTS, WORK_DIR
 from .stages import STAGE_NAMES
 from .store import count_records, is_quarantined
-from .stages.units import PROMPTS, RUN_PARAMS, SELF_CHECKS_PER_POLICY
+from .stages.units import SELF_CHECKS_PER_POLICY
 
 WINDOW_S = 600.0
-RUN_STATE = "logs/run_state.json"     # written by the runner (pipeline.py)
 
 
 def _rows(path: Path) -> dict[str, dict]:
@@ -50,7 +50,7 @@ def unit_totals(config: Config, n: int) -> dict[str, int]:
 
 def _stage_rows(data_dir: Path, stage: str) -> dict[str, dict]:
     rows: dict[str, dict] = {}
-    for path in sorted((data_dir / "work").glob(f"{stage}*.jsonl")):
+    for path in sorted((data_dir / WORK_DIR).glob(f"{stage}*.jsonl")):
         rows.update(_rows(path))
     return rows
 
@@ -165,7 +165,7 @@ def status_text(config: Config, now: float | None = None) -> str:
         out.append(line)
     if state.get("samples"):
         out.append(whole_run_eta(config, state["samples"], quarantine_after))
-    snaps = sorted((p for p in (data_dir / "snapshots").glob("*_prompts") if p.is_dir()),
+    snaps = sorted((p for p in (data_dir / SNAPSHOTS).glob("*_prompts") if p.is_dir()),
                    key=lambda p: int(p.name.split("_")[0]))
     out.append(f"latest snapshot: {snaps[-1]}" if snaps else "latest snapshot: none yet")
     return "\n".join(out)

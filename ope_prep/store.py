@@ -36,11 +36,6 @@ T = TypeVar("T")
 
 OK = "ok"
 FAILED = "failed"
-WORK_DIR = "work"      # <data_dir>/work/<stage>.jsonl
-
-
-def work_path(data_dir: Path, name: str) -> Path:
-    return data_dir / WORK_DIR / f"{name}.jsonl"
 
 
 def _dumps(obj) -> str:

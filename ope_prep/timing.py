@@ -19,15 +19,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from .config import PROJECT_DIR, Config
+from .files import LOGPROBS, SELF_CONSISTENCY, usage_file
 from .records import SelfCheck, TeacherForced
 from .stages import STAGES
-from .stages.units import LOGPROBS, SELF_CONSISTENCY, self_check_prompts, usage_file
+from .stages.units import self_check_prompts
 from .store import read_jsonl
 
 # Stages that go over every prompt done so far in every round (stage 1 draws the sample again,

@@ -15,8 +15,8 @@ from typing import Callable
 from .backends.providers import policy_tokenizers
 from .config import Config
 from .events import NoSharedEvent, scored_event
+from .files import LOGPROBS, RESPONSES
 from .records import Response, TeacherForced
-from .stages.units import LOGPROBS, RESPONSES
 
 
 def event_mismatch(t: TeacherForced, want_tokens: list[int], want_bytes: int, want_complete: bool) -> str | None:

@@ -400,7 +400,20 @@ def test_sglang_and_tgi_native_routes_give_the_in_process_values(vllm_server, en
         for script, extra in (("01_prepare_data.py", ["--samples", str(N)]), ("02_generate_responses.py", []),
                               ("02b_compute_logprobs.py", [])):
             run_script(script, "--config", str(config), *extra, check=True)
-        sent = server.requests_log
+        sent = list(server.requests_log)
+        # stage 2 again from its request cache alone: only the engine check asks the server
+        from ope_prep import checkpoint
+        data = tmp_path / "data"
+        before = (data / "responses.jsonl").read_bytes()
+        (data / "work" / "generate.jsonl").unlink()
+        checkpoint.forget(data, ["generate"])
+        run_script("02_generate_responses.py", "--config", str(config), check=True)
+        again = server.requests_log[len(sent):]
+        seeds = [q["sampling_params"].get("sampling_seed") if engine == "sglang" else q["parameters"].get("seed")
+                 for q in again]
+        check_seeds = {42 + i for i in range(2)}     # run.seed + i: the engine check's 2 prompts
+        assert again and all(seed in check_seeds or seed is None for seed in seeds), seeds
+        assert (data / "responses.jsonl").read_bytes() == before
     assert assert_values_are_the_models(tmp_path / "data", cfg, smol, 1e-6) >= 2 * 3
     responses = read(tmp_path / "data" / "responses.jsonl")
     assert any(r["finish_reason"] == "stop" for r in responses)     # a stop event was computed

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, run_script, small_config, write_config
+from conftest import ROOT, run_script, write_config
 from test_engines import assert_values_are_the_models, in_process, smol_on_engine
 
 SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -231,20 +231,16 @@ class ApiClient:
         return ledger_total(self.cache_path)
 
     # ---- money ---------------------------------------------------------------------
-    def _usd(self, input_tokens: float, output_tokens: float) -> float:
-        return (input_tokens * self.api.usd_per_1k_input_tokens
-                + output_tokens * self.api.usd_per_1k_output_tokens) / 1000.0
-
     def _estimate_usd(self, body: Request) -> tuple[float, int]:
         if isinstance(body, NativeRequest):
-            return self._usd(body.prompt_tokens, body.max_tokens), 0
+            return self.api.usd(body.prompt_tokens, body.max_tokens), 0
         if isinstance(body.get("prompt"), list):     # token ids: exactly that many prompt tokens
-            return self._usd(len(body["prompt"]), body["max_tokens"]), 0
+            return self.api.usd(len(body["prompt"]), body["max_tokens"]), 0
         texts = [m["content"] for m in body["messages"]] if "messages" in body else [body["prompt"]]
         nbytes = sum(len(json.dumps(t, ensure_ascii=False).encode()) for t in texts)
         ratio = self._tokens_per_byte * 1.25 if self._tokens_per_byte else _INITIAL_TOKENS_PER_BYTE
         tokens = nbytes * ratio + _MESSAGE_OVERHEAD_TOKENS * (len(texts) + 1)
-        return self._usd(tokens, body["max_tokens"]), nbytes
+        return self.api.usd(tokens, body["max_tokens"]), nbytes
 
     @property
     def spent_total(self) -> float:
@@ -337,7 +333,7 @@ class ApiClient:
                 self._tokens_per_byte = max(self._tokens_per_byte or 0.0, reply.prompt_tokens / nbytes)
             self.counters.input_tokens += reply.prompt_tokens
             self.counters.output_tokens += reply.completion_tokens
-            self.counters.usd += self._usd(reply.prompt_tokens, reply.completion_tokens)
+            self.counters.usd += self.api.usd(reply.prompt_tokens, reply.completion_tokens)
         return reply
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
@@ -392,7 +388,7 @@ class ApiClient:
         except openai.OpenAIError as e:
             raise RequestFailed(self.redact(_describe(e)))
         usable = accept(reply)
-        usd = self._usd(reply.prompt_tokens, reply.completion_tokens)
+        usd = self.api.usd(reply.prompt_tokens, reply.completion_tokens)
         key = self.cache_key(body)
         with self._lock:
             if usable:

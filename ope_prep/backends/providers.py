@@ -14,14 +14,14 @@ import time
 import uuid
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Iterable, Iterator, Optional, Protocol, Sequence, Union
 
 from ..config import Config
 from ..errors import EngineRefused
 from ..fingerprint import model_identity
 from ..records import UsageTotals
 from .api import ApiClient
-from .llama import ChatTokenizer, LlamaModel, load_tokenizer
+from .llama import ChatTokenizer, Generation, LlamaModel, load_tokenizer
 from .remote import EngineCheck, RemoteModel, engine_check
 from .server import LlamaServer, vocab_texts
 
@@ -74,7 +74,20 @@ class _LocalTeacherForcer:
             self.model.close()
 
 
-PolicyModel = Union[LlamaModel, RemoteModel]
+class PolicyModel(Protocol):
+    """What stages 2 and 2b ask of a policy model: LlamaModel (in process) and RemoteModel (on an
+    engine, backends/remote.py) both answer it."""
+    chat: ChatTokenizer
+    n_ctx_per_seq: int
+
+    def generate_iter(self, jobs: Iterable[tuple[list[int], float, int]], max_tokens: int
+                      ) -> Iterator[tuple[int, Union[Generation, Exception]]]:
+        """(job index, its Generation or why not) as each (prompt, temperature, seed) job ends."""
+
+    def teacher_force_many(self, items: Sequence[tuple]) -> list[Union[list[float], Exception]]:
+        """Per-token values of each (prompt, response, temperature[, stop_tokens]) item's response."""
+
+    def close(self) -> None: ...
 
 
 def remote_model(config: Config, model_key: str, stage: str, n_seq: int = 4, base_urls: Optional[list[str]] = None,

@@ -16,11 +16,12 @@ from ..backends.llama import response_text
 from ..backends.providers import model_usage, policy_model
 from ..config import Config
 from ..errors import BudgetExceeded, FatalApiError
+from ..files import RESPONSES, usage_file, work_path
 from ..fingerprint import policies_keys
 from ..records import Response, UsageTotals
-from ..store import WorkFile, failed_row, input_digest, ok_row, work_path, write_json
-from .units import (RESPONSES, exception_row, finish, load_prompts, progress, read_run_seed, run_identity,
-                    stopped, unit_key, unit_seed, upstream_digests, usage_file)
+from ..store import WorkFile, failed_row, input_digest, ok_row, write_json
+from .units import (exception_row, finish, load_prompts, progress, read_run_seed, run_identity, stopped,
+                    unit_key, unit_seed, upstream_digests)
 
 GENERATE_USAGE = usage_file("generate")
 OUTPUTS = [RESPONSES, GENERATE_USAGE]

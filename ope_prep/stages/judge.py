@@ -11,15 +11,15 @@ from dataclasses import asdict
 
 from ..config import Config
 from ..errors import BudgetExceeded, FatalApiError
+from ..files import JUDGE_SCORES, RESPONSES, usage_file, work_path
 from ..fingerprint import api_keys
 from ..records import JudgeScore, Response
-from ..store import WorkFile, work_path, read_jsonl, write_json
+from ..store import WorkFile, read_jsonl, write_json
 from .scoring import (RUBRICS, Judgement, ScoringUnit, Tally, open_scorer,
                       report, rubric_digest, score_units, stage_inputs, unit_input)
-from .units import (RESPONSES, finish, load_prompts, read_run_seed, refuse_if_overlap_low,
-                    refuse_if_too_many_excluded, run_identity, stopped, unit_key, usage_file)
+from .units import (finish, load_prompts, read_run_seed, refuse_if_overlap_low, refuse_if_too_many_excluded,
+                    run_identity, stopped, unit_key)
 
-JUDGE_SCORES = "judge_scores.jsonl"
 JUDGE_USAGE = usage_file("judge")
 OUTPUTS = [JUDGE_SCORES, JUDGE_USAGE]
 

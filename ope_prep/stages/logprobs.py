@@ -32,12 +32,12 @@ from ..backends.providers import PolicyModel, model_usage, policy_model, policy_
 from ..config import Config
 from ..errors import BudgetExceeded, FatalApiError
 from ..events import NoSharedEvent, ScoredEvent, scored_event
+from ..files import LOGPROBS, OVERLAP, RESPONSES, SELF_CONSISTENCY, usage_file, work_path
 from ..fingerprint import policies_keys
 from ..records import Response, SelfCheck, TeacherForced
-from ..store import WorkFile, failed_row, input_digest, ok_row, read_jsonl, work_path, write_json
-from .units import (LOGPROBS, OVERLAP, RESPONSES, SELF_CONSISTENCY, exception_row, finish, load_prompts,
-                    low_overlap_targets, progress, read_run_seed, run_identity, self_check_prompts, stopped, unit_key, upstream_digests,
-                    usage_file)
+from ..store import WorkFile, failed_row, input_digest, ok_row, read_jsonl, write_json
+from .units import (exception_row, finish, load_prompts, low_overlap_targets, progress, read_run_seed,
+                    run_identity, self_check_prompts, stopped, unit_key, upstream_digests)
 
 LOGPROBS_USAGE = usage_file("logprobs")
 OUTPUTS = [LOGPROBS, SELF_CONSISTENCY, OVERLAP, LOGPROBS_USAGE]

@@ -29,15 +29,15 @@ from itertools import chain
 
 from ..config import Config
 from ..errors import BudgetExceeded, FatalApiError
+from ..files import ORACLE_LABELS, RESPONSES, usage_file, work_path
 from ..fingerprint import api_keys
 from ..records import OracleLabel, Response
-from ..store import WorkFile, work_path, read_jsonl, write_json
+from ..store import WorkFile, read_jsonl, write_json
 from .scoring import (RUBRICS, Judgement, ScoringUnit, Tally, open_scorer,
                       report, rubric_digest, score_units, stage_inputs, unit_input)
-from .units import (RESPONSES, finish, load_prompts, read_run_seed, refuse_if_overlap_low,
-                    refuse_if_too_many_excluded, run_identity, stopped, unit_seed, usage_file)
+from .units import (finish, load_prompts, read_run_seed, refuse_if_overlap_low, refuse_if_too_many_excluded,
+                    run_identity, stopped, unit_seed)
 
-ORACLE_LABELS = "oracle_labels.jsonl"
 ORACLE_USAGE = usage_file("oracle")
 OUTPUTS = [ORACLE_LABELS, ORACLE_USAGE]
 SPLITS = ("calibration", "validation")

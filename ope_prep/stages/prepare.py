@@ -16,6 +16,7 @@ import argparse
 from ..backends.providers import local_tokenizer
 from ..config import Config
 from ..errors import EXIT_OK, InputError, RefusedError
+from ..files import PROMPTS, RUN_PARAMS
 from ..fingerprint import flatten, model_identity
 from ..records import Prompt
 from ..rubrics import RUBRICS
@@ -24,7 +25,6 @@ from ..sources.registry import describe
 from ..stage_cli import run_command
 from ..store import read_jsonl, write_json, write_jsonl
 from .scoring import judge_messages, rubric_digest
-from .units import PROMPTS, RUN_PARAMS
 
 OUTPUTS = [PROMPTS, RUN_PARAMS]
 

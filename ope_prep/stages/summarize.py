@@ -40,28 +40,24 @@ import numpy as np
 from .. import diagnostics as dx
 from ..config import Config
 from ..export import cje_readiness
+from ..files import (CALIBRATION, CJE_DIR, DATASET_INFO, JUDGE_SCORES, LOGPROBS, ORACLE_LABELS, P0_DET,
+                     P0_UNC, PLOTS_DIR, PROMPTS, REPORT, RESPONSES, RUN_PARAMS, SELF_CONSISTENCY, TARGETS_DET,
+                     TARGETS_UNC, VALIDATION, quarantine_file, usage_file)
 from ..fingerprint import flatten
 from ..errors import InputError, ValidationFailed
 from ..records import JudgeScore, OracleLabel, Prompt, Quarantined, Response, SelfCheck, TeacherForced
 from ..store import read_jsonl, write_json
 from ..validate import check_scored_events
-from .units import (LOGPROBS, PROMPTS, RESPONSES, RUN_PARAMS, SELF_CONSISTENCY, exclusion_over_limit,
-                    low_overlap_targets, quarantine_file, run_identity, self_check_prompts, upstream_digests, usage_file)
+from .units import (exclusion_over_limit, low_overlap_targets, run_identity, self_check_prompts,
+                    upstream_digests)
 
-JUDGE = "judge_scores.jsonl"
-ORACLE = "oracle_labels.jsonl"
 UPSTREAM = ["prepare", "generate", "logprobs", "judge", "oracle"]
 
-REPORT = "report.md"
-DATASET_INFO = "dataset_info.json"
 # Fixed files, plus the folders that hold per-policy files (cje/responses/<policy>_responses.jsonl,
 # plots/log_weights_<policy>.png): `--force` moves all of them aside. The exact files a run wrote
 # are the keys of the manifest that run() returns.
-OUTPUTS = [REPORT, DATASET_INFO, "cje", "plots",
-           "p0_scored_deterministic.jsonl", "p0_scored_uncertainty.jsonl",
-           "targets_scored_deterministic.jsonl", "targets_scored_uncertainty.jsonl",
-           "labeling/oracle_labels_calibration_detailed.jsonl",
-           "labeling/oracle_labels_validation_detailed.jsonl"]
+OUTPUTS = [REPORT, DATASET_INFO, CJE_DIR, PLOTS_DIR, P0_DET, P0_UNC, TARGETS_DET, TARGETS_UNC, CALIBRATION,
+           VALIDATION]
 
 MAX_EXAMPLES = 5          # per problem line
 MAX_LISTED = 100          # suspicious records kept in dataset_info.json
@@ -346,9 +342,9 @@ def load_and_check(config: Config) -> tuple[Data, dict, list[str]]:
         for what, items in rules.items():
             problems.rule(name, f"log-probabilities are {what}", items)
 
-    judge = included(_read(problems, data_dir, JUDGE, JudgeScore))
+    judge = included(_read(problems, data_dir, JUDGE_SCORES, JudgeScore))
     if judge is not None:
-        data.judge = _index(problems, data, JUDGE, judge, expected)
+        data.judge = _index(problems, data, JUDGE_SCORES, judge, expected)
         out_of_range = []
         for lineno, j in enumerate(judge, 1):
             where = f"line {lineno} {j.prompt_id}/{j.policy}"
@@ -356,12 +352,12 @@ def load_and_check(config: Config) -> tuple[Data, dict, list[str]]:
                 v = getattr(j, fname)
                 if not _in_unit(v, hi):
                     out_of_range.append(f"{where} {fname}={_fmt(v)}")
-        problems.rule(JUDGE, "judge values are outside [0, 1] (variance outside [0, 0.25]) or "
+        problems.rule(JUDGE_SCORES, "judge values are outside [0, 1] (variance outside [0, 0.25]) or "
                       "not finite numbers", out_of_range)
 
-    oracle = included(_read(problems, data_dir, ORACLE, OracleLabel))
+    oracle = included(_read(problems, data_dir, ORACLE_LABELS, OracleLabel))
     if oracle is not None:
-        data.oracle = _index(problems, data, ORACLE, oracle, expected, check_missing=False)
+        data.oracle = _index(problems, data, ORACLE_LABELS, oracle, expected, check_missing=False)
         out_of_range, wrong_split = [], []
         for lineno, o in enumerate(oracle, 1):
             where = f"line {lineno} {o.prompt_id}/{o.policy}"
@@ -370,8 +366,8 @@ def load_and_check(config: Config) -> tuple[Data, dict, list[str]]:
             want = "calibration" if o.policy == base else "validation"
             if o.split != want:
                 wrong_split.append(f"{where} split {o.split!r} (want {want!r})")
-        problems.rule(ORACLE, "oracle labels are outside [0, 1] or not finite numbers", out_of_range)
-        problems.rule(ORACLE, "oracle labels are in the wrong split", wrong_split)
+        problems.rule(ORACLE_LABELS, "oracle labels are outside [0, 1] or not finite numbers", out_of_range)
+        problems.rule(ORACLE_LABELS, "oracle labels are in the wrong split", wrong_split)
 
     checks = _propensity_checks(config, data, problems)
     return data, checks, problems.lines

@@ -11,16 +11,10 @@ from tqdm import tqdm
 
 from .. import diagnostics as dx
 from ..errors import LowOverlap, PipelineError, TooManyExcluded, UnitsFailedError
+from ..files import OVERLAP, PROMPTS, QUARANTINE_DIR, RUN_PARAMS, quarantine_file, usage_file
 from ..records import Prompt, Quarantined
 from ..store import WorkFile, failed_row, read_jsonl, write_jsonl
 
-PROMPTS = "prompts.jsonl"
-RUN_PARAMS = "run.json"     # the run's samples and seed (stage 1), read by the later stages
-RESPONSES = "responses.jsonl"
-LOGPROBS = "logprobs.jsonl"
-SELF_CONSISTENCY = "self_consistency.jsonl"
-OVERLAP = "overlap.json"    # each target's weight figures, from stage 2b, before anything is paid
-QUARANTINE_DIR = "quarantine"   # quarantine/<stage>.jsonl: the units a stage gave up on, and why
 
 # Each policy's own responses teacher-forced by stage 2b to check its sampling propensities:
 # all of them up to this many prompts, this many (a seeded choice) beyond.
@@ -61,10 +55,6 @@ def progress(stage: str, total: int, unit: str, desc: str = "") -> tqdm:
     return tqdm(total=total, desc=f"[{stage}] {desc}".rstrip(), unit=unit, file=sys.stderr,
                 dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0,
                 smoothing=0.1)
-
-
-def quarantine_file(stage: str) -> str:
-    return f"{QUARANTINE_DIR}/{stage}.jsonl"
 
 
 def excluded_prompts(data_dir: Path, stages: list[str]) -> dict[str, list[Quarantined]]:
@@ -163,12 +153,6 @@ def finish(stage: str, data_dir: Path, works: list[WorkFile], outputs: dict[str,
               + "; ".join(f"{q.key}: {q.error}" for q in quarantined[:3])
               + f" (all in {data_dir / quarantine_file(stage)})")
     return manifests
-
-
-def usage_file(stage: str) -> str:
-    """What a stage's last run spent (UsageTotals; per model for stages 2 and 2b): read by stage 5's
-    cost table, and left out of the digests later stages depend on."""
-    return f"{stage}_usage.json"
 
 
 def stopped(stage: str, e: PipelineError, *works_and_keys) -> PipelineError:
