@@ -16,9 +16,10 @@ the medians compared:
 * teacher forcing against `Llama(logits_all=True).create_completion(prompt + response,
   echo=True, logprobs=1, max_tokens=1)` over the same (prompt, response) pairs (the first
   --echo-pairs of them: that path runs at ~20 tokens/s);
-* generation (`LlamaModel.generate`, --batch-size sequences at once) against
-  `Llama.create_chat_completion` one prompt at a time, same prompts, messages, temperature
-  and max_tokens, with top_k=0, top_p=1, min_p=0.
+* generation (`LlamaModel.generate`, --batch-size sequences at once) against a raw replay of
+  the very `llama_decode` calls it made (its ceiling: the same prompt prefills and steps, the
+  same logits rows, nothing sampled), and against `Llama.create_chat_completion` one prompt at
+  a time, same prompts, messages, temperature and max_tokens, with top_k=0, top_p=1, min_p=0.
 
 Throughputs: teacher forcing, prefill and echo count prompt + response tokens processed;
 generation and chat count generated tokens (completion_tokens), prefill time included.
@@ -32,9 +33,15 @@ in two fresh processes per round, alternating: with the pipeline's settings and 
 llama.cpp's fastest (its defaults: repacked weights, tiled matmul). Printed per model as
 `fastest/ours`, with every round's figure.
 
-The last line is exactly: tf_vs_prefill=<x> tf_vs_echo=<y> gen_vs_chat=<z>
-(ratios of median throughputs; tf_vs_prefill against the pure-prefill replay of the same
-token batches, the stricter of the two replays, with the same settings).
+The load average is printed at the start (a run that starts above 1.5 is marked NOT IDLE: its
+figures are not for the README).
+
+The last line is exactly:
+gen_vs_decode=<x> (min <a>, max <b>) tf_vs_prefill=<x> (min, max) tf_vs_echo=<y> gen_vs_chat=<z>
+(ratios of median throughputs, with the spread of each round's own ratio for the two ceilings;
+gen_vs_decode against the replay of generation's own llama_decode calls; tf_vs_prefill
+against the pure-prefill replay of the same token batches, the stricter of the two replays,
+with the same settings).
 """
 
 from __future__ import annotations
@@ -51,14 +58,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import llama_cpp  # noqa: E402
+from bench_scoring import idle_verdict  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
 
 from ope_prep.backends.llama import LlamaModel, load_tokenizer  # noqa: E402
 from ope_prep.config import load_config  # noqa: E402
 from ope_prep.sources import sample_prompts  # noqa: E402
 from ope_prep.stages.logprobs import TF_SEQUENCES  # noqa: E402
+
 
 
 def parse_args():
@@ -203,6 +213,7 @@ def main() -> None:
     if args.prefill_only:
         prefill_only(*args.prefill_only)
         return
+    start_load = os.getloadavg()[0]           # before this benchmark adds its own
     config = load_config(args.config)
     model_key = args.model or config.policy(config.base_policy).model
     policy = next(p for p in config.policies if p.model == model_key)
@@ -239,7 +250,7 @@ def main() -> None:
     messages = [[{"role": "system", "content": system}, {"role": "user", "content": p}] for p in prompts]
     print(f"model {model_key} ({Path(path).name}), {threads} threads, {len(prompts)} ShareGPT prompts, "
           f"max_tokens {max_tokens}, temperature {temp}, generation batch {batch_size}, "
-          f"teacher-forcing sequences {TF_SEQUENCES}", flush=True)
+          f"teacher-forcing sequences {TF_SEQUENCES}; load average at start: {start_load:.2f}", flush=True)
 
     # ---- generation vs create_chat_completion -----------------------------------------
     responses = {}
@@ -264,9 +275,17 @@ def main() -> None:
         gens = single.generate(jobs, max_tokens)
         return sum(len(g.token_ids) for g in gens) / (time.perf_counter() - t)
 
-    gen_tps, chat_tps, single_tps = alternate(args.rounds, run_gen, run_chat, run_single)
+    with Replay(gen) as gen_rec:             # generation's own llama_decode calls, to replay raw
+        run_gen()
+    gen_built = gen_rec.build("same")
+    n_generated = sum(len(r) for _, r in responses["pairs"])
+
+    gen_tps, decode_tps, chat_tps, single_tps = alternate(
+        args.rounds, run_gen, lambda: n_generated / gen_rec.run(gen_built), run_chat, run_single)
+    Replay.free(gen_built)
     single.close()
-    print(f"  generation: ours {[round(x) for x in gen_tps]}, chat {[round(x) for x in chat_tps]}, "
+    print(f"  generation: ours {[round(x) for x in gen_tps]}, raw replay of its llama_decode calls "
+          f"{[round(x) for x in decode_tps]}, chat {[round(x) for x in chat_tps]}, "
           f"ours one sequence at a time {[round(x) for x in single_tps]} tokens/s", flush=True)
 
     # ---- teacher forcing vs the raw replay of its llama_decode calls ------------------
@@ -325,6 +344,7 @@ def main() -> None:
 
     med = statistics.median
     rows = [("generation, ours (LlamaModel.generate, %d sequences)" % batch_size, med(gen_tps)),
+            ("llama_decode replay of generation's calls (same batches and logits rows)", med(decode_tps)),
             ("generation, create_chat_completion (one stream)", med(chat_tps)),
             ("generation, ours one sequence at a time", med(single_tps)),
             ("teacher forcing, ours (teacher_force_many)", med(tf_tps)),
@@ -336,6 +356,9 @@ def main() -> None:
     for name, v in rows:
         print(f"| {name} | {v:.0f} |")
     tf_vs_prefill = med(tf_tps) / med(prefill_tps)
+    gen_vs_decode = med(gen_tps) / med(decode_tps)
+    per_round = {"gen_vs_decode": [g / d for g, d in zip(gen_tps, decode_tps)],
+                 "tf_vs_prefill": [t / p for t, p in zip(tf_tps, prefill_tps)]}
     tf_vs_echo = med(tf_sub_tps) / med(echo_tps)
     gen_vs_chat = med(gen_tps) / med(chat_tps)
     print(f"\nteacher forcing vs the replay of the same batches (same logits rows): "
@@ -344,7 +367,10 @@ def main() -> None:
     gen.close()
     tf.close()
     chat.close()
-    print(f"tf_vs_prefill={tf_vs_prefill:.2f} tf_vs_echo={tf_vs_echo:.2f} gen_vs_chat={gen_vs_chat:.2f}")
+    print(idle_verdict(start_load))
+    spread = {k: f"(min {min(v):.2f}, max {max(v):.2f})" for k, v in per_round.items()}
+    print(f"gen_vs_decode={gen_vs_decode:.2f} {spread['gen_vs_decode']} tf_vs_prefill={tf_vs_prefill:.2f} "
+          f"{spread['tf_vs_prefill']} tf_vs_echo={tf_vs_echo:.2f} gen_vs_chat={gen_vs_chat:.2f}")
 
 
 if __name__ == "__main__":

@@ -33,11 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_scoring import code_version, load_average  # noqa: E402
+from bench_scoring import code_version, idle_verdict, load_average  # noqa: E402
 from ope_prep.config import load_config  # noqa: E402
 from ope_prep.timing import fit, fmt_h, local_stages, project, run_rounds, self_checks_over_run, time_stages  # noqa: E402
 
-IDLE_LOAD = 1.5
 OUTPUT = ROOT / "benchmarks" / "last_bench_run.txt"
 
 
@@ -53,7 +52,6 @@ def main() -> None:
     if not 0 < args.small < args.large:
         ap.error("give 0 < --small < --large")
     start_load = os.getloadavg()[0]
-    idle = start_load <= IDLE_LOAD
     config = load_config(args.config)
     stages = local_stages(config)
     rounds_of_run = run_rounds(config, args.n)
@@ -90,13 +88,12 @@ def main() -> None:
                 f"line above), {f.per_self_check_s:.2f} s each; {checks:,} over the run: "
                 f"{fmt_h(f.per_self_check_s * checks)}, in its {args.n:,}-prompt figure")
         say(f"  total{'':<45}{fmt_h(totals[-1]):>22}")
-    say(f"\nper stage over the rounds (median, min-max): " + "; ".join(
+    say("\nper stage over the rounds (median, min-max): " + "; ".join(
         f"{name} {fmt_h(statistics.median(v))} ({fmt_h(min(v))}-{fmt_h(max(v))})" for name, v in per_stage.items()))
     skipped = [s for s in ("prepare", "generate", "logprobs", "judge", "oracle", "summarize") if s not in stages]
     if skipped:
         say(f"not timed (an API, or after one): {', '.join(skipped)}")
-    say(f"{'idle at the start' if idle else 'NOT IDLE: the load was above 1.5 at the start'} "
-        f"(load average {start_load:.2f})")
+    say(idle_verdict(start_load))
     h = [t / 3600 for t in totals]
     say(f"projected_10k_h={statistics.median(h):.1f} (min {min(h):.1f}, max {max(h):.1f})"
         if args.n == 10000 else

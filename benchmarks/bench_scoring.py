@@ -97,6 +97,14 @@ def load_average() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+IDLE_LOAD = 1.5      # a benchmark that starts above this load is marked, and not for the README
+
+
+def idle_verdict(start_load: float) -> str:
+    return (f"{'idle at the start' if start_load <= IDLE_LOAD else 'NOT IDLE: the load was above 1.5 at the start'}"
+            f" (load average {start_load:.2f})")
+
+
 def code_version() -> str:
     """The commit, and the package's files that differ from it (others work in this tree)."""
     def git(*args: str) -> str:

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
-import llama_cpp
 import numpy as np
 
 from .engine import _GRAIN, _MIN_SHARED, Engine, PromptTooLong, _common_prefix
@@ -130,7 +129,7 @@ class Generator(Engine):
         (at the next decode, before it runs); the values are the same bits."""
         while free and active and min(free) < max(active):
             hi, lo = max(active), min(free)
-            llama_cpp.llama_memory_seq_cp(self._memory, hi, lo, -1, -1)
+            self._share_prefix(hi, lo, active[hi].pos)    # all its cells: positions [0, pos)
             self._clear(hi)
             active[lo] = active.pop(hi)
             free.remove(lo)
