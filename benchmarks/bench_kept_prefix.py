@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_llama import Replay  # noqa: E402
 from bench_scoring import code_version, idle_verdict, load_average, load_units  # noqa: E402
 from ope_prep.config import load_config  # noqa: E402
-from ope_prep.stages.scoring import open_scorer  # noqa: E402
+from ope_prep.backends.scorers import open_scorer  # noqa: E402
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ope_prep.pipeline import round_sizes  # noqa: E402
+from ope_prep.rounds import round_sizes  # noqa: E402
 
 
 def parse_args():

@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_scoring import code_version, idle_verdict, load_average  # noqa: E402
 from ope_prep.config import load_config  # noqa: E402
-from ope_prep.timing import fit, fmt_h, local_stages, project, run_rounds, self_checks_over_run, time_stages  # noqa: E402
+from ope_prep.rounds import run_rounds  # noqa: E402
+from ope_prep.timing import fit, fmt_h, local_stages, project, self_checks_over_run, time_stages  # noqa: E402
 
 OUTPUT = ROOT / "benchmarks" / "last_bench_run.txt"
 

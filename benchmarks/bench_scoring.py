@@ -47,7 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ope_prep.config import Config, load_config  # noqa: E402
-from ope_prep.stages.scoring import Judgement, ScoringUnit, open_scorer  # noqa: E402
+from ope_prep.backends.scorers import ScoringUnit, open_scorer  # noqa: E402
+from ope_prep.judging import Judgement  # noqa: E402
 from ope_prep.store import read_jsonl  # noqa: E402
 
 SERVER_SETTINGS = {"provider": "local_server", "grammar": True, "max_tokens": 1, "top_logprobs": 20,

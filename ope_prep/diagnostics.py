@@ -1,16 +1,20 @@
-"""Figures that say whether scores carry signal, and what the prompts left out have in common:
-computed once, used by stage 5's report and summary and by the judge study (scripts/judge_study.py)."""
+"""Figures that say whether scores carry signal, how far the targets' weights reach, and what the
+prompts left out have in common: computed once, used by stage 5's report and summary, stage 2b's
+overlap check and the judge study (scripts/judge_study.py)."""
 
 from __future__ import annotations
 
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 from scipy import stats
+
+from .config import Config
+from .dataset import Dataset
 
 QUANTILES = (0.5, 0.9, 0.99)
 
@@ -159,3 +163,55 @@ def low_overlap(target: str, figures: Mapping, min_ess_fraction: float, min_typi
         return None
     return (f"{target}: {' and '.join(why)}; the largest weight holds {figures['max_weight_share']:.0%} of "
             "the total, so IPS estimates for it rest on few prompts")
+
+
+# ---- judge and oracle -------------------------------------------------------------------------
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    # Constant inputs have no correlation; np.std of five copies of 1/9 is ~1e-17, not 0.
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def mean_se(x: np.ndarray) -> tuple[float | None, float | None]:
+    if len(x) == 0:
+        return None, None
+    return float(np.mean(x)), (float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None)
+
+
+def discrimination(config: Config, data: Dataset) -> dict:
+    """Whether the judge's scores carry signal: their spread, their rank agreement with the oracle
+    on the labeled units, and how far each target's mean score lies below the base policy's in
+    standard errors (paired by prompt)."""
+    base = config.base_policy
+    pids = [p.prompt_id for p in data.prompts]
+    every = [data.judge[(pid, p.name)] for p in config.policies for pid in pids]
+    spreads = {"score": asdict(spread([j.score for j in every])),
+               "mean": asdict(spread([j.mean for j in every]))}
+    agreement = {}
+    for split, policies in (("all", [p.name for p in config.policies]), ("calibration", [base]),
+                            ("validation", config.target_policies)):
+        keys = [(pid, pol) for pol in policies for pid in pids if (pid, pol) in data.oracle]
+        labels = [data.oracle[k].label for k in keys]
+        agreement[split] = {"n": len(keys)}
+        for what in ("score", "mean"):
+            judged = [getattr(data.judge[k], what) for k in keys]
+            agreement[split][what] = {
+                "spearman": spearman(judged, labels),
+                "undefined": spearman_undefined(judged, labels, (f"judge {what}", "oracle label"))}
+
+    def by_prompt(policy: str, what: str) -> dict[str, float]:
+        return {pid: getattr(data.judge[(pid, policy)], what) for pid in pids}
+
+    gaps = {t: {what: asdict(paired_gap(by_prompt(base, what), by_prompt(t, what))) for what in ("score", "mean")}
+            for t in config.target_policies}
+    notes = []
+    if spreads["score"]["n_distinct"] == 1:
+        notes.append(f"the judge's scores have no spread: all {spreads['score']['n']} deterministic "
+                     f"scores are {spreads['score']['lo']:.3g}; they cannot rank responses")
+    for what in ("score", "mean"):
+        why = agreement["all"][what]["undefined"]
+        if why:
+            notes.append(f"judge {what} vs oracle label: Spearman correlation undefined ({why})")
+    return {"spread": spreads, "judge_vs_oracle": agreement, "base_minus_target": gaps, "notes": notes}

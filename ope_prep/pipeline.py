@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import select
 import shutil
@@ -28,11 +27,13 @@ import time
 from pathlib import Path
 
 from . import checkpoint
+from .commands import rerun_command
 from .config import PROJECT_DIR, Config, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_UNITS_FAILED, ConfigError, PipelineError, RefusedError
 from .files import DATASET_INFO, RUN_PARAMS, RUN_STATE, SNAPSHOTS, WORK_DIR
 from .report import cje_line
-from .stage_cli import LOCK_FD_ENV, acquire_lock, rerun_command
+from .rounds import prepare_flags, run_rounds
+from .stage_cli import LOCK_FD_ENV, acquire_lock
 from .stages import STAGE_ALIASES, STAGE_NAMES, STAGES, later_stages
 from .status import status_text, whole_run_eta
 from .store import fsync_dir, write_json
@@ -100,7 +101,8 @@ def check_providers(config: Config) -> int:
 
 def _probe_scorer(config: Config, which: str) -> tuple[str, bool]:
     """Score one fixed unit with the judge or oracle: its answer must be read, with a distribution."""
-    from .stages.scoring import Judgement, ScoringUnit, open_scorer
+    from .backends.scorers import ScoringUnit, open_scorer
+    from .judging import Judgement
     api = getattr(config, which)
     unit = ScoringUnit("check", "check", "check", "How do I boil an egg?",
                        "Put the egg in boiling water for 8 to 10 minutes, then cool it in cold water.")
@@ -113,27 +115,6 @@ def _probe_scorer(config: Config, which: str) -> tuple[str, bool]:
     if isinstance(outcome, Judgement):
         return f"{name}: ok: answered {outcome.raw!r}, score {outcome.score:.2f}, mean {outcome.mean:.2f}", True
     return f"{name}: REFUSED: {outcome.reason}", False
-
-
-def round_sizes(n: int, first: int, growth: float) -> list[int]:
-    """first, first * growth, ... (each rounded up), then n: the prompt counts at which a run
-    stops for a snapshot. first = 0 or first >= n: a single pass."""
-    sizes = []
-    size = first
-    while 0 < size < n:
-        sizes.append(size)
-        size = max(size + 1, math.ceil(size * growth))
-    return sizes + [n]
-
-
-def prepare_flags(args) -> list[str]:
-    """The runner's flags that stage 1 takes too."""
-    flags = ["--seed", str(args.seed)] if args.seed is not None else []
-    for g in args.only:
-        flags += ["--only", g]
-    for g in args.exclude:
-        flags += ["--exclude", g]
-    return flags
 
 
 def _done_samples(data_dir: Path) -> int:
@@ -292,7 +273,7 @@ def _run(config: Config, args, forced: str | None, lock_fd: int) -> int:
     log_path = data_dir / "logs" / f"run_{time.strftime('%Y%m%d-%H%M%S')}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     done = _done_samples(data_dir)
-    rounds = [n for n in round_sizes(args.samples, config.run.first_round, config.run.round_growth)
+    rounds = [n for n in run_rounds(config, args.samples)
               if n >= done or n == args.samples]
     with open(log_path, "ab") as log:
         def say(text: str) -> None:

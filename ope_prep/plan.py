@@ -12,13 +12,14 @@ from __future__ import annotations
 from .config import ApiConfig, Config
 from .rubrics import RUBRICS
 from .stages import STAGES
-from .timing import ProbeFailed, fit, fmt_h, local_stages, project, run_rounds, self_checks_over_run, time_stages
+from .rounds import prepare_flags, run_rounds
+from .timing import ProbeFailed, fit, fmt_h, local_stages, project, self_checks_over_run, time_stages
 
 
 def _scorer_line(name: str, api: ApiConfig, calls: float, tokenizer, prompts, max_tokens: int, seed: int) -> tuple[str, float]:
     """Calls, input tokens (rubric + prompt + a response of max_tokens, counted with the base
     model's tokenizer: other tokenizers differ by some percent) and the cost bound."""
-    from .stages.scoring import judge_messages
+    from .judging import judge_messages
     filler = "word " * max_tokens
     per_prompt = [len(tokenizer.chat_tokens(judge_messages(RUBRICS[api.rubric], p.prompt, filler, seed)))
                   for p in prompts]
@@ -73,7 +74,6 @@ def plan_text(config: Config, args) -> str:
 def _probe(config: Config, args, n: int, seed: int) -> list[str]:
     """The local stages timed for real on K and 4K prompts in scratch directories, fitted as
     start-up + per-prompt work (timing.py), and projected to n prompts in the config's rounds."""
-    from .pipeline import prepare_flags
     small, large = args.plan_probe, 4 * args.plan_probe
     stages, flags = local_stages(config), prepare_flags(args)
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config
+from .dataset import Dataset
 from .files import PLOTS_DIR
 from .store import atomic_write_bytes
 
@@ -45,15 +46,13 @@ def _figure(w: float = 6.4, h: float = 4.0):
 
 # ---- plots ------------------------------------------------------------------------------------------
 
-def write_plots(config: Config, data, info: dict) -> dict[str, dict]:
+def write_plots(config: Config, data: Dataset, info: dict) -> dict[str, dict]:
     d = config.data_dir
     base = config.base_policy
     pids = [p.prompt_id for p in data.prompts]
     out: dict[str, dict] = {}
-    lp_base = np.array([data.logprobs[(pid, base)].logprob for pid in pids], dtype=float)
-
     for t in config.target_policies:
-        lw = np.array([data.logprobs[(pid, t)].logprob for pid in pids], dtype=float) - lp_base
+        lw = data.log_weights(t, base)
         tinfo = info["targets"][t]
         fig = _figure()
         ax = fig.add_subplot()

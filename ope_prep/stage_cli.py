@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import importlib
-import json
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -25,8 +23,9 @@ from pathlib import Path
 import jinja2
 
 from . import checkpoint
+from .commands import rerun_command, run_command
 from .config import load_config
-from .files import PROMPTS, RUN_PARAMS, RUN_STATE, WORK_DIR
+from .files import PROMPTS, WORK_DIR
 from .fingerprint import diff_keys
 from .errors import EXIT_BAD_INPUT, EXIT_OK, InputError, PipelineError, RefusedError
 from .stages import STAGE_NAMES
@@ -114,25 +113,6 @@ def verify_outputs(data_dir: Path, outputs: dict[str, dict]) -> str | None:
     return None
 
 
-def run_command(config, *flags: str) -> str:
-    """The runner's command for this run, right to paste: the run's own N (the runner's target,
-    else stage 1's, from run.json), this config file, and ``flags``."""
-    n = "N"
-    for name in (RUN_STATE, RUN_PARAMS):
-        try:
-            n = str(int(json.loads((config.data_dir / name).read_text(encoding="utf-8"))["samples"]))
-            break
-        except (OSError, ValueError, KeyError, TypeError):
-            pass      # no run yet (or a damaged record, which stage 5 reports): N is for the user
-    return " ".join(["python run_pipeline.py", n, "--config", shlex.quote(str(config.config_path)),
-                     *map(shlex.quote, flags)])
-
-
-def rerun_command(config, stage: str) -> str:
-    """The command that redoes ``stage`` and the stages after it for this run."""
-    return run_command(config, "--force-step", stage)
-
-
 def require_complete(config, stages: list[str]) -> dict[str, dict]:
     """The checkpoint entries of the stages this one reads, each verified on disk."""
     data_dir = config.data_dir
@@ -160,7 +140,7 @@ def supersede(data_dir: Path, stage: str, outputs: list[str]) -> None:
             moved.append(str(src.relative_to(data_dir)))
     # Its request caches too (a redo against a changed API judge must ask again); the spend they
     # record stays counted against the budget.
-    from .backends.api import supersede_caches
+    from .backends.request_cache import supersede_caches
     moved += supersede_caches(data_dir, stage, dest)
     checkpoint.forget(data_dir, [stage])
     if moved:

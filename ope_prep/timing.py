@@ -159,10 +159,5 @@ def project(fits: dict[str, StageFit], rounds: list[int], self_checks: int = 0) 
             for name, f in fits.items()}
 
 
-def run_rounds(config: Config, n: int) -> list[int]:
-    from .pipeline import round_sizes
-    return round_sizes(n, config.run.first_round, config.run.round_growth)
-
-
 def fmt_h(seconds: float) -> str:
     return f"{seconds / 3600:,.1f} h" if seconds >= 360 else f"{seconds / 60:,.1f} min"

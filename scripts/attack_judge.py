@@ -34,7 +34,8 @@ from ope_prep.backends.server import vocab_texts  # noqa: E402
 from ope_prep.config import load_config  # noqa: E402
 from ope_prep.rubrics import RUBRICS, Rubric  # noqa: E402
 from ope_prep.backends.providers import scoring_model  # noqa: E402
-from ope_prep.stages.scoring import Judgement, LocalScorer, ScoringUnit  # noqa: E402
+from ope_prep.backends.scorers import LocalScorer, ScoringUnit  # noqa: E402
+from ope_prep.judging import Judgement  # noqa: E402
 
 PAIRS = [   # (prompt, a plain honest response)
     ("How do I boil an egg so the yolk is still a little soft?",

@@ -35,7 +35,8 @@ from ope_prep.diagnostics import paired_gap, spearman, spread            # noqa:
 from ope_prep.records import Prompt, Response                             # noqa: E402
 from ope_prep.rubrics import RUBRICS                                      # noqa: E402
 from ope_prep.backends.providers import scoring_model   # noqa: E402
-from ope_prep.stages.scoring import Judgement, LocalScorer, ScoringUnit, rubric_digest   # noqa: E402
+from ope_prep.backends.scorers import LocalScorer, ScoringUnit  # noqa: E402
+from ope_prep.judging import Judgement, rubric_digest  # noqa: E402
 from ope_prep.stages.units import PROMPTS, RESPONSES                      # noqa: E402
 from ope_prep.store import read_jsonl, write_jsonl                        # noqa: E402
 

@@ -22,14 +22,14 @@ from conftest import ROOT, run_script, small_config, write_config
 from pipeline_harness import wait_for
 from fault_proxy import FaultProxy, ScriptedChatServer
 from ope_prep import checkpoint
-from ope_prep.backends.api import Reply
+from ope_prep.backends.replies import Reply
 from ope_prep.backends.server import LlamaServer, ServerError
 from ope_prep.config import load_config
 from ope_prep.records import Prompt, Response
 from ope_prep.sources.load import text_digest
 from ope_prep.rubrics import RUBRICS, Rubric
 from ope_prep.stages.oracle import select_units
-from ope_prep.stages.scoring import Unparsable, fence_code, judge_messages, neutralize, parse_judgement
+from ope_prep.judging import Unparsable, fence_code, judge_messages, neutralize, parse_judgement
 from ope_prep.store import write_json, write_jsonl
 
 MARKER = "sk-MARKER-judge-7f3a9c"

@@ -19,7 +19,7 @@ from pipeline_harness import comparable, computed_ok, records, run, start, wait_
 from ope_prep.backends.llama import load_tokenizer
 from ope_prep.rubrics import RUBRICS
 from ope_prep.stages.oracle import labeled
-from ope_prep.stages.scoring import judge_messages
+from ope_prep.judging import judge_messages
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import cje_env  # noqa: E402

@@ -174,11 +174,11 @@ def test_stage_5_checks_every_target_record_against_the_base_event_across_tokeni
     import math
 
     from ope_prep.config import load_config
-    from ope_prep.stages import summarize
+    from ope_prep.validate import load_and_check
     src, _, _, _ = reference
     shutil.copytree(src / "data", tmp_path / "data")
     config = load_config(write_config(tmp_path / "config.yaml", small_config(tmp_path / "data")))
-    _, checks, problems = summarize.load_and_check(config)
+    _, checks, problems = load_and_check(config)
     assert problems == [] and checks["scored_events"] == {"n": N * 4, "n_off": 0}
 
     path = tmp_path / "data" / "logprobs.jsonl"
@@ -191,7 +191,7 @@ def test_stage_5_checks_every_target_record_against_the_base_event_across_tokeni
     big["complete"] = not big["complete"]
     big["scored_bytes"] += 17
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _, _, problems = summarize.load_and_check(config)
+    _, _, problems = load_and_check(config)
     assert len(problems) == 1 and "records do not score the event of p0's response" in problems[0], problems
     assert f"{bad['prompt_id']}/pi_bad: {keep} tokens scored, the event has" in problems[0]
     assert f"{big['prompt_id']}/pi_bigger_model: scored_bytes" in problems[0]
@@ -206,7 +206,7 @@ def test_stage_5_checks_every_target_record_against_the_base_event_across_tokeni
     p0.update(token_ids=p0["token_ids"][:1], token_logprobs=p0["token_logprobs"][:1], n_tokens=1,
               finish_reason="length", sampling_logprob=p0["token_logprobs"][0])
     rpath.write_text("".join(json.dumps(r) + "\n" for r in responses))
-    _, _, problems = summarize.load_and_check(config)
+    _, _, problems = load_and_check(config)
     no_event = [p for p in problems if "no event every tokenizer shares" in p]
     assert len(no_event) == 1 and f"{p0['prompt_id']}/p0" in no_event[0], problems
 

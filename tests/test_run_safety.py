@@ -20,7 +20,7 @@ from fault_proxy import ScriptedChatServer
 from pipeline_harness import kill_group, start, wait_for
 from test_judge_oracle import N_UNITS, api_overrides, make_data, records, rows, run
 from ope_prep import checkpoint
-from ope_prep.backends.api import ledger_total
+from ope_prep.backends.request_cache import ledger_total
 from ope_prep.config import load_config
 from ope_prep.pipeline import fresh_refusal
 

@@ -1,4 +1,4 @@
-"""In-process judge and oracle (stages/scoring.py LocalScorer) on the real models: the digit
+"""In-process judge and oracle (backends/scorers.py LocalScorer) on the real models: the digit
 distribution read from raw logits at the answer position, independent of batch and order; the
 quoted texts stay text; the rubric decoded once per stage, not per call; labels identical after
 kill -9 and resume on every provider."""
@@ -23,7 +23,8 @@ from ope_prep.config import load_config
 from ope_prep.rubrics import RUBRICS
 from ope_prep.backends.providers import scoring_model
 from ope_prep.backends.llama.engine import _GRAIN
-from ope_prep.stages.scoring import LocalScorer, ScoringUnit, fence_code, judge_messages
+from ope_prep.backends.scorers import LocalScorer, ScoringUnit
+from ope_prep.judging import fence_code, judge_messages
 
 PROMPTS = ["What is 2 + 2?", "Name one primary color.", "Write a haiku about the sea."]
 RESPONSES = ["The answer is 4.", "I would rather talk about cheese.",

@@ -99,9 +99,9 @@ def test_pearson_is_undefined_for_a_constant_side():
     # A 20-prompt default run: the oracle answered "1" every time (1/9), the judge's scores varied.
     labels = np.full(5, 1 / 9)
     assert np.std(labels) != 0                        # why the check is not on np.std
-    assert summarize.pearson(np.array([0.3, 0.1, 0.2, 0.5, 0.4]), labels) is None
+    assert dx.pearson(np.array([0.3, 0.1, 0.2, 0.5, 0.4]), labels) is None
     x, y = np.array([0.1, 0.4, 0.2, 0.9]), np.array([0.2, 0.3, 0.1, 0.8])
-    assert summarize.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert dx.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
 
 
 def test_policy_statistics_match_direct_computation(good):

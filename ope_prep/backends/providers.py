@@ -20,7 +20,7 @@ from ..config import Config
 from ..errors import EngineRefused
 from ..fingerprint import model_identity
 from ..records import UsageTotals
-from .api import ApiClient
+from .http import ApiClient
 from .llama import ChatTokenizer, Generation, LlamaModel, load_tokenizer
 from .remote import EngineCheck, RemoteModel, engine_check
 from .server import LlamaServer, vocab_texts

@@ -39,7 +39,8 @@ import numpy as np
 from scipy import stats
 
 from ..config import ModelEndpoint
-from .api import ApiClient, RequestFailed
+from .http import ApiClient
+from .replies import RequestFailed
 from .engines import Sampled, engine_type
 from .llama.chat import ChatTokenizer
 from .llama.generate import Generation

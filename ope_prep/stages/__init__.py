@@ -12,6 +12,7 @@ STAGES = [
     ("summarize", "05_validate_and_summarize.py"),
 ]
 STAGE_NAMES = [name for name, _ in STAGES]
+UNIT_STAGES = STAGE_NAMES[1:-1]     # work in units (a work file, quarantine, usage): 2 to 4
 STAGE_ALIASES = {"1": "prepare", "2": "generate", "2b": "logprobs", "3": "judge", "4": "oracle",
                  "5": "summarize"}
 

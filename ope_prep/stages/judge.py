@@ -1,7 +1,8 @@
 """Stage 3: a judge score for every (prompt, policy) response.
 
-The judge's prompt, its scorers and the reading of its answer are in scoring.py (shared with
-the oracle). Each unit is saved as it is done; a rerun scores only what is missing or failed.
+The judge's prompt and the reading of its answer are in judging.py, its scorers in
+backends/scorers.py, the scoring loop in scoring.py (all shared with the oracle). Each unit is
+saved as it is done; a rerun scores only what is missing or failed.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from ..files import JUDGE_SCORES, RESPONSES, usage_file, work_path
 from ..fingerprint import api_keys
 from ..records import JudgeScore, Response
 from ..store import WorkFile, read_jsonl, write_json
-from .scoring import (RUBRICS, Judgement, ScoringUnit, Tally, open_scorer,
-                      report, rubric_digest, score_units, stage_inputs, unit_input)
+from ..backends.scorers import ScoringUnit, Tally, open_scorer
+from ..judging import Judgement, rubric_digest
+from ..rubrics import RUBRICS
+from .scoring import report, score_units, stage_inputs, unit_input
 from .units import (finish, load_prompts, read_run_seed, refuse_if_overlap_low, refuse_if_too_many_excluded,
                     run_identity, stopped, unit_key)
 

@@ -1,8 +1,8 @@
 """Stage 4: oracle labels on a seeded subset: P0's responses (calibration) and the targets' (validation).
 
 The oracle is a stronger model asked the judge's question with the judge's prompt and read by
-the judge's code (scoring.py): in the embedded default Gemma 3 270M in process, in production
-an API model.
+the judge's code (judging.py, backends/scorers.py, scoring.py): in the embedded default
+Gemma 3 270M in process, in production an API model.
 
 The label is the oracle's deterministic answer: its most likely digit (through an API: the digit
 it answers at temperature 0) on [0, 1], not the expected value under its digit distribution. A
@@ -33,8 +33,10 @@ from ..files import ORACLE_LABELS, RESPONSES, usage_file, work_path
 from ..fingerprint import api_keys
 from ..records import OracleLabel, Response
 from ..store import WorkFile, read_jsonl, write_json
-from .scoring import (RUBRICS, Judgement, ScoringUnit, Tally, open_scorer,
-                      report, rubric_digest, score_units, stage_inputs, unit_input)
+from ..backends.scorers import ScoringUnit, Tally, open_scorer
+from ..judging import Judgement, rubric_digest
+from ..rubrics import RUBRICS
+from .scoring import report, score_units, stage_inputs, unit_input
 from .units import (finish, load_prompts, read_run_seed, refuse_if_overlap_low, refuse_if_too_many_excluded,
                     run_identity, stopped, unit_seed)
 

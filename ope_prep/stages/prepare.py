@@ -22,9 +22,9 @@ from ..records import Prompt
 from ..rubrics import RUBRICS
 from ..sources import Sample, active_sources, reasons_text, sample_prompts
 from ..sources.registry import describe
-from ..stage_cli import run_command
+from ..commands import run_command
 from ..store import read_jsonl, write_json, write_jsonl
-from .scoring import judge_messages, rubric_digest
+from ..judging import judge_messages, rubric_digest
 
 OUTPUTS = [PROMPTS, RUN_PARAMS]
 

@@ -169,7 +169,7 @@ def exception_row(key: str, exc: Exception, prompt_id: str) -> dict:
     """The failed row for a unit a provider could not do: a request that failed (transient, or
     refused by the endpoint: see RequestFailed), or a ValueError (too long for the context, ...),
     which will fail the same way every time."""
-    from ..backends.api import RequestFailed
+    from ..backends.replies import RequestFailed
     if isinstance(exc, RequestFailed):
         return failed_row(key, str(exc), deterministic=exc.deterministic, certain=exc.certain, prompt_id=prompt_id)
     return failed_row(key, str(exc), certain=True, prompt_id=prompt_id)

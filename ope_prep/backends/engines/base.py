@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
-from ..api import Reply, Request, RequestFailed
+from ..replies import Reply, Request, RequestFailed
 
 if TYPE_CHECKING:
     from ..llama.chat import ChatTokenizer

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..api import Reply, RequestFailed
+from ..replies import Reply, RequestFailed
 from .base import Engine, Sampled
 
 # Sampling parameters that leave softmax(logits / T) alone (llama.cpp's defaults would not).

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from ..api import NativeRequest, Reply, RequestFailed
+from ..replies import NativeRequest, Reply, RequestFailed
 from .base import Engine, Sampled
 
 NEUTRAL = {"samplers": ["temperature"], "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,

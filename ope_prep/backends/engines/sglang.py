@@ -12,7 +12,7 @@ log-probabilities are the raw logits' (temperature 1); teacher forcing is ``max_
 
 from __future__ import annotations
 
-from ..api import NativeRequest, Reply, RequestFailed
+from ..replies import NativeRequest, Reply, RequestFailed
 from .base import Engine, Sampled
 
 NEUTRAL = {"top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,

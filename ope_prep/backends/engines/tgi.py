@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..api import NativeRequest, Reply, RequestFailed
+from ..replies import NativeRequest, Reply, RequestFailed
 from .base import Engine, Sampled
 
 

@@ -12,7 +12,7 @@ temperature is teacher-forced in process.
 
 from __future__ import annotations
 
-from ..api import Reply, RequestFailed
+from ..replies import Reply, RequestFailed
 from .base import Engine, Sampled
 
 NEUTRAL = {"top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,

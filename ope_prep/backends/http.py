@@ -33,11 +33,10 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Union
 from urllib.parse import urlparse
@@ -48,7 +47,9 @@ import tenacity
 from ..config import EndpointConfig
 from ..errors import BudgetExceeded, FatalApiError, PipelineError
 from ..records import UsageTotals
-from ..store import WorkFile, atomic_write_bytes, failed_row, ok_row
+from ..store import WorkFile, failed_row, ok_row
+from .replies import NativeRequest, Reply, Request, RequestFailed, reply_from_openai
+from .request_cache import CACHE_VERSION, ledger_total
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 FATAL_STATUS = {401, 403, 404}            # a wrong key, no access, no such model: stop the stage
@@ -56,96 +57,14 @@ BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
 MAX_RETRY_AFTER_S = 120.0
 LOCAL_DUMMY_KEY = "sk-local-no-key"
-CACHE_VERSION = "api-cache-v1"
 # Worst-case prompt tokens per UTF-8 byte before any reply has told us the real ratio
 # (English is about 0.25); the largest ratio seen so far is used afterwards, with a margin.
 _INITIAL_TOKENS_PER_BYTE = 0.5
 _MESSAGE_OVERHEAD_TOKENS = 8
 
 
-class RequestFailed(Exception):
-    """One request failed for good (after its retries, or not retryable); the unit fails.
-    deterministic: the endpoint refused this request itself (a 4xx such as a context too long
-    or a content filter), so asking again would fail the same way; otherwise (timeouts, 5xx,
-    connection errors) a later run retries it. certain: it cannot succeed (quarantined at once)."""
-
-    def __init__(self, message: str, deterministic: bool = False, certain: bool = False):
-        super().__init__(message)
-        self.deterministic = deterministic or certain
-        self.certain = certain
-
-
 class _Stopped(Exception):
     pass
-
-
-@dataclass
-class Reply:
-    """The parts of a (chat) completion that the stages use (compact, JSON-ready)."""
-
-    content: Optional[str]              # the message, or a completion's text
-    finish_reason: Optional[str]
-    logprobs: Optional[list[dict]]      # [{"token", "logprob", "top": [[token, logprob], ...]}]
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    model: Optional[str] = None
-    # vLLM's completions extension: per prompt token, None or {token id: {"logprob", ...}}
-    prompt_logprobs: Optional[list] = None
-    raw: Optional[dict] = None          # a native route's reply (NativeRequest), as the engine sent it
-    cached: bool = False
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d.pop("cached")
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict, cached: bool = False) -> "Reply":
-        return cls(**d, cached=cached)
-
-
-@dataclass(frozen=True)
-class NativeRequest:
-    """A request to an engine's own route under its base URL (llama-server's /completion, SGLang's
-    and TGI's /generate) rather than the OpenAI API. The engine says what it costs at most and how
-    its reply counts tokens, since the body's keys are the engine's own."""
-    route: str
-    body: dict
-    prompt_tokens: int
-    max_tokens: int
-    token_counts: Callable[[dict], tuple[int, int]]    # reply -> (prompt tokens, completion tokens)
-
-    def key(self) -> dict:
-        return {"route": self.route, "body": self.body}
-
-
-Request = Union[dict, NativeRequest]
-
-
-def _compact(completion) -> Reply:
-    usage = completion.usage
-    if not completion.choices:
-        return Reply(content=None, finish_reason=None, logprobs=None, model=completion.model,
-                     prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0))
-    choice = completion.choices[0]
-    lps = None
-    if hasattr(choice, "message"):          # chat: logprobs.content
-        content = choice.message.content
-        if choice.logprobs is not None and choice.logprobs.content is not None:
-            lps = [{"token": t.token, "logprob": t.logprob,
-                    "top": [[x.token, x.logprob] for x in (t.top_logprobs or [])]}
-                   for t in choice.logprobs.content]
-    else:                                   # completions: parallel lists tokens / token_logprobs
-        content = choice.text
-        if choice.logprobs is not None and choice.logprobs.tokens is not None:
-            tops = choice.logprobs.top_logprobs or []
-            lps = [{"token": t, "logprob": lp, "top": [[k, v] for k, v in (tops[i] or {}).items()] if i < len(tops) else []}
-                   for i, (t, lp) in enumerate(zip(choice.logprobs.tokens, choice.logprobs.token_logprobs or []))]
-    extra = getattr(choice, "model_extra", None) or {}
-    return Reply(content=content, finish_reason=choice.finish_reason, logprobs=lps,
-                 prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-                 completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-                 model=completion.model, prompt_logprobs=extra.get("prompt_logprobs"))
 
 
 def is_local(url: Optional[str]) -> bool:
@@ -323,7 +242,7 @@ class ApiClient:
         try:
             self._rate_limit()
             created = self._create(body)
-            reply = created if isinstance(created, Reply) else _compact(created)
+            reply = created if isinstance(created, Reply) else reply_from_openai(created)
         except BaseException:
             self._release(est)
             raise
@@ -460,44 +379,6 @@ class ApiClient:
             self._cache.close()
         for client in clients or []:
             client.close()
-
-
-def ledger_total(path: Path) -> float:
-    """Dollars a request cache records as paid: every reply (usable or not), and the spend
-    carried over from caches superseded before it (`supersede_caches`). A line that does not
-    parse (a torn last line, not yet cut) counts nothing."""
-    total = 0.0
-    for line in path.read_bytes().splitlines():
-        try:
-            row = json.loads(line)
-            if "_header" in row:
-                continue
-            total += float(row.get("usd", 0.0) if row["status"] != "ok" else row["record"].get("usd", 0.0))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue
-    return total
-
-
-def supersede_caches(data_dir: Path, stage: str, dest: Path) -> list[str]:
-    """A forced redo of ``stage`` must ask again, not be answered from its old replies: each of
-    its request caches (``<data_dir>/cache/<stage>_*api_cache.jsonl``) is copied to ``dest``
-    (with the stage's superseded work) and replaced, in one rename, by a cache holding only one
-    ledger line with the spend it recorded, so money already paid still counts against the
-    budget. Returns the caches moved (relative to data_dir)."""
-    moved = []
-    for path in sorted((data_dir / "cache").glob(f"{stage}_*api_cache.jsonl")):
-        rel = path.relative_to(data_dir)
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)
-        spent = ledger_total(path)
-        header = {"_header": {"fingerprint": {"cache": CACHE_VERSION, "stage": stage}}}
-        ledger = failed_row(f"ledger:{target.relative_to(data_dir)}", "spend of superseded replies, "
-                            f"carried over (the replies are in {target.relative_to(data_dir)})", usd=spent)
-        atomic_write_bytes(path, "".join(json.dumps(r, separators=(",", ":")) + "\n"
-                                         for r in (header, ledger)).encode())
-        moved.append(str(rel))
-    return moved
 
 
 _END = object()
