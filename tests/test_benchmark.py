@@ -11,7 +11,8 @@ import sys
 
 from conftest import ROOT
 
-LAST_LINE = re.compile(r"tf_vs_prefill=(\S+) tf_vs_echo=(\S+) gen_vs_chat=(\S+)")
+LAST_LINE = re.compile(r"gen_vs_decode=(\S+) \(min (\S+), max (\S+)\) tf_vs_prefill=(\S+) "
+                       r"\(min (\S+), max (\S+)\) tf_vs_echo=(\S+) gen_vs_chat=(\S+)")
 
 
 def test_benchmark_runs_small_and_ends_with_the_ratio_line():
@@ -24,6 +25,21 @@ def test_benchmark_runs_small_and_ends_with_the_ratio_line():
     assert match, lines[-1]
     assert all(math.isfinite(float(x)) and float(x) > 0 for x in match.groups())
     assert "| teacher forcing, ours (teacher_force_many) |" in proc.stdout
+
+
+KEPT_LAST_LINE = re.compile(r"kept_vs_per_call=(\S+) \(min (\S+), max (\S+)\) score_vs_prefill=(\S+) "
+                            r"\(min (\S+), max (\S+)\)")
+
+
+def test_kept_prefix_benchmark_runs_small_and_ends_with_both_ratios():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kept_prefix.py"), "--units", "8",
+                           "--rounds", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    match = KEPT_LAST_LINE.fullmatch(lines[-1])
+    assert match, lines[-1]
+    assert all(math.isfinite(float(x)) and float(x) > 0 for x in match.groups())
+    assert "the same scores both ways on every unit" in proc.stdout
 
 
 SCORING_LAST_LINE = re.compile(r"score_vs_server=(\S+)")
