@@ -66,7 +66,7 @@ from llama_cpp import Llama  # noqa: E402
 
 from ope_prep.backends.llama import LlamaModel, load_tokenizer  # noqa: E402
 from ope_prep.config import load_config  # noqa: E402
-from ope_prep.sources import sample_prompts  # noqa: E402
+from ope_prep.sources.mix import sample_prompts  # noqa: E402
 from ope_prep.stages.logprobs import TF_SEQUENCES  # noqa: E402
 
 

@@ -21,7 +21,7 @@ process (/usr/bin/time; see `measure`); its wall time is measured from outside, 
 and imports included:
 
 * cold: the datasets cache emptied first, then the pipeline's own
-  `ope_prep.sources.sample_prompts(config, --samples, --seed)` (source.mix: one `arena` source
+  `ope_prep.sources.mix.sample_prompts(config, --samples, --seed)` (source.mix: one `arena` source
   with data_files; language en, max_prompt_chars 4000; other filters at their defaults). This
   includes the first read of the file (a local parquet source is read by row group with pyarrow,
   not converted to datasets' Arrow cache). Once per run.
@@ -248,7 +248,7 @@ def _digest_of(digests) -> str:
 
 def child_new(args, steps: _Steps) -> dict:
     from ope_prep.config import load_config
-    import ope_prep.sources as sources
+    import ope_prep.sources.mix as sources
     import ope_prep.sources.load as load
     steps.mark("import")
     timed = {"files_digest": 0.0, "open_source": 0.0}

@@ -46,11 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_main(rest + ([flag] if flag else []))
     scripts = dict(STAGES)
     if command in scripts:
-        from . import stage_cli
+        from . import runner
         add_args = None
         if command == "prepare":
             from .stages.prepare import add_args
-        return stage_cli.main(command, f"Stage {STAGE_NUMBERS[command]} ({command}), as python {scripts[command]}.",
+        return runner.main(command, f"Stage {STAGE_NUMBERS[command]} ({command}), as python {scripts[command]}.",
                               add_args, rest)
     print(f"error: ope-prep: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
     return 2

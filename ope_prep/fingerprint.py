@@ -1,17 +1,10 @@
 """Fingerprints: the config keys and inputs each stage depends on, flattened so that a change
-is listed key by key (`diff_keys`) when a run is refused."""
+is listed key by key (store.diff_keys) when a run is refused."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from pathlib import Path
-
 from .config import ApiConfig, Config, EndpointConfig
-
-DIGEST_CACHE = Path(os.environ.get("OPE_PREP_DIGEST_CACHE",
-                                   Path.home() / ".cache" / "ope_prep" / "file_digests.json"))
+from .digests import file_sha256
 
 
 def flatten(obj, prefix: str = "") -> dict[str, object]:
@@ -27,39 +20,6 @@ def flatten(obj, prefix: str = "") -> dict[str, object]:
             out.update(flatten(v, f"{prefix}{i}."))
         return out
     return {prefix.rstrip("."): obj}
-
-
-def diff_keys(old: dict[str, object], new: dict[str, object]) -> list[str]:
-    lines = []
-    for k in sorted(set(old) | set(new)):
-        if old.get(k, "<unset>") != new.get(k, "<unset>"):
-            lines.append(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}")
-    return lines
-
-
-def file_sha256(path: Path) -> str:
-    """A file's sha256, remembered per (path, size, mtime) in ~/.cache/ope_prep/file_digests.json,
-    so a multi-GB model is hashed once, not at every stage start."""
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    try:
-        cache = json.loads(DIGEST_CACHE.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cache = {}
-    if key not in cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        cache[key] = h.hexdigest()
-        try:
-            DIGEST_CACHE.parent.mkdir(parents=True, exist_ok=True)
-            tmp = DIGEST_CACHE.with_name(f"{DIGEST_CACHE.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache), encoding="utf-8")
-            tmp.replace(DIGEST_CACHE)
-        except OSError:
-            pass   # only a cache: the digest is still right
-    return cache[key]
 
 
 def model_identity(config: Config, model_key: str) -> dict[str, object]:
@@ -91,12 +51,12 @@ def api_keys(config: Config, which: str) -> dict[str, object]:
     api: ApiConfig = getattr(config, which)
     # Throughput, timeouts and money do not change results; everything else does.
     ignore = set(EndpointConfig.model_fields) - {"base_url"}
-    if api.provider == "local":     # grammar, max_tokens, top_logprobs: not used in process
+    if api.kind.in_process:     # grammar, max_tokens, top_logprobs: not used in process
         ignore |= {"grammar", "max_tokens", "top_logprobs", "base_url"}
     out = {f"{which}.{k}": v for k, v in api.model_dump().items() if k not in ignore}
-    if api.provider in ("local", "local_server"):
+    if api.kind.uses_model_file:
         out.update(flatten(model_identity(config, api.model), f"{which}.model_file."))
-    if api.provider == "local":
+    if api.kind.in_process:
         from .backends.llama import numeric_identity   # loads llama.cpp: only when it is used
         out.update(flatten(numeric_identity(), "llama_cpp."))
     return out

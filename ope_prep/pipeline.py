@@ -28,12 +28,12 @@ from pathlib import Path
 
 from . import checkpoint
 from .commands import rerun_command
-from .config import PROJECT_DIR, Config, load_config
+from .config import Config, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_UNITS_FAILED, ConfigError, PipelineError, RefusedError
-from .files import DATASET_INFO, RUN_PARAMS, RUN_STATE, SNAPSHOTS, WORK_DIR
+from .files import DATASET_INFO, PROJECT_DIR, RUN_PARAMS, RUN_STATE, SNAPSHOTS, WORK_DIR
 from .report import cje_line
 from .rounds import prepare_flags, run_rounds
-from .stage_cli import LOCK_FD_ENV, acquire_lock
+from .runner import LOCK_FD_ENV, acquire_lock
 from .stages import STAGE_ALIASES, STAGE_NAMES, STAGES, later_stages
 from .status import status_text, whole_run_eta
 from .store import fsync_dir, write_json
@@ -90,11 +90,11 @@ def check_providers(config: Config) -> int:
         print(r.line())
     ok = all(r.ok for r in results)
     for which in ("judge", "oracle"):
-        if getattr(config, which).provider != "local":
+        if not getattr(config, which).kind.in_process:
             line, passed = _probe_scorer(config, which)
             print(line)
             ok = ok and passed
-    if not keys and all(getattr(config, w).provider == "local" for w in ("judge", "oracle")):
+    if not keys and all(getattr(config, w).kind.in_process for w in ("judge", "oracle")):
         print("every model runs in process: nothing to check")
     return 0 if ok else EXIT_BAD_INPUT
 
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     try:
         # One lock for the whole run, taken before anything is written or renamed: another
         # runner, or a stage run by hand, is refused until this run ends; the stages this
-        # runner starts share it (stage_cli.inherited_lock).
+        # runner starts share it (runner.inherited_lock).
         lock = lock_data_dir(config, args.fresh)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -25,10 +25,10 @@ def _scorer_line(name: str, api: ApiConfig, calls: float, tokenizer, prompts, ma
                   for p in prompts]
     input_tokens = calls * sum(per_prompt) / len(per_prompt)
     output_tokens = calls * api.max_tokens
-    where = api.model if api.provider == "openai" else f"models.{api.model} ({api.provider})"
-    cost = api.usd(input_tokens, output_tokens) if api.provider == "openai" else 0.0
+    where = api.model if api.kind.priced else f"models.{api.model} ({api.provider})"
+    cost = api.usd(input_tokens, output_tokens) if api.kind.priced else 0.0
     line = (f"{name}: {calls:,.0f} calls to {where}; <= {input_tokens:,.0f} input tokens, {output_tokens:,.0f} "
-            f"output tokens" + (f"; <= ${cost:,.2f}" if api.provider == "openai" else ""))
+            f"output tokens" + (f"; <= ${cost:,.2f}" if api.kind.priced else ""))
     return line, cost
 
 

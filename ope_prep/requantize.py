@@ -16,7 +16,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from .fingerprint import file_sha256
+from .digests import file_sha256
 
 CACHE = Path(os.environ.get("OPE_PREP_MODEL_CACHE", Path.home() / ".cache" / "ope_prep" / "models"))
 

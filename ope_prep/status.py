@@ -17,9 +17,9 @@ from . import checkpoint
 from .config import Config
 from .errors import PipelineError
 from .files import PROMPTS, RUN_PARAMS, RUN_STATE, SNAPSHOTS, WORK_DIR
-from .stages import STAGE_NAMES
+from .stages import STAGE_NAMES, UNIT_STAGES
+from .stages.registry import stage_module
 from .store import count_records, is_quarantined
-from .stages.units import SELF_CHECKS_PER_POLICY
 
 WINDOW_S = 600.0
 
@@ -41,11 +41,8 @@ def _rows(path: Path) -> dict[str, dict]:
 
 
 def unit_totals(config: Config, n: int) -> dict[str, int]:
-    """Units each stage has for n prompts (the oracle's share is its expected count)."""
-    p = len(config.policies)
-    targets = len(config.target_policies)
-    return {"generate": n * p, "logprobs": n * p + p * min(n, SELF_CHECKS_PER_POLICY), "judge": n * p,
-            "oracle": round(n * config.oracle.calibration_fraction + n * targets * config.oracle.validation_fraction)}
+    """Units each unit stage has for n prompts (the oracle's share is its expected count)."""
+    return {stage: stage_module(stage).unit_count(config, n) for stage in UNIT_STAGES}
 
 
 def _stage_rows(data_dir: Path, stage: str) -> dict[str, dict]:

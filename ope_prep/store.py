@@ -30,7 +30,6 @@ from typing import Iterable, TypeVar
 import jsonlines
 
 from .errors import InputError, RefusedError
-from .fingerprint import diff_keys
 
 T = TypeVar("T")
 
@@ -138,6 +137,17 @@ def file_manifest(path: Path) -> dict:
         if path.suffix == ".json":
             json.loads(data)
     return {"sha256": hashlib.sha256(data).hexdigest(), "records": n}
+
+
+def diff_keys(old: dict[str, object], new: dict[str, object]) -> list[str]:
+    """The keys whose values differ (a fingerprint's, a stage's inputs'), each with its old and new
+    value; a digest (sha256 hex) by its first 12 digits, enough to tell two apart."""
+    def shown(v) -> str:
+        if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
+            return f"{v[:12]}…"
+        return repr(v)
+    return [f"{k}: {shown(old.get(k, '<unset>'))} -> {shown(new.get(k, '<unset>'))}"
+            for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
 
 
 class WorkFile:

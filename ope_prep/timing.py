@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import PROJECT_DIR, Config
-from .files import LOGPROBS, SELF_CONSISTENCY, usage_file
+from .config import Config
+from .files import LOGPROBS, PROJECT_DIR, SELF_CONSISTENCY, usage_file
 from .records import SelfCheck, TeacherForced
 from .stages import STAGES
 from .stages.units import self_check_prompts
@@ -59,7 +59,7 @@ def local_stages(config: Config) -> list[str]:
     """The stages that run on this machine, in order, up to the first that does not (an API
     judge, policies on an engine): a later stage needs its outputs. Nothing is paid to time them."""
     local = {"prepare", "generate", "logprobs", "summarize"}
-    local |= {name for name, api in (("judge", config.judge), ("oracle", config.oracle)) if api.provider != "openai"}
+    local |= {name for name, api in (("judge", config.judge), ("oracle", config.oracle)) if not api.kind.priced}
     if any(m.endpoint for m in config.models.values()):
         local -= {"generate", "logprobs"}
     stages = []

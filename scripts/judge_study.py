@@ -37,7 +37,7 @@ from ope_prep.rubrics import RUBRICS                                      # noqa
 from ope_prep.backends.providers import scoring_model   # noqa: E402
 from ope_prep.backends.scorers import LocalScorer, ScoringUnit  # noqa: E402
 from ope_prep.judging import Judgement, rubric_digest  # noqa: E402
-from ope_prep.stages.units import PROMPTS, RESPONSES                      # noqa: E402
+from ope_prep.files import PROMPTS, RESPONSES, work_path                   # noqa: E402
 from ope_prep.store import read_jsonl, write_jsonl                        # noqa: E402
 
 SET = ROOT / "benchmarks" / "judge_study_set.jsonl"
@@ -55,7 +55,7 @@ def make_set(data_dir: Path, out: Path, policies: list[str]) -> None:
     if (data_dir / RESPONSES).is_file():
         responses = read_jsonl(data_dir / RESPONSES, Response)
     else:
-        rows = read_jsonl(data_dir / "work" / "generate.jsonl")[1:]          # after the header
+        rows = read_jsonl(work_path(data_dir, "generate"))[1:]          # after the header
         responses = [Response(**r["record"]) for r in rows if r["status"] == "ok"]
     by_key = {(r.prompt_id, r.policy): r.response for r in responses}
     rows = [{"prompt_id": p.prompt_id, "policy": policy, "prompt": p.prompt, "response": by_key[p.prompt_id, policy]}

@@ -91,3 +91,19 @@ def test_run_benchmark_times_two_sizes_and_ends_with_the_projection_line(tmp_pat
     assert "in the config's 8 rounds (100, 200, 400, 800, 1600, 3200, 6400, 10000)" in out
     assert out_file.read_text() == out
     assert not (tmp_path / "data").exists()
+
+
+def test_judge_study_scores_a_small_set_and_a_rerun_prints_it_from_its_cache(tmp_path):
+    """scripts/judge_study.py on the first two prompts of the study set (6 responses), one scorer:
+    it scores them, and --cached-only then prints the same row without a model."""
+    rows = (ROOT / "benchmarks" / "judge_study_set.jsonl").read_text(encoding="utf-8").splitlines()
+    small = tmp_path / "set.jsonl"
+    small.write_text("\n".join(rows[:6]) + "\n", encoding="utf-8")
+    args = [sys.executable, str(ROOT / "scripts" / "judge_study.py"), "--set", str(small), "--models", "smollm2_135m",
+            "--rubrics", "verdict_0_1", "--cache", str(tmp_path / "cache")]
+    scored = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    row = re.search(r"^smollm2_135m verdict_0_1 .*$", scored.stdout, re.M)
+    assert row and "6 responses" in scored.stdout, scored.stdout
+    cached = subprocess.run(args + ["--cached-only"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert cached.returncode == 0 and row.group() in cached.stdout, cached.stdout

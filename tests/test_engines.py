@@ -33,11 +33,11 @@ def engine_config(data_dir, urls: dict, engine: str = "llama_cpp", **overrides) 
 def llama_servers(tmp_path_factory):
     """llama_cpp.server for each default model, as the pipeline manages it (one numeric path);
     one server per model, since a server with several loads one model at a time."""
-    from ope_prep.backends.server import LlamaServer
+    from ope_prep.backends.providers import managed_server
     from ope_prep.config import load_config
     base = tmp_path_factory.mktemp("engine_server")
     config = load_config(write_config(base / "config.yaml", small_config(base / "data")))
-    servers = {key: LlamaServer(config, [key], f"engine_test_{key}") for key in config.models}
+    servers = {key: managed_server(config, [key], f"engine_test_{key}") for key in config.models}
     try:
         yield {key: server.start() for key, server in servers.items()}
     finally:

@@ -23,7 +23,8 @@ from pipeline_harness import wait_for
 from fault_proxy import FaultProxy, ScriptedChatServer
 from ope_prep import checkpoint
 from ope_prep.backends.replies import Reply
-from ope_prep.backends.server import LlamaServer, ServerError
+from ope_prep.backends.providers import managed_server
+from ope_prep.backends.server import ServerError
 from ope_prep.config import load_config
 from ope_prep.records import Prompt, Response
 from ope_prep.sources.load import text_digest
@@ -122,7 +123,7 @@ def smollm_server(tmp_path_factory):
     """One real llama_cpp.server (through server.py) for the tests of the openai code path."""
     root = tmp_path_factory.mktemp("server")
     config = load_config(write_config(root / "config.yaml", small_config(root / "data")))
-    with LlamaServer(config, ["smollm2_135m"], stage="test") as server:
+    with managed_server(config, ["smollm2_135m"], stage="test") as server:
         yield server
 
 
@@ -248,7 +249,7 @@ def test_server_start_failure_is_clear(tmp_path):
     cfg = small_config(tmp_path / "data")
     cfg["models"]["smollm2_135m"]["path"] = str(bad)
     config = load_config(write_config(tmp_path / "config.yaml", cfg))
-    server = LlamaServer(config, ["smollm2_135m"], stage="judge", startup_timeout_s=60)
+    server = managed_server(config, ["smollm2_135m"], stage="judge", startup_timeout_s=60)
     with pytest.raises(ServerError) as e:
         server.start()
     assert "exited with code" in str(e.value) and "server_judge.log" in str(e.value)

@@ -276,3 +276,29 @@ def test_fresh_refuses_the_project_or_a_parent_of_it(tmp_path):
         assert "the project" in problem, problem     # with the config file too, if it holds that
     cfg = small_config(tmp_path / "data")
     assert fresh_refusal(load_config(write_config(tmp_path / "config.yaml", cfg))) is None
+
+
+def test_changed_keys_are_listed_with_their_values_and_a_digest_by_its_first_digits():
+    from ope_prep.store import diff_keys
+    old = {"run.seed": 42, "model.sha256": "a" * 64, "prepare.prompts.jsonl": "b" * 64, "gone": 1}
+    new = {"run.seed": 7, "model.sha256": "c" * 64, "prepare.prompts.jsonl": "b" * 64, "added": "x"}
+    assert diff_keys(old, new) == ["added: '<unset>' -> 'x'", "gone: 1 -> '<unset>'",
+                                   f"model.sha256: {'a' * 12}… -> {'c' * 12}…", "run.seed: 42 -> 7"]
+    assert diff_keys(new, new) == []
+
+
+def test_every_stage_answers_the_stage_interface_and_the_unit_counts_add_up(tmp_path):
+    """The runner, --status and --plan ask each stage module; the counts follow the config."""
+    from ope_prep.stages import STAGE_NAMES, UNIT_STAGES
+    from ope_prep.stages.registry import stage_module
+    from ope_prep.stages.units import SELF_CHECKS_PER_POLICY
+    config = load_config(write_config(tmp_path / "config.yaml", small_config(tmp_path / "data")))
+    p, n = len(config.policies), 300
+    counts = {s: stage_module(s).unit_count(config, n) for s in UNIT_STAGES}
+    assert counts["generate"] == counts["judge"] == n * p
+    assert counts["logprobs"] == n * p + p * SELF_CHECKS_PER_POLICY
+    for name in STAGE_NAMES:
+        module = stage_module(name)
+        assert isinstance(module.OUTPUTS, list) and module.OUTPUTS, name
+        if name != "summarize":      # summarize's estimate is the size of what is already there
+            assert module.disk_estimate(config, 2 * n) > module.disk_estimate(config, n) > 0, name

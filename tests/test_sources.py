@@ -16,7 +16,7 @@ from scipy import stats
 from conftest import ROOT, run_script, small_config, write_config
 from ope_prep.config import load_config
 from ope_prep.errors import InputError
-from ope_prep.sources import sample_prompts
+from ope_prep.sources.mix import sample_prompts
 from ope_prep.sources.registry import REGISTRY
 from ope_prep.sources.sharegpt import complete_records
 

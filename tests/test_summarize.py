@@ -19,7 +19,7 @@ from ope_prep import checkpoint  # noqa: E402
 from ope_prep import diagnostics as dx  # noqa: E402
 from ope_prep.config import load_config  # noqa: E402
 from ope_prep.errors import ValidationFailed  # noqa: E402
-from ope_prep.stage_cli import verify_outputs  # noqa: E402
+from ope_prep.runner import verify_outputs  # noqa: E402
 from ope_prep.stages import summarize  # noqa: E402
 from ope_prep.store import file_manifest  # noqa: E402
 

@@ -23,7 +23,7 @@ from ..records import UsageTotals
 from .http import ApiClient
 from .llama import ChatTokenizer, Generation, LlamaModel, load_tokenizer
 from .remote import EngineCheck, RemoteModel, engine_check
-from .server import LlamaServer, vocab_texts
+from .server import STARTUP_TIMEOUT_S, LlamaServer, ServedModel, vocab_texts
 
 # The engine check's prompts: short, varied, and the same for every run (asked anew every time).
 CHECK_PROMPTS = [
@@ -194,6 +194,14 @@ def scoring_model(config: Config, model_key: str) -> LlamaModel:
     return local_model(config, model_key, n_seq=min(8, len(config.policies) + 1))
 
 
+def managed_server(config: Config, model_keys: list[str], stage: str,
+                   startup_timeout_s: float = STARTUP_TIMEOUT_S) -> LlamaServer:
+    """A llama_cpp.server (not started) for the config's `model_keys`, its log in <data_dir>/logs."""
+    models = [ServedModel(key, config.model_path(key), config.models[key].n_ctx, config.models[key].chat_template)
+              for key in model_keys]
+    return LlamaServer(models, config.generation.n_threads, config.data_dir / "logs", stage, startup_timeout_s)
+
+
 @contextmanager
 def scoring_provider(config: Config, which: str, stage: str) -> Iterator[ScoringProvider]:
     """``config.<which>`` (judge or oracle) as a provider, closed on the way out. local_server gets
@@ -208,7 +216,7 @@ def scoring_provider(config: Config, which: str, stage: str) -> Iterator[Scoring
             yield ScoringProvider(model=model)
             return
         if api.provider == "local_server":
-            server = LlamaServer(config, [api.model], stage)
+            server = managed_server(config, [api.model], stage)
             stack.callback(server.stop)
 
             def connect() -> Optional[str]:

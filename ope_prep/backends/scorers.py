@@ -139,7 +139,7 @@ class ApiScorer:
         if self.api.grammar:
             # llama.cpp's own request field: for the local server, or an "openai" provider whose
             # base_url is a llama.cpp server; OpenAI's API itself would reject it.
-            if self.api.provider != "local_server" and not self.api.base_url:
+            if not self.api.takes_grammar:
                 raise PipelineError(f"{self.client.which}.grammar: OpenAI's API takes no grammar; set it "
                                     "only for a llama.cpp server (local_server, or a base_url)")
             body["grammar"] = f"root ::= [{self.rubric.lo}-{self.rubric.hi}]"

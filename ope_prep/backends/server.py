@@ -1,6 +1,6 @@
 """A managed `llama_cpp.server` on 127.0.0.1 for the judge and the oracle.
 
-    with LlamaServer(config, ["smollm2_135m"], stage="judge") as server:
+    with managed_server(config, ["smollm2_135m"], stage="judge") as server:   # providers.py
         client = OpenAI(base_url=server.base_url, ...)
 
 The server runs as a subprocess in its own process group (so a Ctrl-C in the terminal reaches
@@ -34,9 +34,10 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from ..config import Config
 from ..errors import EXIT_UNITS_FAILED, PipelineError
 
 STARTUP_TIMEOUT_S = 300.0
@@ -113,16 +114,27 @@ def _die_with_parent() -> None:   # runs in the child between fork and exec
         pass
 
 
-class LlamaServer:
-    """A llama_cpp.server subprocess serving the given `models` keys under their own names."""
+@dataclass(frozen=True)
+class ServedModel:
+    """One model the server serves, under its config key."""
+    key: str
+    path: Path
+    n_ctx: int
+    chat_template: Optional[str] = None     # the config's; None: the GGUF file's own
 
-    def __init__(self, config: Config, model_keys: list[str], stage: str,
+
+class LlamaServer:
+    """A llama_cpp.server subprocess serving `models` under their own keys, its log and JSON config
+    in `log_dir`."""
+
+    def __init__(self, models: list[ServedModel], n_threads: int, log_dir: Path, stage: str,
                  startup_timeout_s: float = STARTUP_TIMEOUT_S):
-        self.config = config
-        self.model_keys = list(dict.fromkeys(model_keys))
+        self.models = list({m.key: m for m in models}.values())
+        self.model_keys = [m.key for m in self.models]
+        self.n_threads = n_threads
         self.stage = stage
         self.startup_timeout_s = startup_timeout_s
-        self.log_dir = config.data_dir / "logs"
+        self.log_dir = log_dir
         self.log_path = self.log_dir / f"server_{stage}.log"
         self.config_path = self.log_dir / f"server_{stage}.json"
         self.proc: subprocess.Popen | None = None
@@ -133,16 +145,13 @@ class LlamaServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     # ---- config -----------------------------------------------------------------------
-    def _model_entry(self, key: str) -> dict:
-        m = self.config.models[key]
-        path = self.config.model_path(key)
-        entry = {"model": str(path), "model_alias": key, "logits_all": True, "n_ctx": m.n_ctx,
-                 "n_threads": self.config.generation.n_threads,
-                 "n_threads_batch": self.config.generation.n_threads,
+    def _model_entry(self, m: ServedModel) -> dict:
+        entry = {"model": str(m.path), "model_alias": m.key, "logits_all": True, "n_ctx": m.n_ctx,
+                 "n_threads": self.n_threads, "n_threads_batch": self.n_threads,
                  "n_batch": 512, "flash_attn": False, "verbose": False}
         if m.chat_template:
-            bos, eos, _ = vocab_texts(str(path))
-            tok_cfg = self.log_dir / f"server_{self.stage}_{key}_tokenizer_config.json"
+            bos, eos, _ = vocab_texts(str(m.path))
+            tok_cfg = self.log_dir / f"server_{self.stage}_{m.key}_tokenizer_config.json"
             tok_cfg.write_text(json.dumps({"chat_template": _GENERATION_PROMPT_SHIM + m.chat_template,
                                            "bos_token": bos, "eos_token": eos}), encoding="utf-8")
             entry.update(chat_format="hf-tokenizer-config", hf_tokenizer_config_path=str(tok_cfg))
@@ -151,7 +160,7 @@ class LlamaServer:
     def _write_config(self) -> None:
         self.port = free_port()
         cfg = {"host": "127.0.0.1", "port": self.port,
-               "models": [self._model_entry(k) for k in self.model_keys]}
+               "models": [self._model_entry(m) for m in self.models]}
         self.config_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
 
     # ---- lifecycle ----------------------------------------------------------------------

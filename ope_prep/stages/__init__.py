@@ -1,6 +1,4 @@
-"""The stages, in order. Each module has `fingerprint(config, args, ck)` (the config its work
-belongs to: a change is refused), `inputs(config, args, ck)` (what it read: a change redoes it,
-keeping finished units), `run(config, args, fp)` and OUTPUTS; optionally `cli_keys(args)`."""
+"""The stages' names, in order, and their scripts; the modules behind them: registry.py."""
 
 STAGES = [
     # (name, script)
@@ -20,3 +18,4 @@ STAGE_ALIASES = {"1": "prepare", "2": "generate", "2b": "logprobs", "3": "judge"
 def later_stages(name: str) -> list[str]:
     """`name` and every stage after it."""
     return STAGE_NAMES[STAGE_NAMES.index(name):]
+

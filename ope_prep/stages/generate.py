@@ -15,13 +15,12 @@ from dataclasses import asdict
 from ..backends.llama import response_text
 from ..backends.providers import model_usage, policy_model
 from ..config import Config
-from ..errors import BudgetExceeded, FatalApiError
-from ..files import RESPONSES, usage_file, work_path
+from ..files import RESPONSES, usage_file
 from ..fingerprint import policies_keys
 from ..records import Response, UsageTotals
 from ..store import WorkFile, failed_row, input_digest, ok_row, write_json
-from .units import (exception_row, finish, load_prompts, progress, read_run_seed, run_identity, stopped,
-                    unit_key, unit_seed, upstream_digests)
+from .units import (BYTES_PER_TOKEN, exception_row, finish, load_prompts, progress, read_run_seed, run_identity,
+                    stop_on_api_errors, unit_key, unit_seed, unit_work, upstream_digests, written_bytes)
 
 GENERATE_USAGE = usage_file("generate")
 OUTPUTS = [RESPONSES, GENERATE_USAGE]
@@ -35,37 +34,33 @@ def inputs(config: Config, args, ck: dict) -> dict:
     return upstream_digests(ck, ["prepare"])
 
 
+def unit_count(config: Config, n_prompts: int) -> int:
+    return n_prompts * len(config.policies)
+
+
+def disk_estimate(config: Config, n_prompts: int) -> int:
+    return written_bytes(unit_count(config, n_prompts), BYTES_PER_TOKEN * config.generation.max_tokens + 2000)
+
+
 def run(config: Config, args, fp: dict) -> dict:
     data_dir = config.data_dir
     prompts = load_prompts(data_dir)
     run_seed = read_run_seed(data_dir)
     keys = [unit_key(p.prompt_id, pol.name) for p in prompts for pol in config.policies]
-    work = WorkFile(work_path(data_dir, "generate"), fp,
-                    inputs={unit_key(p.prompt_id, pol.name): input_digest(p.prompt)
-                            for p in prompts for pol in config.policies},
-                    quarantine_after=config.run.quarantine_after)
-    if work.repaired_bytes:
-        print(f"[generate] cut a torn last line ({work.repaired_bytes} bytes) from {work.path}")
-    todo_total = sum(not work.settled(k) for k in keys)
-    print(f"[generate] {len(keys)} responses, {len(keys) - todo_total} already done")
-    bar = progress("generate", todo_total, "resp")
-    usage: dict[str, dict] = {}
-    try:
-        for model_key in dict.fromkeys(p.model for p in config.policies):
-            todo = [(p, pol) for p in prompts for pol in config.policies
-                    if pol.model == model_key and not work.settled(unit_key(p.prompt_id, pol.name))]
-            if todo:
-                bar.set_description(f"[generate] {model_key}")
-                usage[model_key] = asdict(_generate_model(config, model_key, todo, run_seed, work, bar))
-    except (BudgetExceeded, FatalApiError) as e:
-        raise stopped("generate", e, work, keys)
-    finally:
-        bar.close()
-    try:
+    inputs = {unit_key(p.prompt_id, pol.name): input_digest(p.prompt) for p in prompts for pol in config.policies}
+    with unit_work("generate", config, fp, inputs) as work:
+        todo_total = sum(not work.settled(k) for k in keys)
+        print(f"[generate] {len(keys)} responses, {len(keys) - todo_total} already done")
+        usage: dict[str, dict] = {}
+        with progress("generate", todo_total, "resp") as bar, stop_on_api_errors("generate", work, keys):
+            for model_key in dict.fromkeys(p.model for p in config.policies):
+                todo = [(p, pol) for p in prompts for pol in config.policies
+                        if pol.model == model_key and not work.settled(unit_key(p.prompt_id, pol.name))]
+                if todo:
+                    bar.set_description(f"[generate] {model_key}")
+                    usage[model_key] = asdict(_generate_model(config, model_key, todo, run_seed, work, bar))
         usage_manifest = write_json(data_dir / GENERATE_USAGE, usage)
         return {**finish("generate", data_dir, [work], {RESPONSES: keys}), GENERATE_USAGE: usage_manifest}
-    finally:
-        work.close()
 
 
 def _generate_model(config: Config, model_key: str, todo: list, run_seed: int, work: WorkFile, bar) -> UsageTotals:

@@ -22,22 +22,22 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, replace
-from typing import Union
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Optional, Union
 
 import numpy as np
 
 from .. import diagnostics as dx
 from ..backends.providers import PolicyModel, model_usage, policy_model, policy_tokenizers
 from ..config import Config
-from ..errors import BudgetExceeded, FatalApiError
 from ..events import NoSharedEvent, ScoredEvent, scored_event
-from ..files import LOGPROBS, OVERLAP, RESPONSES, SELF_CONSISTENCY, usage_file, work_path
+from ..files import LOGPROBS, OVERLAP, RESPONSES, SELF_CONSISTENCY, usage_file
 from ..fingerprint import policies_keys
-from ..records import Response, SelfCheck, TeacherForced
+from ..records import Prompt, Response, SelfCheck, TeacherForced, UsageTotals
 from ..store import WorkFile, failed_row, input_digest, ok_row, read_jsonl, write_json
-from .units import (exception_row, finish, load_prompts, low_overlap_targets, progress, read_run_seed,
-                    run_identity, self_check_prompts, stopped, unit_key, upstream_digests)
+from .units import (BYTES_PER_TOKEN, SELF_CHECKS_PER_POLICY, exception_row, finish, load_prompts,
+                    low_overlap_targets, progress, read_run_seed, run_identity, self_check_prompts,
+                    stop_on_api_errors, unit_key, unit_work, upstream_digests, written_bytes)
 
 LOGPROBS_USAGE = usage_file("logprobs")
 OUTPUTS = [LOGPROBS, SELF_CONSISTENCY, OVERLAP, LOGPROBS_USAGE]
@@ -60,36 +60,77 @@ def self_key(prompt_id: str, policy: str) -> str:
 
 # ---- the stage ------------------------------------------------------------------------------
 
-def run(config: Config, args, fp: dict) -> dict:
-    data_dir = config.data_dir
-    prompts = load_prompts(data_dir)
-    run_seed = read_run_seed(data_dir)
+def unit_count(config: Config, n_prompts: int) -> int:
+    """Every response teacher-forced, and each policy's self-checks."""
+    p = len(config.policies)
+    return n_prompts * p + p * min(n_prompts, SELF_CHECKS_PER_POLICY)
+
+
+def disk_estimate(config: Config, n_prompts: int) -> int:
+    per_token = BYTES_PER_TOKEN * config.generation.max_tokens
+    return written_bytes(n_prompts * len(config.policies), 2 * (per_token + 500))
+
+
+@dataclass
+class LogprobUnits:
+    """What stage 2b scores: the prompts whose base response exists, each response by (prompt,
+    policy), which prompts each policy self-checks, the unit keys, and each unit's input digest."""
+    prompts: list[Prompt]
+    responses: dict[tuple[str, str], Response]
+    checked: dict[str, set[str]]          # policy -> its self-checked prompt ids
+    tf_keys: list[str]
+    self_keys: list[str]
+    inputs: dict[str, str]
+
+
+def plan_units(config: Config, prompts: list[Prompt], responses: list[Response], run_seed: int) -> LogprobUnits:
+    """The self-checks are chosen among all the run's prompts (as stage 5 does). A prompt whose
+    base response was quarantined in stage 2 has nothing to score (it is left out of the
+    dataset); a policy's quarantined response has no self-check."""
     base = config.base_policy
-    base_model = config.policy(base).model
-    responses = {(r.prompt_id, r.policy): r for r in read_jsonl(data_dir / RESPONSES, Response)}
-    # The self-checks are chosen among all the run's prompts (as stage 5 does). A prompt whose
-    # base response was quarantined in stage 2 has nothing to score (it is left out of the
-    # dataset); a policy's quarantined response has no self-check.
+    by_unit = {(r.prompt_id, r.policy): r for r in responses}
     all_pids = [p.prompt_id for p in prompts]
-    prompts = [p for p in prompts if (p.prompt_id, base) in responses]
+    prompts = [p for p in prompts if (p.prompt_id, base) in by_unit]
     pids = [p.prompt_id for p in prompts]
     checked = {pol.name: {pid for pid in self_check_prompts(run_seed, all_pids, pol.name)
-                          if (pid, base) in responses and (pid, pol.name) in responses}
+                          if (pid, base) in by_unit and (pid, pol.name) in by_unit}
                for pol in config.policies}
-    tf_keys = [unit_key(pid, pol.name) for pid in pids for pol in config.policies]
-    self_keys = [self_key(pid, pol.name) for pid in pids for pol in config.policies if pid in checked[pol.name]]
-    by_id = {p.prompt_id: p.prompt for p in prompts}
-    unit_inputs = {unit_key(pid, pol.name): input_digest(by_id[pid], asdict(responses[(pid, base)]))
-                   for pid in pids for pol in config.policies}
-    unit_inputs.update({self_key(pid, pol.name): input_digest(by_id[pid], asdict(responses[(pid, pol.name)]))
-                        for pid in pids for pol in config.policies if pid in checked[pol.name]})
-    work = WorkFile(work_path(data_dir, "logprobs"), fp, inputs=unit_inputs,
-                    quarantine_after=config.run.quarantine_after)
-    todo_total = sum(not work.settled(k) for k in tf_keys + self_keys)
-    print(f"[logprobs] {len(tf_keys)} teacher-forced log-probabilities and {len(self_keys)} self-checks, "
-          f"{len(tf_keys) + len(self_keys) - todo_total} already done")
+    text = {p.prompt_id: p.prompt for p in prompts}
+    tf = {unit_key(pid, pol.name): input_digest(text[pid], asdict(by_unit[(pid, base)]))
+          for pid in pids for pol in config.policies}
+    own = {self_key(pid, pol.name): input_digest(text[pid], asdict(by_unit[(pid, pol.name)]))
+           for pid in pids for pol in config.policies if pid in checked[pol.name]}
+    return LogprobUnits(prompts, by_unit, checked, list(tf), list(own), {**tf, **own})
 
-    model_keys = list(dict.fromkeys(p.model for p in config.policies))
+
+def run(config: Config, args, fp: dict) -> dict:
+    data_dir = config.data_dir
+    units = plan_units(config, load_prompts(data_dir), read_jsonl(data_dir / RESPONSES, Response),
+                       read_run_seed(data_dir))
+    all_keys = units.tf_keys + units.self_keys
+    with unit_work("logprobs", config, fp, units.inputs) as work:
+        todo_total = sum(not work.settled(k) for k in all_keys)
+        print(f"[logprobs] {len(units.tf_keys)} teacher-forced log-probabilities and {len(units.self_keys)} "
+              f"self-checks, {len(all_keys) - todo_total} already done")
+        event = _event_of(config, units.responses)
+        usage: dict[str, dict] = {}
+        with progress("logprobs", todo_total, "seq") as bar, stop_on_api_errors("logprobs", work, all_keys):
+            for model_key in dict.fromkeys(p.model for p in config.policies):
+                spent = _score_model(config, model_key, units, event, work, bar)
+                if spent is not None:
+                    usage[model_key] = asdict(spent)
+        usage_manifest = write_json(data_dir / LOGPROBS_USAGE, usage)
+        manifests = finish("logprobs", data_dir, [work], {LOGPROBS: units.tf_keys, SELF_CONSISTENCY: units.self_keys})
+    figures = overlap_figures(config, read_jsonl(data_dir / LOGPROBS, TeacherForced))
+    print_overlap(config, figures)
+    return {**manifests, OVERLAP: write_json(data_dir / OVERLAP, {"base_policy": config.base_policy, "targets": figures}),
+            LOGPROBS_USAGE: usage_manifest}
+
+
+def _event_of(config: Config, responses: dict) -> Callable[[str], Union[ScoredEvent, NoSharedEvent]]:
+    """prompt id -> the event every policy scores for its base response (events.py), each
+    computed once; a response without one gets its NoSharedEvent."""
+    base, base_model = config.base_policy, config.policy(config.base_policy).model
     tokenizers, vocab = policy_tokenizers(config)
     events: dict[str, Union[ScoredEvent, NoSharedEvent]] = {}
 
@@ -100,44 +141,31 @@ def run(config: Config, args, fp: dict) -> dict:
             except NoSharedEvent as e:
                 events[pid] = e
         return events[pid]
+    return event
 
-    bar = progress("logprobs", todo_total, "seq")
-    wanted = set(tf_keys) | set(self_keys)
-    usage: dict[str, dict] = {}
+
+def _score_model(config: Config, model_key: str, units: LogprobUnits, event, work: WorkFile, bar) -> Optional[UsageTotals]:
+    """Score one model's policies' units not yet settled, PROMPTS_PER_CALL prompts at a time, each
+    batch saved as it is done; None when it had none to do."""
+    policies = [pol for pol in config.policies if pol.model == model_key]
+    wanted = set(units.inputs)
+    todo = [p for p in units.prompts if any(k in wanted and not work.settled(k) for pol in policies
+                                            for k in (unit_key(p.prompt_id, pol.name), self_key(p.prompt_id, pol.name)))]
+    if not todo:
+        return None
+    bar.set_description(f"[logprobs] {model_key}")
+    model = policy_model(config, model_key, TF_SEQUENCES, "logprobs")
+    tokens, started = 0, time.perf_counter()
     try:
-        for model_key in model_keys:
-            policies = [pol for pol in config.policies if pol.model == model_key]
-            todo = [p for p in prompts if any(k in wanted and not work.settled(k) for pol in policies
-                                              for k in (unit_key(p.prompt_id, pol.name), self_key(p.prompt_id, pol.name)))]
-            if not todo:
-                continue
-            bar.set_description(f"[logprobs] {model_key}")
-            model = policy_model(config, model_key, TF_SEQUENCES, "logprobs")
-            tokens, started = 0, time.perf_counter()
-            try:
-                for i in range(0, len(todo), PROMPTS_PER_CALL):
-                    rows = _score_prompts(config, model, model_key, todo[i:i + PROMPTS_PER_CALL], policies,
-                                          responses, event, checked, work)
-                    work.append(rows)
-                    tokens += sum(r["record"]["n_tokens"] for r in rows if r["status"] == "ok" and "n_tokens" in r["record"])
-                    bar.update(len(rows))
-                usage[model_key] = asdict(replace(model_usage(model, tokens),
-                                                  seconds=round(time.perf_counter() - started, 3)))
-            finally:
-                model.close()
-    except (BudgetExceeded, FatalApiError) as e:
-        raise stopped("logprobs", e, work, tf_keys + self_keys)
+        for i in range(0, len(todo), PROMPTS_PER_CALL):
+            rows = _score_prompts(config, model, model_key, todo[i:i + PROMPTS_PER_CALL], policies,
+                                  units.responses, event, units.checked, work)
+            work.append(rows)
+            tokens += sum(r["record"]["n_tokens"] for r in rows if r["status"] == "ok" and "n_tokens" in r["record"])
+            bar.update(len(rows))
+        return replace(model_usage(model, tokens), seconds=round(time.perf_counter() - started, 3))
     finally:
-        bar.close()
-    try:
-        usage_manifest = write_json(data_dir / LOGPROBS_USAGE, usage)
-        manifests = finish("logprobs", data_dir, [work], {LOGPROBS: tf_keys, SELF_CONSISTENCY: self_keys})
-        figures = overlap_figures(config, read_jsonl(data_dir / LOGPROBS, TeacherForced))
-        print_overlap(config, figures)
-        return {**manifests, OVERLAP: write_json(data_dir / OVERLAP, {"base_policy": base, "targets": figures}),
-                LOGPROBS_USAGE: usage_manifest}
-    finally:
-        work.close()
+        model.close()
 
 
 def overlap_figures(config: Config, records: list[TeacherForced]) -> dict[str, dict]:

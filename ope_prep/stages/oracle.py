@@ -24,21 +24,21 @@ The two splits have their own work files and their own unit keys (``calibration/
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from itertools import chain
 
 from ..config import Config
-from ..errors import BudgetExceeded, FatalApiError
-from ..files import ORACLE_LABELS, RESPONSES, usage_file, work_path
+from ..files import ORACLE_LABELS, RESPONSES, usage_file
 from ..fingerprint import api_keys
 from ..records import OracleLabel, Response
-from ..store import WorkFile, read_jsonl, write_json
+from ..store import read_jsonl, write_json
 from ..backends.scorers import ScoringUnit, Tally, open_scorer
 from ..judging import Judgement, rubric_digest
 from ..rubrics import RUBRICS
 from .scoring import report, score_units, stage_inputs, unit_input
 from .units import (finish, load_prompts, read_run_seed, refuse_if_overlap_low, refuse_if_too_many_excluded,
-                    run_identity, stopped, unit_seed)
+                    run_identity, stop_on_api_errors, unit_seed, unit_work, written_bytes)
 
 ORACLE_USAGE = usage_file("oracle")
 OUTPUTS = [ORACLE_LABELS, ORACLE_USAGE]
@@ -72,6 +72,17 @@ def split_key(split: str, r: Response) -> str:
     return f"{split}/{r.prompt_id}/{r.policy}"
 
 
+def unit_count(config: Config, n_prompts: int) -> int:
+    """Its expected count: the calibration share of the base's responses, the validation share of
+    the targets'."""
+    o = config.oracle
+    return round(n_prompts * o.calibration_fraction + n_prompts * len(config.target_policies) * o.validation_fraction)
+
+
+def disk_estimate(config: Config, n_prompts: int) -> int:
+    return written_bytes(n_prompts * len(config.policies), 1000)
+
+
 def run(config: Config, args, fp: dict) -> dict:
     data_dir = config.data_dir
     prompts = {p.prompt_id: p.prompt for p in load_prompts(data_dir)}
@@ -80,12 +91,9 @@ def run(config: Config, args, fp: dict) -> dict:
     units = {s: [ScoringUnit(split_key(s, r), r.prompt_id, r.policy, prompts[r.prompt_id], r.response)
                  for r in selected[s]] for s in SPLITS}
     keys = {s: [u.key for u in units[s]] for s in SPLITS}
-    works = {s: WorkFile(work_path(data_dir, f"oracle_{s}"), fp, inputs={u.key: unit_input(u) for u in units[s]},
-                         quarantine_after=config.run.quarantine_after) for s in SPLITS}
-    try:
-        for s, w in works.items():
-            if w.repaired_bytes:
-                print(f"[oracle] cut a torn last line ({w.repaired_bytes} bytes) from {w.path}")
+    with ExitStack() as open_works:
+        works = {s: open_works.enter_context(unit_work("oracle", config, fp, {u.key: unit_input(u) for u in units[s]},
+                                                       name=f"oracle_{s}")) for s in SPLITS}
         todo = {s: [u for u in units[s] if not works[s].settled(u.key)] for s in SPLITS}
         print(f"[oracle] {len(keys['calibration'])} calibration labels ({config.base_policy}), "
               f"{len(keys['validation'])} validation labels ({', '.join(config.target_policies)}); "
@@ -105,10 +113,9 @@ def run(config: Config, args, fp: dict) -> dict:
         tally = Tally()
         with open_scorer(config, "oracle", "oracle", read_run_seed(data_dir), need_distribution=False) as scorer:
             try:
-                for s in SPLITS:
-                    score_units("oracle", scorer, works[s], todo[s], labeller(s), tally, desc=s)
-            except (BudgetExceeded, FatalApiError) as e:
-                raise stopped("oracle", e, *chain.from_iterable((works[s], keys[s]) for s in SPLITS))
+                with stop_on_api_errors("oracle", *chain.from_iterable((works[s], keys[s]) for s in SPLITS)):
+                    for s in SPLITS:
+                        score_units("oracle", scorer, works[s], todo[s], labeller(s), tally, desc=s)
             finally:
                 report("oracle", scorer, sum(len(t) for t in todo.values()), tally, time.monotonic() - started)
                 usage = write_json(data_dir / ORACLE_USAGE, asdict(scorer.usage(tally.failed)))
@@ -116,6 +123,3 @@ def run(config: Config, args, fp: dict) -> dict:
         labels = finish("oracle", data_dir, list(works.values()),
                         {ORACLE_LABELS: [k for s in SPLITS for k in keys[s]]})
         return {**labels, ORACLE_USAGE: usage}
-    finally:
-        for w in works.values():
-            w.close()

@@ -20,7 +20,7 @@ from ..files import PROMPTS, RUN_PARAMS
 from ..fingerprint import flatten, model_identity
 from ..records import Prompt
 from ..rubrics import RUBRICS
-from ..sources import Sample, active_sources, reasons_text, sample_prompts
+from ..sources.mix import Sample, active_sources, reasons_text, sample_prompts
 from ..sources.registry import describe
 from ..commands import run_command
 from ..store import read_jsonl, write_json, write_jsonl
@@ -50,6 +50,18 @@ def add_args(parser) -> None:
 
 def samples(args) -> int:
     return 10000 if args.samples is None else args.samples
+
+
+def run_size(config: Config, args) -> int:
+    return samples(args)
+
+
+def unit_count(config: Config, n_prompts: int) -> int:
+    return n_prompts
+
+
+def disk_estimate(config: Config, n_prompts: int) -> int:
+    return n_prompts * (config.source.max_prompt_chars * 4 + 300)
 
 
 def run_seed(config: Config, args) -> int:
@@ -88,7 +100,7 @@ def inputs(config: Config, args, ck: dict) -> dict:
 def _scorers_with_known_context(config: Config) -> list[str]:
     """The judge and oracle whose context stage 1 can know: a models.<key> GGUF, in process or on
     our own llama_cpp.server (an API's context and tokenizer are its own)."""
-    return [which for which in ("judge", "oracle") if getattr(config, which).provider in ("local", "local_server")]
+    return [which for which in ("judge", "oracle") if getattr(config, which).kind.uses_model_file]
 
 
 def context_check(config: Config, seed: int):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Optional
 
 from tqdm import tqdm
 
 from .. import diagnostics as dx
-from ..errors import LowOverlap, PipelineError, TooManyExcluded, UnitsFailedError
-from ..files import OVERLAP, PROMPTS, QUARANTINE_DIR, RUN_PARAMS, quarantine_file, usage_file
+from ..errors import BudgetExceeded, FatalApiError, LowOverlap, PipelineError, TooManyExcluded, UnitsFailedError
+from ..files import OVERLAP, PROMPTS, QUARANTINE_DIR, RUN_PARAMS, quarantine_file, usage_file, work_path
 from ..records import Prompt, Quarantined
 from ..store import WorkFile, failed_row, read_jsonl, write_jsonl
 
@@ -19,6 +21,15 @@ from ..store import WorkFile, failed_row, read_jsonl, write_jsonl
 # Each policy's own responses teacher-forced by stage 2b to check its sampling propensities:
 # all of them up to this many prompts, this many (a seeded choice) beyond.
 SELF_CHECKS_PER_POLICY = 200
+
+# Disk estimates (Stage.disk_estimate): measured records are about 25 bytes per response token
+# and a few hundred bytes per unit; these are generous.
+BYTES_PER_TOKEN = 40
+
+
+def written_bytes(units: int, per_unit: int) -> int:
+    """What a unit stage writes: each unit's work line, then its final record."""
+    return 2 * units * per_unit
 
 
 def unit_key(prompt_id: str, policy: str) -> str:
@@ -125,6 +136,32 @@ def upstream_digests(ck: dict, stages: list[str]) -> dict:
     and keeps every unit whose own inputs are unchanged. Usage counts are no input."""
     return {f"{stage}.{rel}": m["sha256"] for stage in stages
             for rel, m in sorted(ck[stage]["outputs"].items()) if rel != usage_file(stage)}
+
+
+# ---- a unit stage's life cycle: open its work file(s), do the units, stop on budget or a fatal
+# API error saying what was kept, write the final files from the work (finish) -----------------
+
+@contextmanager
+def unit_work(stage: str, config, fp: dict, inputs: dict[str, str], name: Optional[str] = None) -> Iterator[WorkFile]:
+    """The stage's work file, work/<name or stage>.jsonl, of the units ``inputs`` names (key ->
+    input digest): a torn last line (a kill mid-write) is cut, and said; closed on the way out."""
+    work = WorkFile(work_path(config.data_dir, name or stage), fp, inputs=inputs,
+                    quarantine_after=config.run.quarantine_after)
+    try:
+        if work.repaired_bytes:
+            print(f"[{stage}] cut a torn last line ({work.repaired_bytes} bytes) from {work.path}")
+        yield work
+    finally:
+        work.close()
+
+
+@contextmanager
+def stop_on_api_errors(stage: str, *works_and_keys) -> Iterator[None]:
+    """A spent budget or a fatal API error ends the stage, saying what was kept (`stopped`)."""
+    try:
+        yield
+    except (BudgetExceeded, FatalApiError) as e:
+        raise stopped(stage, e, *works_and_keys)
 
 
 def finish(stage: str, data_dir: Path, works: list[WorkFile], outputs: dict[str, list[str]]) -> dict[str, dict]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import importlib
 import os
 import shutil
 import sys
@@ -26,10 +25,10 @@ from . import checkpoint
 from .commands import rerun_command, run_command
 from .config import load_config
 from .files import PROMPTS, WORK_DIR
-from .fingerprint import diff_keys
 from .errors import EXIT_BAD_INPUT, EXIT_OK, InputError, PipelineError, RefusedError
 from .stages import STAGE_NAMES
-from .store import count_records, file_manifest
+from .stages.registry import Stage, stage_module
+from .store import count_records, diff_keys, file_manifest
 
 
 
@@ -147,17 +146,6 @@ def supersede(data_dir: Path, stage: str, outputs: list[str]) -> None:
         print(f"[{stage}] --force: moved earlier work to {dest}: {', '.join(moved)}")
 
 
-def _what_changed(old: dict, new: dict) -> str:
-    """Changed keys; values only where they say something (a count, not a digest)."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if a != b:
-            digest = all(isinstance(v, str) and len(v) == 64 for v in (a, b) if v is not None)
-            out.append(k if digest else f"{k}: {a} -> {b}")
-    return "; ".join(out)
-
-
 def refusal(config, stage: str, old: dict, new: dict, cli_keys: dict[str, str]) -> RefusedError:
     """Why a completed stage's work cannot be reused, with the way out that fits the cause: a
     command-line argument (``cli_keys``: fingerprint key -> its flag, for the flags given) is
@@ -176,28 +164,18 @@ def refusal(config, stage: str, old: dict, new: dict, cli_keys: dict[str, str]) 
         f"or rerun from here with: {rerun_command(config, stage)}")
 
 
-def disk_estimate(config, stage: str, args) -> int:
-    """Bytes a stage may write (its work lines and final files), generously: measured sizes of
-    these records are about 25 bytes per response token and a few hundred bytes per unit."""
-    data_dir = config.data_dir
-    if stage == "prepare":
-        from .stages.prepare import samples
-        return samples(args) * (config.source.max_prompt_chars * 4 + 300)
-    units = count_records(data_dir / PROMPTS) * len(config.policies)
-    per_token = 40 * config.generation.max_tokens
-    per_unit = {"generate": per_token + 2000, "logprobs": 2 * (per_token + 500), "judge": 1000,
-                "oracle": 1000}.get(stage)
-    if per_unit is not None:
-        return 2 * units * per_unit             # the work file's lines, then the final file
-    # summarize: exports and reports about as large as everything before them
-    return 2 * sum(p.stat().st_size for p in data_dir.glob("*.jsonl"))
+def run_size(config, module: Stage, args) -> int:
+    """Prompts the run has once the stage is done: what stage 1 is asked for, what it wrote for
+    the later stages."""
+    sized = getattr(module, "run_size", None)
+    return sized(config, args) if sized else count_records(config.data_dir / PROMPTS)
 
 
-def check_disk(config, stage: str, args) -> None:
+def check_disk(config, stage: str, module: Stage, args) -> None:
     """Refuse to start a stage that could not finish writing its files."""
     data_dir = config.data_dir
     free = shutil.disk_usage(data_dir).free
-    need = disk_estimate(config, stage, args)
+    need = module.disk_estimate(config, run_size(config, module, args))
     spare = config.run.min_free_disk_mb * 2**20
     if free < need + spare:
         raise RefusedError(
@@ -211,7 +189,7 @@ def main(stage: str, description: str, add_args=None, argv=None) -> int:
     if add_args:
         add_args(parser)
     args = parser.parse_args(argv)
-    module = importlib.import_module(f"ope_prep.stages.{stage}")
+    module = stage_module(stage)
     started = time.time()
     try:
         config = load_config(args.config)
@@ -235,7 +213,7 @@ def main(stage: str, description: str, add_args=None, argv=None) -> int:
                 if entry.get("inputs") != inputs:
                     # A grown (or shrunk) run: the stage is redone for the new inputs, and every
                     # finished unit whose own inputs are unchanged is kept.
-                    print(f"[{stage}] its inputs changed ({_what_changed(entry.get('inputs') or {}, inputs)}): "
+                    print(f"[{stage}] its inputs changed ({'; '.join(diff_keys(entry.get('inputs') or {}, inputs))}): "
                           "updating; finished units whose own inputs are unchanged are kept")
                     checkpoint.forget(data_dir, [stage])
                 else:
@@ -245,7 +223,7 @@ def main(stage: str, description: str, add_args=None, argv=None) -> int:
                         return EXIT_OK
                     print(f"[{stage}] {problem}: redoing the stage (finished units are kept)")
                     checkpoint.forget(data_dir, [stage])
-            check_disk(config, stage, args)
+            check_disk(config, stage, module, args)
             outputs = module.run(config, args, fp)
             checkpoint.mark_complete(data_dir, stage, fp, outputs, inputs)
         print(f"[{stage}] complete in {time.time() - started:.1f}s")
