@@ -41,9 +41,31 @@ _USER_TEMPLATE = (
     "Rating (one digit, {lo}-{hi}):")
 
 
+# The worked examples' markers carry one word of these, chosen by the run seed (`example_code`):
+# a code a response cannot know, like a unit's, but a word, and 2 tokens instead of about 10. With
+# 12-hex codes on the examples the default oracle (Gemma 3 270M) labelled 61 of 63 study responses
+# good and agreed with the default judge at rho +0.10; with seed 42's word, 55 and +0.23, and every
+# judge prompt is about 150 tokens shorter (README, "Judge and oracle").
+_EXAMPLE_WORDS = (
+    "maple", "river", "cedar", "harbor", "meadow", "falcon", "canyon", "willow", "copper", "lantern",
+    "orchid", "glacier", "pebble", "thistle", "saffron", "juniper", "ember", "quartz", "heron", "tundra",
+    "walnut", "marble", "cobalt", "prairie", "sparrow", "lagoon", "granite", "birch", "cypress", "dune",
+    "fjord", "garnet", "hazel", "indigo", "jasper", "kestrel", "lichen", "mango", "nectar", "onyx",
+    "pine", "quill", "raven", "sage", "tulip", "umber", "violet", "wren", "yarrow", "zinnia",
+    "acorn", "basalt", "coral", "delta", "fern", "grove", "heath", "iris", "jade", "kelp",
+    "lotus", "moss", "nutmeg", "olive")
+
+
 def rubric_digest(rubric: Rubric) -> str:
-    """Identifies everything the judge is shown besides the unit: the rubric and the template."""
-    return hashlib.sha256(json.dumps([asdict(rubric), _USER_TEMPLATE]).encode()).hexdigest()[:16]
+    """Identifies everything the judge is shown besides the unit: the rubric, the template and
+    the examples' words."""
+    return hashlib.sha256(json.dumps([asdict(rubric), _USER_TEMPLATE, _EXAMPLE_WORDS]).encode()).hexdigest()[:16]
+
+
+def example_code(run_seed: int) -> str:
+    """The code on every worked example's markers: a word, from the run seed."""
+    h = hashlib.sha256(json.dumps([run_seed, "worked examples"]).encode()).digest()
+    return _EXAMPLE_WORDS[int.from_bytes(h[:8], "little") % len(_EXAMPLE_WORDS)]
 
 
 def fence_code(run_seed: int, *quoted: str) -> str:
@@ -81,10 +103,9 @@ def judge_messages(rubric: Rubric, prompt: str, response: str, run_seed: int,
                    specials: frozenset[str] = frozenset()) -> list[dict]:
     messages = [{"role": "system", "content": rubric.system}]
     for ex_prompt, ex_response, rating in rubric.examples:
-        # the examples' codes are the run's own too: a public code would be a marker to forge
-        messages.append({"role": "user", "content": _quote(
-            rubric, ex_prompt, ex_response, fence_code(run_seed, ex_prompt),
-            fence_code(run_seed, ex_prompt, ex_response))})
+        # the examples' code is the run's own too: a public one would be a marker to forge
+        code = example_code(run_seed)
+        messages.append({"role": "user", "content": _quote(rubric, ex_prompt, ex_response, code, code)})
         messages.append({"role": "assistant", "content": str(rating)})
     messages.append({"role": "user", "content": _quote(
         rubric, neutralize(prompt, specials), neutralize(response, specials),
