@@ -56,7 +56,7 @@ def main() -> None:
     config = load_config(args.config)
     stages = local_stages(config)
     rounds_of_run = run_rounds(config, args.n)
-    checks = self_checks_over_run(config, rounds_of_run, config.run.seed)
+    checks = self_checks_over_run(config, rounds_of_run)
     lines: list[str] = []
 
     def say(text: str = "") -> None:

@@ -41,12 +41,15 @@ _USER_TEMPLATE = (
     "Rating (one digit, {lo}-{hi}):")
 
 
-# The worked examples' markers carry one word of these, chosen by the run seed (`example_code`):
-# a code a response cannot know, like a unit's, but a word, and 2 tokens instead of about 10. With
-# 12-hex codes on the examples the default oracle (Gemma 3 270M) labelled 61 of 63 study responses
-# good and agreed with the default judge at rho +0.10; with seed 42's word, 55 and +0.23, and every
-# judge prompt is about 150 tokens shorter (README, "Judge and oracle").
-_EXAMPLE_WORDS = (
+# Every marker's code is made of these words: the worked examples' markers carry one, chosen by the
+# run seed (`example_code`), a unit's markers two, from the seed and the text (`fence_code`). A
+# word is 1-2 tokens where 12 hex digits were about 10. With 12-hex codes on the examples the
+# default oracle (Gemma 3 270M) labelled 61 of 63 study responses good and agreed with the default
+# judge at rho +0.10; with seed 42's word, 55 and +0.23. Two-word unit codes (12 hex digits before)
+# take about 70 of the ~770 tokens decoded per prompt for its four judge units: on 240 study
+# responses the judge took 14% less time and still put pi_bad below p0 (z +2.4, was +1.9); with a
+# 6-hex code it did not (z 0.0). README, "Judge and oracle".
+_CODE_WORDS = (
     "maple", "river", "cedar", "harbor", "meadow", "falcon", "canyon", "willow", "copper", "lantern",
     "orchid", "glacier", "pebble", "thistle", "saffron", "juniper", "ember", "quartz", "heron", "tundra",
     "walnut", "marble", "cobalt", "prairie", "sparrow", "lagoon", "granite", "birch", "cypress", "dune",
@@ -58,21 +61,24 @@ _EXAMPLE_WORDS = (
 
 def rubric_digest(rubric: Rubric) -> str:
     """Identifies everything the judge is shown besides the unit: the rubric, the template and
-    the examples' words."""
-    return hashlib.sha256(json.dumps([asdict(rubric), _USER_TEMPLATE, _EXAMPLE_WORDS]).encode()).hexdigest()[:16]
+    the markers' codes (a code of each kind stands for how codes are made)."""
+    codes = [example_code(0), fence_code(0, "")]
+    return hashlib.sha256(json.dumps([asdict(rubric), _USER_TEMPLATE, _CODE_WORDS, codes]).encode()).hexdigest()[:16]
 
 
 def example_code(run_seed: int) -> str:
     """The code on every worked example's markers: a word, from the run seed."""
     h = hashlib.sha256(json.dumps([run_seed, "worked examples"]).encode()).digest()
-    return _EXAMPLE_WORDS[int.from_bytes(h[:8], "little") % len(_EXAMPLE_WORDS)]
+    return _CODE_WORDS[int.from_bytes(h[:8], "little") % len(_CODE_WORDS)]
 
 
 def fence_code(run_seed: int, *quoted: str) -> str:
-    """A marker code from the run seed and a hash of the texts up to the one it encloses: the
-    prompt's from the prompt (so the judge prompts of one user prompt share their prefix), the
-    response's from the prompt and the response."""
-    return hashlib.sha256(json.dumps([run_seed, *quoted]).encode()).hexdigest()[:12]
+    """A marker code, two words, from the run seed and a hash of the texts up to the one it
+    encloses: the prompt's from the prompt (so the judge prompts of one user prompt share their
+    prefix), the response's from the prompt and the response. A text cannot hold its own code as
+    a marker of ours: `_quote` breaks up any copy of it."""
+    h = hashlib.sha256(json.dumps([run_seed, *quoted]).encode()).digest()
+    return " ".join(_CODE_WORDS[b % len(_CODE_WORDS)] for b in h[:2])     # 64 words: 4,096 codes
 
 
 _WORD_JOINER = "\u2060"

@@ -81,7 +81,7 @@ def _probe(config: Config, args, n: int, seed: int) -> list[str]:
     except ProbeFailed as e:
         return [f"Probe: {e}; no time projected"]
     rounds = run_rounds(config, n)
-    checks = self_checks_over_run(config, rounds, seed)
+    checks = self_checks_over_run(config, rounds)
     seconds = project(fits, rounds, checks)
     out = [f"Local wall time, timed on {small} and {large} prompts, fitted as start-up + per-prompt work, and "
            f"projected to {n:,} prompts in {len(rounds)} round(s) of the config (start-up once per round):"]

@@ -134,18 +134,12 @@ def fit(small: int, small_times: StageTimes, large: int, large_times: StageTimes
     return fits
 
 
-def self_checks_over_run(config: Config, rounds: list[int], run_seed: int) -> int:
+def self_checks_over_run(config: Config, rounds: list[int]) -> int:
     """How many self-checks stage 2b computes over a run that stops at each of `rounds`: a check
-    once computed is kept, and a larger round may choose other prompts. Counted on stand-in prompt
-    ids (the choice is a seeded hash of the id, so any ids give the same count in distribution)."""
+    once computed is kept (counted on stand-in prompt ids: the choice is by position)."""
     ids = [f"prompt-{i}" for i in range(rounds[-1])]
-    total = 0
-    for pol in config.policies:
-        chosen: set[str] = set()
-        for n in rounds:
-            chosen.update(self_check_prompts(run_seed, ids[:n], pol.name))
-        total += len(chosen)
-    return total
+    chosen = set().union(*(self_check_prompts(ids[:n]) for n in rounds))
+    return len(chosen) * len(config.policies)
 
 
 def project(fits: dict[str, StageFit], rounds: list[int], self_checks: int = 0) -> dict[str, float]:

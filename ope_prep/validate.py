@@ -223,12 +223,12 @@ def check_self_checks(rd: _Reading) -> None:
     self_checks = rd.read(SELF_CONSISTENCY, SelfCheck)
     if self_checks is None:
         return
-    data, seed = rd.data, rd.data.run.get("seed")
+    data = rd.data
     wanted = None
-    if rd.expected is not None and seed is not None:
+    if rd.expected is not None:
         # Chosen among all the run's prompts, as stage 2b chose them.
         wanted = {(pid, pol.name) for pol in rd.config.policies
-                  for pid in self_check_prompts(seed, data.all_prompt_ids, pol.name) if pid not in data.excluded}
+                  for pid in self_check_prompts(data.all_prompt_ids) if pid not in data.excluded}
     data.self_checks = _index(rd.problems, data, SELF_CONSISTENCY, self_checks, wanted)
     rd.problems.rule(SELF_CONSISTENCY, "records are malformed (token_logprobs: finite values <= 0)",
                      [f"line {i} {r.prompt_id}/{r.policy}" for i, r in enumerate(self_checks, 1)

@@ -696,17 +696,16 @@ def test_cli_damaged_or_missing_input_after_its_stage_completed(tmp_path):
     assert p.returncode != 0 and "oracle_labels.jsonl is missing" in p.stderr, p.stdout + p.stderr
 
 
-def test_self_checks_beyond_200_prompts_are_a_seeded_200_per_policy(tmp_path):
+def test_self_checks_beyond_200_prompts_are_the_samples_first_200(tmp_path):
     from ope_prep.stages.units import SELF_CHECKS_PER_POLICY, self_check_prompts
     ids = [f"q{i:04d}" for i in range(230)]
-    chosen = self_check_prompts(7, ids, "pi_bad")
-    assert len(chosen) == SELF_CHECKS_PER_POLICY == 200 and chosen == [i for i in ids if i in set(chosen)]
-    assert chosen == self_check_prompts(7, ids, "pi_bad")                  # seeded: the same again
-    assert chosen != self_check_prompts(8, ids, "pi_bad") != self_check_prompts(7, ids, "p0")
-    assert self_check_prompts(7, ids[:150], "pi_bad") == ids[:150]          # all of a small run
+    chosen = self_check_prompts(ids)
+    assert len(chosen) == SELF_CHECKS_PER_POLICY == 200 and chosen == ids[:200]
+    assert self_check_prompts(ids[:150]) == ids[:150]          # all of a small run
+    assert set(self_check_prompts(ids[:210])) <= set(chosen)   # a grown run keeps the checks it had
 
     run = make_run(tmp_path, n=230, seed=13, write=False)
-    keep = {pol: set(self_check_prompts(run.run_json["seed"], ids, pol)) for pol in POLICIES}
+    keep = {pol: set(self_check_prompts(ids)) for pol in POLICIES}
     every = run.rows["self_consistency.jsonl"]
     run.rows["self_consistency.jsonl"] = [r for r in every if r["prompt_id"] in keep[r["policy"]]]
     run.write()

@@ -36,7 +36,7 @@ from ..fingerprint import policies_keys
 from ..records import Prompt, Response, SelfCheck, TeacherForced, UsageTotals
 from ..store import WorkFile, failed_row, input_digest, ok_row, read_jsonl, write_json
 from .units import (BYTES_PER_TOKEN, SELF_CHECKS_PER_POLICY, exception_row, finish, load_prompts,
-                    low_overlap_targets, progress, read_run_seed, run_identity, self_check_prompts,
+                    low_overlap_targets, progress, run_identity, self_check_prompts,
                     stop_on_api_errors, unit_key, unit_work, upstream_digests, written_bytes)
 
 LOGPROBS_USAGE = usage_file("logprobs")
@@ -83,7 +83,7 @@ class LogprobUnits:
     inputs: dict[str, str]
 
 
-def plan_units(config: Config, prompts: list[Prompt], responses: list[Response], run_seed: int) -> LogprobUnits:
+def plan_units(config: Config, prompts: list[Prompt], responses: list[Response]) -> LogprobUnits:
     """The self-checks are chosen among all the run's prompts (as stage 5 does). A prompt whose
     base response was quarantined in stage 2 has nothing to score (it is left out of the
     dataset); a policy's quarantined response has no self-check."""
@@ -92,7 +92,7 @@ def plan_units(config: Config, prompts: list[Prompt], responses: list[Response],
     all_pids = [p.prompt_id for p in prompts]
     prompts = [p for p in prompts if (p.prompt_id, base) in by_unit]
     pids = [p.prompt_id for p in prompts]
-    checked = {pol.name: {pid for pid in self_check_prompts(run_seed, all_pids, pol.name)
+    checked = {pol.name: {pid for pid in self_check_prompts(all_pids)
                           if (pid, base) in by_unit and (pid, pol.name) in by_unit}
                for pol in config.policies}
     text = {p.prompt_id: p.prompt for p in prompts}
@@ -105,8 +105,7 @@ def plan_units(config: Config, prompts: list[Prompt], responses: list[Response],
 
 def run(config: Config, args, fp: dict) -> dict:
     data_dir = config.data_dir
-    units = plan_units(config, load_prompts(data_dir), read_jsonl(data_dir / RESPONSES, Response),
-                       read_run_seed(data_dir))
+    units = plan_units(config, load_prompts(data_dir), read_jsonl(data_dir / RESPONSES, Response))
     all_keys = units.tf_keys + units.self_keys
     with unit_work("logprobs", config, fp, units.inputs) as work:
         todo_total = sum(not work.settled(k) for k in all_keys)
