@@ -166,6 +166,17 @@ class GenerationConfig(Strict):
     """Sequences decoded together (7: one llama_decode call per step)."""
 
 
+class TextEventConfig(Strict):
+    beam_width: int = Field(4, ge=1)
+    """Across tokenizers a weight scores the response's text, whose probability is the sum over
+    the token sequences that spell it (ope_prep/text_probability.py): at most this many sequences
+    are teacher-forced per text and policy."""
+    explore_share: float = Field(1e-3, gt=0, lt=1)
+    """A spelling is explored when its share of the text's probability may be this or more (an upper
+    bound: see ope_prep/text_probability.py), while the width allows; what is left out is bounded in
+    each record (`dropped_bound`) and reported by stage 5."""
+
+
 @dataclass(frozen=True)
 class ProviderKind:
     """What a judge's or oracle's provider is, as the rest of the code asks it (no module but
@@ -267,6 +278,8 @@ class Config(Strict):
     """Stage 4: labels on a seeded share of the responses."""
     validation: ValidationConfig = ValidationConfig()
     """Stage 5's limits, and the overlap gate after stage 2b."""
+    text_event: TextEventConfig = TextEventConfig()
+    """Stage 2b: a text's probability under a policy with another tokenizer than the base's."""
 
     config_path: str = ""
     """Set by load_config, not by the YAML: where the file was, for relative paths."""

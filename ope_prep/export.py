@@ -152,7 +152,7 @@ def logged_records(config: Config, data) -> list[dict]:
         o = data.oracle.get((pid, base))
         rec = {"prompt_id": pid, "observation_id": observation_id(pid, base), "prompt": p.prompt,
                "response": r.response, "base_policy_logprob": data.logprobs[(pid, base)].logprob,
-               "target_policy_logprobs": {t: data.logprobs[(pid, t)].logprob for t in targets},
+               "target_policy_logprobs": {t: data.exported_logprob(pid, t, base) for t in targets},
                "judge_score": j.score}
         meta = {"prompt_id": pid, "base_policy": base, "judge_score": j.score}
         if o is not None:
@@ -170,6 +170,13 @@ def logged_records(config: Config, data) -> list[dict]:
                      # How much of the response the log-probabilities score (see stages/logprobs.py).
                      "scored_bytes": data.logprobs[(pid, base)].scored_bytes,
                      "scored_complete": data.logprobs[(pid, base)].complete})
+        texts = {t: {"target_logprob": data.logprobs[(pid, t)].logprob,
+                     "base_logprob": data.base_text[(pid, base)].logprob}
+                 for t in targets if data.logprobs[(pid, t)].event == "text"}
+        if texts:
+            # Targets with another tokenizer score the response's text (ope_prep/events.py):
+            # target_policy_logprobs holds base_policy_logprob plus that weight.
+            meta["text_event"] = texts
         rec["metadata"] = meta
         out.append(rec)
     return out
@@ -224,7 +231,7 @@ def _scored(config: Config, data, pid: str, prompt: str, policy: str, uncertaint
     if policy == config.base_policy:
         rec["base_policy_logprob"] = data.logprobs[(pid, policy)].logprob
         rec["sampling_logprob"] = r.sampling_logprob
-        rec["target_policy_logprobs"] = {t: data.logprobs[(pid, t)].logprob for t in config.target_policies}
+        rec["target_policy_logprobs"] = {t: data.exported_logprob(pid, t, policy) for t in config.target_policies}
     else:
         rec["sampling_logprob"] = r.sampling_logprob
     rec["n_tokens"] = r.n_tokens

@@ -14,6 +14,7 @@ PROMPTS = "prompts.jsonl"
 RUN_PARAMS = "run.json"     # the run's samples and seed (stage 1), read by the later stages
 RESPONSES = "responses.jsonl"
 LOGPROBS = "logprobs.jsonl"
+BASE_TEXT_LOGPROBS = "base_text_logprobs.jsonl"   # the base policy's text events (targets with another tokenizer)
 SELF_CONSISTENCY = "self_consistency.jsonl"
 OVERLAP = "overlap.json"    # each target's weight figures, from stage 2b, before anything is paid
 JUDGE_SCORES = "judge_scores.jsonl"

@@ -5,12 +5,14 @@ them in order. A new rule is one function and one entry in that list.
 * clone: pi_clone's log-weight (teacher-forced under pi_clone minus under the base policy, each
   from a pass of its own in stage 2b) within ``validation.clone_tolerance`` of 0;
 * scored_events: every teacher-forced record scores the very event its base response defines
-  (ope_prep/events.py): the same token ids under a model with the base's tokenizer, the same
-  bytes under another, the same `scored_bytes`, `complete`, and stop. Stage 2b wrote them from
-  that same definition, so a record that departs from it (cut short, a flag flipped, another
-  tokenizer's spelling, nothing scored) was damaged or made by other code, and its weight is
-  wrong. The event is recomputed from the base response and each model's tokenizer
-  (vocabulary only, no weights);
+  (ope_prep/events.py): under a model with the base's tokenizer the sampled token ids, whole; under
+  another, the response's text: each path spells it (all of it, when it stopped), the best path
+  first, the same `scored_bytes` and `complete`. The base policy's text-event record holds the
+  split it sampled, valued as its token-sequence record values it (the same tokens, the same
+  numbers). A record that departs from the definition was damaged or made by other code, and its
+  weight is wrong. Recomputed from the base response and each model's tokenizer (no weights);
+* exported_weights: every log-weight in the CJE file, target minus base, is the target's own
+  (for a text event: the text's probability under the target over the base's);
 * tf_vs_sampling: the base policy's response teacher-forced under itself, token by token
   against the log-probability the sampler drew it with;
 * self_consistency: every policy's own responses under itself, the same way;
@@ -27,8 +29,8 @@ import numpy as np
 from .backends.providers import policy_tokenizers
 from .config import Config
 from .dataset import Dataset, Problems, lp_ok, shape_ok
-from .events import NoSharedEvent, scored_event
-from .files import LOGPROBS, RESPONSES, SELF_CONSISTENCY
+from .events import NoSharedEvent, TextEvent, cross_tokenizer_models, text_event, tokens_event
+from .files import BASE_TEXT_LOGPROBS, LOGPROBS, RESPONSES, SELF_CONSISTENCY
 from .records import TeacherForced
 
 MAX_LISTED = 100          # suspicious records kept in dataset_info.json
@@ -75,28 +77,56 @@ def check_clone(config: Config, data: Dataset, problems: Problems) -> dict | Non
             "max_abs_log_weight": max(lws) if lws else None}
 
 
-def event_mismatch(t: TeacherForced, want_tokens: list[int], want_bytes: int, want_complete: bool) -> str | None:
-    """How record t departs from the event it must score (None: it does not)."""
+def tokens_mismatch(t: TeacherForced, tokens: list[int], n_bytes: int) -> str | None:
+    """How a record of a policy with the base's tokenizer departs from the sampled tokens (None: it does not)."""
     how = []
-    if t.token_ids != want_tokens:
-        if t.token_ids == want_tokens[:len(t.token_ids)]:
-            how.append(f"{len(t.token_ids)} tokens scored, the event has {len(want_tokens)}")
+    if t.event != "tokens":
+        how.append(f"event {t.event!r}, the sampled tokens' expected")
+    if t.token_ids != tokens:
+        if t.token_ids == tokens[:len(t.token_ids)]:
+            how.append(f"{len(t.token_ids)} tokens scored, the event has {len(tokens)}")
         else:
-            how.append(f"other token ids than the event's {len(want_tokens)}")
-    if t.scored_bytes != want_bytes:
-        how.append(f"scored_bytes {t.scored_bytes}, the event's {want_bytes}")
-    if t.complete != want_complete:
-        how.append(f"complete {t.complete}, the event's {want_complete}")
+            how.append(f"other token ids than the event's {len(tokens)}")
+    if t.scored_bytes != n_bytes:
+        how.append(f"scored_bytes {t.scored_bytes}, the event's {n_bytes}")
+    if t.complete is not True:
+        how.append(f"complete {t.complete}, the event's True")
+    return ", ".join(how) or None
+
+
+def text_mismatch(t: TeacherForced, ev: TextEvent, tok, must_hold: list[int] | None = None) -> str | None:
+    """How a text-event record departs from the text event `ev` under tokenizer `tok`."""
+    if t.event != "text":
+        return f"event {t.event!r}, the text's expected"
+    how = []
+    if t.scored_bytes != len(ev.text):
+        how.append(f"scored_bytes {t.scored_bytes}, the event's {len(ev.text)}")
+    if t.complete != ev.whole:
+        how.append(f"complete {t.complete}, the event's {ev.whole}")
+    bad = [i for i, p in enumerate(t.paths)
+           if not all(isinstance(x, int) and 0 <= x < tok.n_vocab and tok.is_text_token(x) for x in p)
+           or not ev.text.startswith(raw := tok.token_bytes(p)) or (ev.stops and raw != ev.text)]
+    if bad:
+        how.append(f"path {bad[0]} does not spell the text" + (" whole" if ev.stops else ""))
+    if len({tuple(p) for p in t.paths}) != len(t.paths):
+        how.append("a path is listed twice")
+    if t.token_ids != t.paths[0] + ([tok.end_of_turn] if ev.stops else []):
+        how.append("token_ids are not the best path" + (" and the end of turn" if ev.stops else ""))
+    if must_hold is not None and must_hold not in t.paths:
+        how.append("the split the base sampled is not among its paths")
     return ", ".join(how) or None
 
 
 def check_scored_events(config: Config, data: Dataset, problems: Problems) -> dict:
-    """For each prompt, the base response's event against every policy's record."""
+    """For each prompt, the base response's events against every policy's record."""
     base = config.base_policy
     base_model = config.policy(base).model
     tokenizers, vocab = policy_tokenizers(config)
-    stop_tokens = set(tokenizers[base_model].end_of_generation_tokens())
-    n, off, no_event, bad_stop = 0, [], [], []
+    base_tok = tokenizers[base_model]
+    cross = cross_tokenizer_models(base_model, vocab)
+    stop_tokens = set(base_tok.end_of_generation_tokens())
+    tol = config.tf_tolerance(base)
+    n, off, no_event, bad_stop, unequal, texts = 0, [], [], [], [], []
     for pid in _prompt_ids(data):
         r = data.responses.get((pid, base))
         if r is None or not shape_ok(r, "sampling_logprob"):
@@ -105,44 +135,92 @@ def check_scored_events(config: Config, data: Dataset, problems: Problems) -> di
             bad_stop.append(f"{_where(data, RESPONSES, pid, base)}: finish_reason stop, but its last token "
                             f"{r.token_ids[-1] if r.token_ids else None} is no end-of-generation token")
             continue
-        try:
-            ev = scored_event(r, base_model, tokenizers, vocab)
-        except NoSharedEvent as e:
-            if any((pid, p.name) in data.logprobs for p in config.policies):
-                no_event.append(f"{_where(data, RESPONSES, pid, base)}: {e}")
-            continue
+        tokens, n_bytes = tokens_event(r, base_tok)
+        ev = None
+        if cross:
+            try:
+                ev = text_event(r, base_tok)
+            except NoSharedEvent as e:
+                if any((pid, p.name) in data.logprobs for p in config.policies):
+                    no_event.append(f"{_where(data, RESPONSES, pid, base)}: {e}")
+                continue
         for pol in config.policies:
             t = data.logprobs.get((pid, pol.name))
             if t is None or not shape_ok(t, "logprob"):
                 continue
             n += 1
-            how = event_mismatch(t, ev.tokens[pol.model], ev.scored_bytes, ev.complete)
+            if pol.model in cross:
+                how = text_mismatch(t, ev, tokenizers[pol.model])
+                texts.append(t)
+            else:
+                how = tokens_mismatch(t, tokens, n_bytes)
             if how:
                 off.append(f"{_where(data, LOGPROBS, pid, pol.name)}: {how}")
+        bt = data.base_text.get((pid, base))
+        if ev is None or bt is None or not shape_ok(bt, "logprob"):
+            continue
+        how = text_mismatch(bt, ev, base_tok, must_hold=ev.sampled)
+        if how:
+            off.append(f"{_where(data, BASE_TEXT_LOGPROBS, pid, base)}: {how}")
+            continue
+        texts.append(bt)
+        own = data.logprobs.get((pid, base))
+        if ev.whole and own is not None and own.event == "tokens" and lp_ok(own.logprob):
+            d = abs(bt.path_logprobs[bt.paths.index(ev.sampled)] - own.logprob)
+            if d > tol * max(1, own.n_tokens):
+                unequal.append(f"{_where(data, BASE_TEXT_LOGPROBS, pid, base)}: {d:.3g} nats from line "
+                               f"{data.lines.get((LOGPROBS, pid, base))} of {LOGPROBS}")
     problems.rule(RESPONSES, f"{base} responses say they stopped but do not end in a stop token", bad_stop)
-    problems.rule(LOGPROBS, "prompts have records although their base response has no event every "
-                  "tokenizer shares (stage 2b quarantines those)", no_event)
-    problems.rule(LOGPROBS, f"records do not score the event of {base}'s response (the same tokens, "
-                  "scored_bytes and complete as stage 2b's definition)", off)
-    return {"n": n, "n_off": len(off)}
+    problems.rule(LOGPROBS, "prompts have records although their base response has no event to score "
+                  "(stage 2b quarantines those)", no_event)
+    problems.rule(LOGPROBS, f"records do not score the event of {base}'s response (events.py: the sampled "
+                  "tokens under its tokenizer, the text under another)", off)
+    problems.rule(BASE_TEXT_LOGPROBS, f"{base}'s text events value the split it sampled otherwise than its "
+                  f"token-sequence record does (more than {tol:g} nats per token)", unequal)
+    return {"n": n, "n_off": len(off), "text_events": text_event_figures(texts, sorted(cross))}
+
+
+def text_event_figures(texts: list[TeacherForced], models: list[str]) -> dict:
+    """How many spellings the text events summed, what they added to the best one, and the bound
+    on what they left out."""
+    gain = np.array([t.logprob - t.path_logprobs[0] for t in texts], dtype=float)
+    bound = np.array([t.dropped_bound for t in texts], dtype=float)
+    paths = [len(t.paths) for t in texts]
+    return {"n": len(texts), "tokenizers_differ": models,
+            "mean_paths": float(np.mean(paths)) if paths else None, "max_paths": max(paths, default=None),
+            "gain_over_best_path": value_spread(gain.tolist()),
+            "n_gain_over_0.1_nat": int((gain > 0.1).sum()),
+            "dropped_bound": value_spread(bound.tolist())}
+
+
+def check_exported_weights(config: Config, data: Dataset, problems: Problems) -> dict:
+    """What the CJE logged-data file will say of each weight (target minus base) is the target's own."""
+    base, off = config.base_policy, []
+    for pid in _prompt_ids(data):
+        for t in config.target_policies:
+            try:
+                exported = data.exported_logprob(pid, t, base) - data.logprobs[(pid, base)].logprob
+                want = data.log_weight(pid, t, base)
+            except KeyError:
+                continue      # a missing record is reported by its own rule
+            if not abs(exported - want) <= 1e-9 * max(1.0, abs(want)):
+                off.append(f"{pid}/{t}: {exported:.6g} exported, {want:.6g} its weight")
+    problems.rule(LOGPROBS, "exported log-weights are not the targets' own", off)
+    return {"n_off": len(off)}
 
 
 def check_tf_vs_sampling(config: Config, data: Dataset, problems: Problems) -> dict:
     """The base policy's response, teacher-forced under itself, token by token against the sampler."""
     base = config.base_policy
     tol = config.tf_tolerance(base)
-    diffs, over, mismatch, partial, fractions = [], [], [], 0, []
+    diffs, over, mismatch = [], [], []
     for pid in _prompt_ids(data):
         r, t = data.responses.get((pid, base)), data.logprobs.get((pid, base))
         if r is None or t is None or not shape_ok(r, "sampling_logprob") or not shape_ok(t, "logprob"):
             continue
-        if t.token_ids != r.token_ids[:t.n_tokens] or (t.complete and t.n_tokens != r.n_tokens):
+        if t.token_ids != r.token_ids:
             mismatch.append(pid)      # listed by the scored-event rule
             continue
-        partial += not t.complete
-        if isinstance(r.response, str):   # a malformed one is reported by its own rule
-            text_bytes = len(r.text_bytes_hex) // 2 if isinstance(r.text_bytes_hex, str) else len(r.response.encode())
-            fractions.append(t.scored_bytes / text_bytes if text_bytes else 1.0)
         d = worst_token(t.token_logprobs, r.token_logprobs)
         diffs.append(d)
         if d > tol:
@@ -154,8 +232,6 @@ def check_tf_vs_sampling(config: Config, data: Dataset, problems: Problems) -> d
     return {
         "policy": base, "tolerance_per_token": tol, **value_spread(diffs), "n_over": len(over),
         "token_count_mismatches": len(mismatch),
-        # Scored prefixes (another tokenizer, and a response that was cut or is not plain text)
-        "n_partial": partial, "mean_scored_fraction": float(np.mean(fractions)) if fractions else None,
     }
 
 
@@ -211,6 +287,7 @@ def check_suspicious(config: Config, data: Dataset, problems: Problems) -> dict:
 PROPENSITY_CHECKS: list[tuple[str, Callable[[Config, Dataset, Problems], object]]] = [
     ("clone", check_clone),
     ("scored_events", check_scored_events),
+    ("exported_weights", check_exported_weights),
     ("tf_vs_sampling", check_tf_vs_sampling),
     ("self_consistency", check_self_consistency),
     ("suspicious", check_suspicious),

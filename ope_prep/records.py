@@ -37,19 +37,29 @@ class Response:
 
 @dataclass
 class TeacherForced:
-    """The base policy's response scored under one policy. Every policy scores the same event:
-    the whole response (and its stop, when it stopped by itself: any end-of-generation token
-    next), or, when the policies' tokenizers differ and the whole response is not the same event
-    for all of them (a cut at max_tokens, a control token, bytes that are not UTF-8), its first
-    `scored_bytes` bytes, up to a token boundary that every tokenizer shares (ope_prep/events.py)."""
+    """The base policy's response scored under one policy (ope_prep/events.py).
+
+    event "tokens" (a policy whose model has the base's tokenizer): the sampled token ids, whole,
+    and their stop; `logprob` is the sum of `token_logprobs`.
+    event "text" (another tokenizer, and the base policy's own record of the same event in
+    base_text_logprobs.jsonl): the text's probability, the log-sum-exp over the token sequences
+    found to spell it (`paths`, each with its value in `path_logprobs`) and, for a response that
+    begins with the text (cut, not stopped), over the sequences whose last token crosses its end
+    after an inner node (`crossing_logprob`); `token_ids`/`token_logprobs` are the best path's
+    (with the end-of-turn marker and the stop's value when the event stops)."""
     prompt_id: str
     policy: str               # the policy under which the base policy's response is scored
-    logprob: float            # sum of token_logprobs
+    logprob: float            # log-probability of the event
     n_tokens: int             # len(token_ids)
-    token_ids: list[int]      # the scored response under this policy's tokenizer
+    token_ids: list[int]      # the scored tokens under this policy's tokenizer (text: the best path's)
     token_logprobs: list[float]
     scored_bytes: int         # bytes of the response text scored
-    complete: bool            # the whole response was scored (with its end of turn if it stopped)
+    complete: bool            # the event is the whole response (with its stop if it stopped)
+    event: str = "tokens"     # "tokens" or "text"
+    paths: Optional[list[list[int]]] = None
+    path_logprobs: Optional[list[float]] = None
+    crossing_logprob: Optional[float] = None
+    dropped_bound: Optional[float] = None   # a bound on the share of the event's mass the search left out
 
 
 @dataclass

@@ -156,11 +156,16 @@ def render_report(config: Config, info: dict) -> str:
     out += [f"- **{base}** teacher-forced vs sampling log-probability of each token of its own "
             f"responses (logprobs.jsonl): worst token {_f(t['max'], '.3g')} nats over {t['n']} responses "
             f"(tolerance {t['tolerance_per_token']:g}, any token above it fails the run).", ""]
-    if t["n_partial"]:
-        out += [f"- {t['n_partial']} of {base}'s responses were scored on a prefix (mean "
-                f"{_pct(t['mean_scored_fraction'])} of the text, to a token boundary every policy's "
-                "tokenizer shares: the response was cut at max_tokens or is not plain text). "
-                "Every policy scores the same prefix.", ""]
+    te = checks["scored_events"]["text_events"]
+    if te["n"]:
+        out += [f"- **Across tokenizers** ({', '.join(te['tokenizers_differ'])}): a weight scores the response's "
+                "text, whose probability is the sum over the token sequences that spell it (the text, then "
+                "the stop; for a response cut at max_tokens, \"it begins with these bytes\"), under the target "
+                f"and under {base} alike (base_text_logprobs.jsonl). {te['n']} text events, "
+                f"{_f(te['mean_paths'], '.2g')} spellings each on average (at most {te['max_paths']}), which add "
+                f"up to {_f(te['gain_over_best_path']['max'], '.3g')} nats to the best one's log-probability "
+                f"({te['n_gain_over_0.1_nat']} add more than 0.1); the bound on a text's probability left out "
+                f"(a loose one: text_probability.py) is at most {_f(te['dropped_bound']['max'], '.2g')}.", ""]
     out += ["**Self-consistency**: each policy's own responses teacher-forced under itself, in a "
             "pass of its own (self_consistency.jsonl), against the log-probabilities the sampler drew "
             "them with; |difference| per token, each response's worst token:", ""]

@@ -13,9 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 from .config import Config
-from .dataset import MAX_EXAMPLES, Dataset, Problems, fmt, in_unit, is_num, legal_values, token_logprobs_match
+from .dataset import (MAX_EXAMPLES, Dataset, Problems, fmt, in_unit, is_num, legal_values, text_record_ok,
+                      token_logprobs_match)
 from .errors import InputError
-from .files import (JUDGE_SCORES, LOGPROBS, ORACLE_LABELS, PROMPTS, RESPONSES, RUN_PARAMS, SELF_CONSISTENCY,
+from .files import (BASE_TEXT_LOGPROBS, JUDGE_SCORES, LOGPROBS, ORACLE_LABELS, PROMPTS, RESPONSES, RUN_PARAMS, SELF_CONSISTENCY,
                     quarantine_file)
 from .propensity_checks import propensity_checks
 from .records import JudgeScore, OracleLabel, Prompt, Quarantined, Response, SelfCheck, TeacherForced
@@ -203,20 +204,43 @@ def check_responses(rd: _Reading) -> None:
         "token_logprobs: one finite value <= 0 per token, summing to sampling_logprob")
 
 
+def _tf_malformed(r: TeacherForced) -> bool:
+    if (not isinstance(r.n_tokens, int) or not isinstance(r.token_ids, list) or len(r.token_ids) != r.n_tokens
+            or not isinstance(r.complete, bool) or not isinstance(r.scored_bytes, int)
+            or isinstance(r.scored_bytes, bool) or r.scored_bytes < 0 or r.event not in ("tokens", "text")):
+        return True
+    if r.event == "text":
+        return not text_record_ok(r)
+    return not token_logprobs_match(r.token_logprobs, r.n_tokens, r.logprob)
+
+
+_TF_FIELDS = ("n_tokens = len(token_ids), scored_bytes, complete, event tokens/text, token_logprobs: one "
+              "finite value <= 0 per token, summing to logprob (text: logprob the log-sum-exp of "
+              "path_logprobs and crossing_logprob, the best path first)")
+
+
 def check_logprobs(rd: _Reading) -> None:
     logprobs = rd.read(LOGPROBS, TeacherForced)
     if logprobs is None:
         return
     rd.data.logprobs = _index(rd.problems, rd.data, LOGPROBS, logprobs, rd.expected)
-    rd.logprob_records(
-        LOGPROBS, logprobs, lambda r: r.logprob,
-        lambda r: (not isinstance(r.n_tokens, int) or not isinstance(r.token_ids, list)
-                   or len(r.token_ids) != r.n_tokens or not isinstance(r.complete, bool)
-                   or not isinstance(r.scored_bytes, int) or isinstance(r.scored_bytes, bool)
-                   or r.scored_bytes < 0
-                   or not token_logprobs_match(r.token_logprobs, r.n_tokens, r.logprob)),
-        "n_tokens = len(token_ids), scored_bytes, complete, token_logprobs: one finite value "
-        "<= 0 per token, summing to logprob")
+    rd.logprob_records(LOGPROBS, logprobs, lambda r: r.logprob, _tf_malformed, _TF_FIELDS)
+
+
+def check_base_text(rd: _Reading) -> None:
+    """The base policy's text events: one per prompt when any target scores the text."""
+    records = rd.read(BASE_TEXT_LOGPROBS, TeacherForced)
+    if records is None:
+        return
+    base = rd.config.base_policy
+    wanted = None
+    if rd.expected is not None:
+        texts = any(getattr(r, "event", None) == "text" for r in rd.data.logprobs.values())
+        wanted = {(p.prompt_id, base) for p in rd.data.prompts} if texts else set()
+    rd.data.base_text = _index(rd.problems, rd.data, BASE_TEXT_LOGPROBS, records, wanted)
+    rd.problems.rule(BASE_TEXT_LOGPROBS, "records are not text events", [
+        f"line {i} {r.prompt_id}/{r.policy}" for i, r in enumerate(records, 1) if r.event != "text"])
+    rd.logprob_records(BASE_TEXT_LOGPROBS, records, lambda r: r.logprob, _tf_malformed, _TF_FIELDS)
 
 
 def check_self_checks(rd: _Reading) -> None:
@@ -275,7 +299,8 @@ def check_oracle_labels(rd: _Reading) -> None:
 
 
 # In order: the prompts first (they say which pairs every other file must hold).
-RECORD_CHECKS = [check_prompts, check_responses, check_logprobs, check_self_checks, report_logprob_rules,
+RECORD_CHECKS = [check_prompts, check_responses, check_logprobs, check_base_text, check_self_checks,
+                 report_logprob_rules,
                  check_judge_scores, check_oracle_labels]
 
 

@@ -69,6 +69,11 @@ class _LocalTeacherForcer:
             self.model = local_model(self.config, self.model_key, self.n_seq)
         return self.model.teacher_force_many(items)
 
+    def readouts(self, items):
+        if self.model is None:
+            self.model = local_model(self.config, self.model_key, self.n_seq)
+        return self.model.teacher_force_readouts(items)
+
     def close(self) -> None:
         if self.model is not None:
             self.model.close()
@@ -86,6 +91,10 @@ class PolicyModel(Protocol):
 
     def teacher_force_many(self, items: Sequence[tuple]) -> list[Union[list[float], Exception]]:
         """Per-token values of each (prompt, response, temperature[, stop_tokens]) item's response."""
+
+    def teacher_force_readouts(self, items: Sequence[tuple]) -> list:
+        """Candidate tokens' values along each (prompt, stem, temperature, candidates, stop_tokens)
+        item (TeacherForcer.teacher_force_readouts): the text-event search's question."""
 
     def close(self) -> None: ...
 

@@ -73,6 +73,16 @@ class RemoteModel:
         if close_local is not None:
             close_local()
 
+    def teacher_force_readouts(self, items: Sequence[tuple]) -> list:
+        """The text-event search's readouts, in process: an engine returns at most a few top
+        values per position, not every token that continues a text."""
+        readouts = getattr(self._local_tf, "readouts", None)
+        if readouts is None:
+            why = ValueError("a text's probability under another tokenizer needs every token's value at each "
+                             "position: teacher-force this model in process (endpoint.teacher_force: false)")
+            return [why] * len(items)
+        return readouts(items)
+
     def _refuse_temperature(self, temperature: float, teacher_forcing: bool) -> None:
         if temperature == 1.0:
             return

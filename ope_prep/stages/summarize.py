@@ -90,12 +90,12 @@ def dataset_info(config: Config, data: Dataset, checks: dict) -> dict:
                        "pearson_r": dx.pearson(lab_judge, lab),
                        "mean_abs_diff": float(np.mean(np.abs(lab_judge - lab))) if len(lab) else None},
         }
-    lp_base = data.teacher_forced(base)
     judge_base = np.array([data.judge[(pid, base)].score for pid in pids], dtype=float)
     targets = {}
     for t in config.target_policies:
         tf = [data.logprobs[(pid, t)] for pid in pids]
-        targets[t] = {**dx.overlap(data.teacher_forced(t), lp_base, np.array([r.n_tokens for r in tf]), judge_base),
+        lp_den = np.array([data.denominator(pid, t, base).logprob for pid in pids], dtype=float)
+        targets[t] = {**dx.overlap(data.teacher_forced(t), lp_den, np.array([r.n_tokens for r in tf]), judge_base),
                       "on_policy_judge_mean": policies[t]["judge"]["mean"]}
     notes = low_overlap_targets(config, targets)
     if policies[base]["oracle"]["n"] < 2:
@@ -105,11 +105,6 @@ def dataset_info(config: Config, data: Dataset, checks: dict) -> dict:
     if low["count"]:
         notes.append(f"{low['count']} per-token log-probabilities below {low['threshold']:g} "
                      "(see Suspicious values)")
-    tvs = checks["tf_vs_sampling"]
-    if tvs["n_partial"]:
-        notes.append(f"{tvs['n_partial']} of {tvs['n']} {base} responses were scored on a prefix "
-                     f"(mean {tvs['mean_scored_fraction']:.0%} of the text): another policy's tokenizer "
-                     "differs and the response was cut at max_tokens or is not plain text")
     return {
         "format": "ope_prep/dataset_info/1",
         "run": {"n_prompts": n, "samples": data.run.get("samples"), "seed": data.run["seed"],

@@ -25,6 +25,16 @@ def log_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def _normalizers(r: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of float32 logits r (n, V): its max and log of the sum of exp((x - max) / T), the
+    sum of exponentials in float32 terms summed in float64 (as the sampler computes it)."""
+    m = r.max(axis=1, keepdims=True)
+    e = r - m
+    e /= np.float32(temperature)
+    np.exp(e, out=e)
+    return m[:, 0].astype(np.float64), np.log(e.sum(axis=1, dtype=np.float64))
+
+
 def token_logprobs(rows: np.ndarray, targets: Sequence[int], temperature: float) -> np.ndarray:
     """log softmax(rows / T)[i, targets[i]] for float32 logits rows (n, V), as float64.
 
@@ -34,17 +44,22 @@ def token_logprobs(rows: np.ndarray, targets: Sequence[int], temperature: float)
     rows = np.asarray(rows)
     targets = np.asarray(targets, dtype=np.intp)
     out = np.empty(len(targets), dtype=np.float64)
-    t32 = np.float32(temperature)
     for a in range(0, len(targets), _ROWS_PER_PASS):
         r = rows[a:a + _ROWS_PER_PASS]
-        m = r.max(axis=1, keepdims=True)
-        e = r - m
-        e /= t32
-        np.exp(e, out=e)
-        s = e.sum(axis=1, dtype=np.float64)
+        m, log_s = _normalizers(r, temperature)
         x = r[np.arange(len(r)), targets[a:a + _ROWS_PER_PASS]].astype(np.float64)
-        out[a:a + len(r)] = (x - m[:, 0].astype(np.float64)) / temperature - np.log(s)
+        out[a:a + len(r)] = (x - m) / temperature - log_s
     return out
+
+
+def candidate_logprobs(row: np.ndarray, candidates: Sequence[int], temperature: float) -> np.ndarray:
+    """log softmax(row / T) at each of `candidates` (token ids) of one float32 logits row, each
+    value exactly what token_logprobs gives that token: the text-event search reads every token
+    that continues a text from one row."""
+    row = np.asarray(row)
+    m, log_s = _normalizers(row[None, :], temperature)
+    x = row[np.asarray(candidates, dtype=np.intp)].astype(np.float64)
+    return (x - m[0]) / temperature - log_s[0]
 
 
 def stop_logprob(row: np.ndarray, stop_tokens: Sequence[int], temperature: float) -> float:

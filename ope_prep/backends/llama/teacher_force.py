@@ -14,7 +14,7 @@ from .engine import _GRAIN, _MIN_SHARED, Engine, PromptTooLong, _common_prefix
 # A prefix common to every sequence of a call is kept in a sequence of its own from this length
 # on (a copy per group costs about as much as decoding a few tokens).
 _MIN_COMMON = 64
-from .sampling import log_softmax, stop_logprob, token_logprobs
+from .sampling import candidate_logprobs, log_softmax, stop_logprob, token_logprobs
 
 
 @dataclass
@@ -31,6 +31,13 @@ class _TFSeq:
     # Set when the response's last token is a stop: its value is the stop event's (any of these
     # tokens next, sampling.stop_logprob), not that one token's.
     stop_tokens: Optional[tuple[int, ...]] = None
+    # Set for a candidates readout (teacher_force_readouts): the ids whose values are wanted at
+    # each position after the prompt (len(tokens) - n_prompt of them, the placeholder's included),
+    # and the stop set whose event value is wanted after the last response token.
+    candidates: Optional[list[np.ndarray]] = None
+    candidate_values: Optional[list[np.ndarray]] = None
+    stop_after: Optional[tuple[int, ...]] = None
+    stop_value: Optional[float] = None
 
     @property
     def end(self) -> int:
@@ -145,6 +152,41 @@ class TeacherForcer(Engine):
         for sq in seqs:
             for i, _ in sq.requests:
                 results[i] = sq.answer.copy()
+        return results
+
+    def teacher_force_readouts(self, items: Sequence[tuple]) -> list[Union[tuple[list[np.ndarray], Optional[float]], ValueError]]:
+        """For each (prompt, stem, temperature, candidates, stop_tokens) item: the values
+        log softmax(logits / T) of the ids candidates[k] after prompt + stem[:k], for k = 0 ..
+        len(stem) (one id array per position, the last after the whole stem), and with a
+        non-empty stop_tokens the stop event's value after the whole stem (stop_logprob); or the
+        ValueError saying why not. The text-event search's one question to a model
+        (ope_prep/text_probability.py). Decoded and packed as teacher forcing is, so a stem
+        token's value read here is its teacher-forced value."""
+        results: list = [None] * len(items)
+        seqs: list[_TFSeq] = []
+        for i, (prompt, stem, temp, candidates, stop) in enumerate(items):
+            prompt, stem = list(prompt), list(stem)
+            if not temp > 0:
+                results[i] = ValueError(f"temperature must be positive (got {temp})")
+            elif not prompt:
+                results[i] = ValueError("empty prompt")
+            elif len(candidates) != len(stem) + 1:
+                results[i] = ValueError(f"{len(candidates)} candidate sets for {len(stem) + 1} positions")
+            elif len(prompt) + len(stem) + 1 > self.n_ctx_per_seq:
+                results[i] = PromptTooLong(f"prompt + response of {len(prompt) + len(stem) + 1} "
+                                           f"tokens exceed the context of {self.n_ctx_per_seq}")
+            else:
+                # The placeholder's logits are never read: it makes the row after the stem a scored one.
+                sq = _TFSeq(prompt + stem + [prompt[-1]], len(prompt),
+                            candidates=[np.asarray(c, dtype=np.intp) for c in candidates],
+                            stop_after=tuple(stop) if stop else None)
+                sq.candidate_values = [np.empty(0)] * len(sq.candidates)
+                sq.requests.append((i, float(temp)))
+                seqs.append(sq)
+        if seqs:
+            self._teacher_force_packed(seqs)
+        for sq in seqs:
+            results[sq.requests[0][0]] = (sq.candidate_values, sq.stop_value)
         return results
 
     @staticmethod
@@ -302,6 +344,14 @@ class TeacherForcer(Engine):
         if sq.readout is not None:
             if a < b:
                 sq.answer = log_softmax(rows[a - pos], 1.0)[sq.readout]
+            return
+        if sq.candidates is not None:
+            temp = sq.requests[0][1]
+            for j in range(a, b):
+                k = j - sq.first_out
+                sq.candidate_values[k] = candidate_logprobs(rows[j - pos], sq.candidates[k], temp)
+                if sq.stop_after is not None and k == len(sq.candidates) - 1:
+                    sq.stop_value = stop_logprob(rows[j - pos], sq.stop_after, temp)
             return
         targets = sq.tokens[a + 1:b + 1]
         k = a - sq.first_out
