@@ -8,6 +8,7 @@ working directory.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -17,11 +18,14 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .files import PROJECT_DIR
+from .redact import public_url
 from .rubrics import DEFAULT_RUBRIC, RUBRICS
 from .sources.schema import SourceConfig
 from .strict import Strict
 
 DEFAULT_CONFIG = PROJECT_DIR / "config.yaml"
+
+_MODEL_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
 class PathsConfig(Strict):
@@ -130,7 +134,7 @@ class ModelEndpoint(EndpointConfig):
             raise ValueError(f"teacher_force: true, but {engine.no_teacher_forcing}; set teacher_force: false "
                              "(teacher forcing in process from models.<key>.path)")
         if engine.route is not None and self.base_url.rstrip("/").endswith("/v1"):
-            raise ValueError(f"base_url {self.base_url!r} ends in /v1, but engine {self.engine} is asked on its "
+            raise ValueError(f"base_url {public_url(self.base_url)!r} ends in /v1, but engine {self.engine} is asked on its "
                              f"own route (/{engine.route}): give the server's root")
         return self
 
@@ -270,6 +274,17 @@ class Config(Strict):
 
     config_path: str = ""
     """Set by load_config, not by the YAML: where the file was, for relative paths."""
+
+    @field_validator("models")
+    @classmethod
+    def _model_keys_are_names(cls, models: dict):
+        # A key names files (request caches, work under <data_dir>): with a / or .. it would put
+        # them in sub-folders that --force misses, or outside the data directory.
+        for key in models:
+            if not _MODEL_KEY.fullmatch(key) or ".." in key:
+                raise ValueError(f"key {key!r} is not a name: a model key is letters, digits, _ . and - "
+                                 "(not starting with . or -, no ..), as it names files in the data directory")
+        return models
 
     @model_validator(mode="after")
     def _cross_checks(self):

@@ -108,7 +108,10 @@ def _probe_scorer(config: Config, which: str) -> tuple[str, bool]:
                        "Put the egg in boiling water for 8 to 10 minutes, then cool it in cold water.")
     name = f"{which} ({api.provider} {api.model})"
     try:
-        with open_scorer(config, which, f"check_{which}", config.run.seed, need_distribution=True) as scorer:
+        # check: asked anew every time (a probe answered from the cache would pass with the server
+        # down or changed), as the engine check is
+        with open_scorer(config, which, f"check_{which}", config.run.seed, need_distribution=True,
+                         check=True) as scorer:
             _, outcome = next(iter(scorer.score([unit])))
     except PipelineError as e:
         return f"{name}: REFUSED: {e}", False
