@@ -30,7 +30,7 @@ from . import checkpoint
 from .commands import rerun_command
 from .config import Config, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_UNITS_FAILED, ConfigError, PipelineError, RefusedError
-from .files import DATASET_INFO, PROJECT_DIR, RUN_PARAMS, RUN_STATE, SNAPSHOTS, WORK_DIR
+from .files import DATA_DIR_MARKER, DATASET_INFO, PROJECT_DIR, RUN_PARAMS, RUN_STATE, SNAPSHOTS, WORK_DIR
 from .report import cje_line
 from .rounds import prepare_flags, run_rounds
 from .runner import LOCK_FD_ENV, acquire_lock
@@ -257,6 +257,11 @@ def lock_data_dir(config: Config, fresh: bool):
         if problem:
             raise ConfigError(problem)
     existed = data_dir.exists()
+    if fresh and existed and not (data_dir / DATA_DIR_MARKER).is_file():
+        raise ConfigError(
+            f"{config.config_path}: paths.data_dir: {data_dir} was not made by this pipeline (it has no "
+            f"{DATA_DIR_MARKER}): --fresh renames only a data directory of its own. Move it aside yourself "
+            f"(or, if it is a run of this pipeline from before the marker, create {data_dir / DATA_DIR_MARKER})")
     lock = acquire_lock(data_dir)
     if fresh and existed:
         old = data_dir.with_name(f"{data_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")

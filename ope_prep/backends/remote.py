@@ -181,9 +181,10 @@ def stop_value_of(each: Sequence[float], tolerance: float) -> float:
     Above 0 by more than the engine check's tolerance, the values are no distribution: a
     RequestFailed (the unit is retried, then quarantined with this reason), never a record that
     stage 5 would find malformed on every rerun."""
-    total = float(np.logaddexp.reduce([float(v) for v in each]))
+    values = [float(v) for v in each]
+    total = math.nan if any(map(math.isnan, values)) else float(np.logaddexp.reduce(values))
     if math.isnan(total) or total > tolerance:
-        raise RequestFailed(f"the engine's end-of-generation log-probabilities {[float(v) for v in each]} "
+        raise RequestFailed(f"the engine's end-of-generation log-probabilities {values} "
                             f"sum to {total:.3g}, above 0 by more than the tolerance {tolerance:g}: not a "
                             "probability", deterministic=True)
     return min(total, 0.0)
