@@ -30,7 +30,8 @@ _MODEL_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 class PathsConfig(Strict):
     data_dir: str = "data"
-    """Where the run's files go: prompts, work files, outputs, logs, snapshots."""
+    """Where the run's files go: prompts, work files, outputs, logs, snapshots. `--fresh` renames it
+    only if the pipeline made it (its .ope-prep-data-dir marker)."""
 
 
 class RunConfig(Strict):
@@ -62,7 +63,8 @@ class EndpointConfig(Strict):
     these keys changes a result (they are left out of fingerprints)."""
 
     base_url: Optional[str] = None
-    """The endpoint's URL, up to /v1; null: api.openai.com (judge and oracle only)."""
+    """The endpoint's URL, up to /v1; null: api.openai.com (judge and oracle only). Credentials in
+    it (user:pass@, ?key=) are used, and never stored or shown (ope_prep/redact.py)."""
     api_key_env: Optional[str] = "OPENAI_API_KEY"
     """The environment variable holding the API key (null: no key, a server of your own). The key
     itself is never in the config, a log or a saved file."""
@@ -256,7 +258,8 @@ class Config(Strict):
     source: SourceConfig
     """Stage 1's prompt sources and filters."""
     models: dict[str, ModelConfig]
-    """The GGUF models, by a key of your choosing (models.<key>.*)."""
+    """The GGUF models, by a key of your choosing (models.<key>.*): a name (letters, digits, _ . -,
+    not starting with . or -, no ..), since it names files in the data directory."""
     base_policy: str = "p0"
     """The logging policy: its responses are teacher-forced under every policy."""
     clone_policy: Optional[str] = "pi_clone"
