@@ -178,7 +178,7 @@ def _digit_of(token: str) -> Optional[int]:
 # answer, perhaps after "Rating:" and emphasis or quotes, and not the start of a range, fraction
 # or number ("1-5: 4", "4/5", "4.5", "10"). Reading the first digit anywhere read "1-5: 4" as 1.
 _WRAP = r"[\s*_\"'`(\[]*"
-_ANSWER = re.compile(rf"{_WRAP}(?:(?:rating|score|answer)\s*[:=]?{_WRAP})?([0-9])(?![0-9])(?!\s*[-\u2013/.,:]\s*[0-9])",
+_ANSWER = re.compile(rf"{_WRAP}(?:(?:rating|score|answer)\s*[:=]?{_WRAP})?([0-9])(?![0-9])(?!\s*[-\u2013/.,:]?\s*[0-9])",
                      re.IGNORECASE)
 
 
