@@ -8,6 +8,7 @@ working directory.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -17,16 +18,20 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .files import PROJECT_DIR
+from .redact import public_url
 from .rubrics import DEFAULT_RUBRIC, RUBRICS
 from .sources.schema import SourceConfig
 from .strict import Strict
 
 DEFAULT_CONFIG = PROJECT_DIR / "config.yaml"
 
+_MODEL_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
 
 class PathsConfig(Strict):
     data_dir: str = "data"
-    """Where the run's files go: prompts, work files, outputs, logs, snapshots."""
+    """Where the run's files go: prompts, work files, outputs, logs, snapshots. `--fresh` renames it
+    only if the pipeline made it (its .ope-prep-data-dir marker)."""
 
 
 class RunConfig(Strict):
@@ -58,7 +63,8 @@ class EndpointConfig(Strict):
     these keys changes a result (they are left out of fingerprints)."""
 
     base_url: Optional[str] = None
-    """The endpoint's URL, up to /v1; null: api.openai.com (judge and oracle only)."""
+    """The endpoint's URL, up to /v1; null: api.openai.com (judge and oracle only). Credentials in
+    it (user:pass@, ?key=) are used, and never stored or shown (ope_prep/redact.py)."""
     api_key_env: Optional[str] = "OPENAI_API_KEY"
     """The environment variable holding the API key (null: no key, a server of your own). The key
     itself is never in the config, a log or a saved file."""
@@ -130,7 +136,7 @@ class ModelEndpoint(EndpointConfig):
             raise ValueError(f"teacher_force: true, but {engine.no_teacher_forcing}; set teacher_force: false "
                              "(teacher forcing in process from models.<key>.path)")
         if engine.route is not None and self.base_url.rstrip("/").endswith("/v1"):
-            raise ValueError(f"base_url {self.base_url!r} ends in /v1, but engine {self.engine} is asked on its "
+            raise ValueError(f"base_url {public_url(self.base_url)!r} ends in /v1, but engine {self.engine} is asked on its "
                              f"own route (/{engine.route}): give the server's root")
         return self
 
@@ -263,7 +269,8 @@ class Config(Strict):
     source: SourceConfig
     """Stage 1's prompt sources and filters."""
     models: dict[str, ModelConfig]
-    """The GGUF models, by a key of your choosing (models.<key>.*)."""
+    """The GGUF models, by a key of your choosing (models.<key>.*): a name (letters, digits, _ . -,
+    not starting with . or -, no ..), since it names files in the data directory."""
     base_policy: str = "p0"
     """The logging policy: its responses are teacher-forced under every policy."""
     clone_policy: Optional[str] = "pi_clone"
@@ -283,6 +290,17 @@ class Config(Strict):
 
     config_path: str = ""
     """Set by load_config, not by the YAML: where the file was, for relative paths."""
+
+    @field_validator("models")
+    @classmethod
+    def _model_keys_are_names(cls, models: dict):
+        # A key names files (request caches, work under <data_dir>): with a / or .. it would put
+        # them in sub-folders that --force misses, or outside the data directory.
+        for key in models:
+            if not _MODEL_KEY.fullmatch(key) or ".." in key:
+                raise ValueError(f"key {key!r} is not a name: a model key is letters, digits, _ . and - "
+                                 "(not starting with . or -, no ..), as it names files in the data directory")
+        return models
 
     @model_validator(mode="after")
     def _cross_checks(self):

@@ -36,6 +36,9 @@ CALIBRATION = "labeling/oracle_labels_calibration_detailed.jsonl"
 VALIDATION = "labeling/oracle_labels_validation_detailed.jsonl"
 
 # The runner's and the stages' bookkeeping
+# Written when this pipeline makes the data dir (or first uses it empty): --fresh renames only a
+# directory that holds it, never one that merely has the config's data_dir name (data_dir: ~).
+DATA_DIR_MARKER = ".ope-prep-data-dir"
 WORK_DIR = "work"               # work/<stage>.jsonl: a stage's units as they finish
 QUARANTINE_DIR = "quarantine"   # quarantine/<stage>.jsonl: the units a stage gave up on, and why
 SNAPSHOTS = "snapshots"

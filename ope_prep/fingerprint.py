@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .config import ApiConfig, Config, EndpointConfig
 from .digests import file_sha256
+from .redact import public_url
 
 
 def flatten(obj, prefix: str = "") -> dict[str, object]:
@@ -54,6 +55,8 @@ def api_keys(config: Config, which: str) -> dict[str, object]:
     if api.kind.in_process:     # grammar, max_tokens, top_logprobs: not used in process
         ignore |= {"grammar", "max_tokens", "top_logprobs", "base_url"}
     out = {f"{which}.{k}": v for k, v in api.model_dump().items() if k not in ignore}
+    if f"{which}.base_url" in out:     # where it is, not the credential a URL may carry
+        out[f"{which}.base_url"] = public_url(out[f"{which}.base_url"])
     if api.kind.uses_model_file:
         out.update(flatten(model_identity(config, api.model), f"{which}.model_file."))
     if api.kind.in_process:

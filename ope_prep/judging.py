@@ -85,15 +85,32 @@ _WORD_JOINER = "\u2060"
 _SPECIAL_CANDIDATE = re.compile(r"<[^<>\s]{1,64}>|\[[^\[\]\s]{1,64}\]")
 
 
-def neutralize(text: str, specials: frozenset[str]) -> str:
-    """For a llama_cpp.server, which tokenizes the rendered chat with special tokens on: text
-    spelling one of the served model's control tokens (<|im_end|>, <start_of_turn>) gets an
-    invisible WORD JOINER after its first character, so a response cannot end its own turn.
-    (In process, quoted text is tokenized as text and needs no such care.)"""
-    if not specials:
+# For a server whose vocabulary is not known here (provider openai with a base_url: vLLM, a llama.cpp
+# server, a gateway), which may tokenize the rendered chat with special tokens on: any <|...|>
+# (ChatML, Llama 3, Phi, Qwen, Command R, Granite; DeepSeek's full-width bars) and these.
+_CONTROL_SHAPE = re.compile(r"<[|\uff5c][^<>\s]{1,62}[|\uff5c]>")
+_COMMON_CONTROL = frozenset({
+    "<s>", "</s>", "<bos>", "<eos>", "<pad>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+    "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[AVAILABLE_TOOLS]", "[TOOL_CALLS]",
+    "<BOS_TOKEN>", "<EOS_TOKEN>", "<think>", "</think>"})
+
+
+def _is_control(text: str, specials: frozenset[str], unknown_vocabulary: bool) -> bool:
+    return text in specials or (unknown_vocabulary and (text in _COMMON_CONTROL
+                                                        or _CONTROL_SHAPE.fullmatch(text) is not None))
+
+
+def neutralize(text: str, specials: frozenset[str], unknown_vocabulary: bool = False) -> str:
+    """For a server that may tokenize the rendered chat with special tokens on: text spelling one
+    of the served model's control tokens (``specials``: <|im_end|>, <start_of_turn>), or with
+    ``unknown_vocabulary`` any text of a control token's shape, gets an invisible WORD JOINER after
+    its first character, so a response cannot end its own turn. (In process, quoted text is
+    tokenized as text and needs no such care; OpenAI's own API does the same.)"""
+    if not specials and not unknown_vocabulary:
         return text
     return _SPECIAL_CANDIDATE.sub(
-        lambda m: m.group()[0] + _WORD_JOINER + m.group()[1:] if m.group() in specials else m.group(), text)
+        lambda m: m.group()[0] + _WORD_JOINER + m.group()[1:] if _is_control(m.group(), specials, unknown_vocabulary)
+        else m.group(), text)
 
 
 def _quote(rubric: Rubric, prompt: str, response: str, prompt_code: str, response_code: str) -> str:
@@ -106,7 +123,7 @@ def _quote(rubric: Rubric, prompt: str, response: str, prompt_code: str, respons
 
 
 def judge_messages(rubric: Rubric, prompt: str, response: str, run_seed: int,
-                   specials: frozenset[str] = frozenset()) -> list[dict]:
+                   specials: frozenset[str] = frozenset(), unknown_vocabulary: bool = False) -> list[dict]:
     messages = [{"role": "system", "content": rubric.system}]
     for ex_prompt, ex_response, rating in rubric.examples:
         # the examples' code is the run's own too: a public one would be a marker to forge
@@ -114,7 +131,7 @@ def judge_messages(rubric: Rubric, prompt: str, response: str, run_seed: int,
         messages.append({"role": "user", "content": _quote(rubric, ex_prompt, ex_response, code, code)})
         messages.append({"role": "assistant", "content": str(rating)})
     messages.append({"role": "user", "content": _quote(
-        rubric, neutralize(prompt, specials), neutralize(response, specials),
+        rubric, neutralize(prompt, specials, unknown_vocabulary), neutralize(response, specials, unknown_vocabulary),
         fence_code(run_seed, prompt), fence_code(run_seed, prompt, response))})
     return messages
 
@@ -157,16 +174,30 @@ def _digit_of(token: str) -> Optional[int]:
     return int(t) if len(t) == 1 and t in "0123456789" else None
 
 
+# The answer the rubric asks for ("Rating (one digit, lo-hi):"): one digit, first thing in the
+# answer, perhaps after "Rating:" and emphasis or quotes, and not the start of a range, fraction
+# or number ("1-5: 4", "4/5", "4.5", "10"). Reading the first digit anywhere read "1-5: 4" as 1.
+_WRAP = r"[\s*_\"'`(\[]*"
+_ANSWER = re.compile(rf"{_WRAP}(?:(?:rating|score|answer)\s*[:=]?{_WRAP})?([0-9])(?![0-9])(?!\s*[-\u2013/.,:]?\s*[0-9])",
+                     re.IGNORECASE)
+
+
+def answered_digit(text: str) -> int:
+    """The digit the judge answered, or Unparsable saying why not."""
+    m = _ANSWER.match(text)
+    if m is not None:
+        return int(m.group(1))
+    if not re.search(r"[0-9]", text):
+        raise Unparsable("no digit in the answer")
+    raise Unparsable("the answer does not begin with one digit of the scale (a number, a range or a "
+                     "fraction, or a digit after other words)")
+
+
 def parse_judgement(rubric: Rubric, reply: Reply, need_distribution: bool = True) -> Judgement:
     """An API judge's answer: the digit it answered and (if asked) the distribution over digits at
     its position, from that position's top_logprobs and the chosen token."""
     text = reply.content or ""
-    m = re.search(r"[0-9]", text)
-    if m is None:
-        raise Unparsable("no digit in the answer")
-    if text[m.end():m.end() + 1].isdigit():
-        raise Unparsable("the answer is a number of more than one digit")
-    digit = int(m.group())
+    digit = answered_digit(text)
     if not rubric.lo <= digit <= rubric.hi:
         raise Unparsable(f"the answer {digit} is outside the scale {rubric.lo}-{rubric.hi}")
     if not need_distribution:

@@ -30,7 +30,7 @@ from . import checkpoint
 from .commands import rerun_command
 from .config import Config, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_UNITS_FAILED, ConfigError, PipelineError, RefusedError
-from .files import DATASET_INFO, PROJECT_DIR, RUN_PARAMS, RUN_STATE, SNAPSHOTS, WORK_DIR
+from .files import DATA_DIR_MARKER, DATASET_INFO, PROJECT_DIR, RUN_PARAMS, RUN_STATE, SNAPSHOTS, WORK_DIR
 from .report import cje_line
 from .rounds import prepare_flags, run_rounds
 from .runner import LOCK_FD_ENV, acquire_lock
@@ -108,7 +108,10 @@ def _probe_scorer(config: Config, which: str) -> tuple[str, bool]:
                        "Put the egg in boiling water for 8 to 10 minutes, then cool it in cold water.")
     name = f"{which} ({api.provider} {api.model})"
     try:
-        with open_scorer(config, which, f"check_{which}", config.run.seed, need_distribution=True) as scorer:
+        # check: asked anew every time (a probe answered from the cache would pass with the server
+        # down or changed), as the engine check is
+        with open_scorer(config, which, f"check_{which}", config.run.seed, need_distribution=True,
+                         check=True) as scorer:
             _, outcome = next(iter(scorer.score([unit])))
     except PipelineError as e:
         return f"{name}: REFUSED: {e}", False
@@ -254,6 +257,11 @@ def lock_data_dir(config: Config, fresh: bool):
         if problem:
             raise ConfigError(problem)
     existed = data_dir.exists()
+    if fresh and existed and not (data_dir / DATA_DIR_MARKER).is_file():
+        raise ConfigError(
+            f"{config.config_path}: paths.data_dir: {data_dir} was not made by this pipeline (it has no "
+            f"{DATA_DIR_MARKER}): --fresh renames only a data directory of its own. Move it aside yourself "
+            f"(or, if it is a run of this pipeline from before the marker, create {data_dir / DATA_DIR_MARKER})")
     lock = acquire_lock(data_dir)
     if fresh and existed:
         old = data_dir.with_name(f"{data_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")

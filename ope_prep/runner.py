@@ -24,7 +24,7 @@ import jinja2
 from . import checkpoint
 from .commands import rerun_command, run_command
 from .config import load_config
-from .files import PROMPTS, WORK_DIR
+from .files import DATA_DIR_MARKER, PROMPTS, WORK_DIR
 from .errors import EXIT_BAD_INPUT, EXIT_OK, InputError, PipelineError, RefusedError
 from .stages import STAGE_NAMES
 from .stages.registry import Stage, stage_module
@@ -48,8 +48,11 @@ LOCK_NAME = ".lock"
 
 def acquire_lock(data_dir: Path):
     """Lock ``<data_dir>/.lock`` for this process (an open file: the lock lasts while it is open)
-    or refuse (RefusedError, exit 2) if another pipeline process holds it."""
+    or refuse (RefusedError, exit 2) if another pipeline process holds it. A data dir this makes,
+    or finds empty, gets the marker that lets --fresh rename it (files.DATA_DIR_MARKER)."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    if not any(p.name != LOCK_NAME for p in data_dir.iterdir()):
+        (data_dir / DATA_DIR_MARKER).write_text("made by ope-prep: run_pipeline.py --fresh may rename this folder\n")
     fh = open(data_dir / LOCK_NAME, "a+")        # not "w": a refused process must not clear it
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

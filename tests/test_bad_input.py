@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from conftest import run_script, small_config, write_config
+from ope_prep.files import DATA_DIR_MARKER
 
 
 def _mutate(case: str, cfg: dict, tmp_path) -> str | None:
@@ -110,7 +111,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path):
     data = tmp_path / "data"
     # Nothing half-written: no stage output, no checkpoint (a log of the refusal may exist).
     written = [p for p in data.rglob("*") if p.is_file() and "logs" not in p.parts
-               and p.name != ".lock"] if data.exists() else []
+               and p.name not in (".lock", DATA_DIR_MARKER)] if data.exists() else []
     assert written == [], written
 
 

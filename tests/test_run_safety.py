@@ -22,6 +22,7 @@ from test_judge_oracle import N_UNITS, api_overrides, make_data, records, rows, 
 from ope_prep import checkpoint
 from ope_prep.backends.request_cache import ledger_total
 from ope_prep.config import load_config
+from ope_prep.files import DATA_DIR_MARKER
 from ope_prep.pipeline import fresh_refusal
 
 USD_PER_REPLY = (50 + 1) / 1000     # the scripted server's usage: 50 prompt tokens, one answer token
@@ -205,7 +206,7 @@ def test_forced_redo_of_an_api_judge_asks_again_and_the_spend_still_counts(tmp_p
 
 def _nothing_written(data: Path) -> None:
     written = [p for p in data.rglob("*") if p.is_file() and "logs" not in p.parts
-               and p.name != ".lock"] if data.exists() else []
+               and p.name not in (".lock", DATA_DIR_MARKER)] if data.exists() else []
     assert written == [], written
 
 

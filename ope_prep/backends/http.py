@@ -48,6 +48,7 @@ from ..config import EndpointConfig
 from ..errors import BudgetExceeded, FatalApiError, PipelineError
 from ..records import UsageTotals
 from ..store import WorkFile, failed_row, ok_row
+from ..redact import redact_urls
 from .replies import NativeRequest, Reply, Request, RequestFailed, reply_from_openai
 from .request_cache import CACHE_VERSION, ledger_total
 
@@ -320,9 +321,11 @@ class ApiClient:
         return reply
 
     def redact(self, text: str) -> str:
-        """An error text without the API key (also without key-like strings an API may echo)."""
+        """An error text without the API key (also without key-like strings an API may echo, and
+        without a URL's credentials: redact.py)."""
         if self._key and self._key != LOCAL_DUMMY_KEY:
             text = text.replace(self._key, "<redacted>")
+        text = redact_urls(text)
         return re.sub(r"\b(sk|key|fw)[-_][A-Za-z0-9_\-*]{6,}", r"\1-<redacted>", text)
 
     # ---- many requests ---------------------------------------------------------------

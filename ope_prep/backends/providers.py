@@ -20,6 +20,7 @@ from ..config import Config
 from ..errors import EngineRefused
 from ..fingerprint import model_identity
 from ..records import UsageTotals
+from ..redact import public_url
 from .http import ApiClient
 from .llama import ChatTokenizer, Generation, LlamaModel, load_tokenizer
 from .remote import EngineCheck, RemoteModel, engine_check
@@ -114,7 +115,7 @@ def remote_model(config: Config, model_key: str, stage: str, n_seq: int = 4, bas
         identity["check"] = uuid.uuid4().hex
     name = f"{stage}_{model_key}" + ("_check" if check else "")
     client = ApiClient(ep, f"models.{model_key}.endpoint", stage, config.data_dir, lambda: urls, identity,
-                       name=name, label=f"{ep.engine} engine, model {ep.model} at {', '.join(urls)}")
+                       name=name, label=f"{ep.engine} engine, model {ep.model} at {', '.join(map(public_url, urls))}")
     client.connect()          # nothing to start: the base URLs are known, and set the concurrency
     if local_tf is None and not ep.teacher_force:
         local_tf = _LocalTeacherForcer(config, model_key, n_seq)
@@ -157,7 +158,7 @@ def _engine_check(config: Config, model_key: str, stage: str, local_tf: Optional
         if not result.ok:
             break                      # refused: the other replicas need not be asked
     ok = all(r.ok for _, r in results)
-    detail = "; ".join(f"{url}: {r.detail}" for url, r in results if ok or not r.ok)
+    detail = "; ".join(f"{public_url(url)}: {r.detail}" for url, r in results if ok or not r.ok)
     return EngineCheck(model_key, ok, sum(r.tokens for _, r in results), max(r.max_diff for _, r in results),
                        detail if not ep.more_base_urls else f"each replica by itself: {detail}")
 
@@ -191,10 +192,12 @@ def model_usage(model: PolicyModel, tokens: int) -> UsageTotals:
 @dataclass
 class ScoringProvider:
     """Either a model in process, or a client of an endpoint (with the control-token texts its chat
-    rendering parses, which quoted text must not spell)."""
+    rendering parses, which quoted text must not spell; unknown_vocabulary: a server whose
+    vocabulary is not known here, where no text of a control token's shape may pass)."""
     model: Optional[LlamaModel] = None
     client: Optional[ApiClient] = None
     specials: frozenset[str] = frozenset()
+    unknown_vocabulary: bool = False
 
 
 def scoring_model(config: Config, model_key: str) -> LlamaModel:
@@ -212,9 +215,11 @@ def managed_server(config: Config, model_keys: list[str], stage: str,
 
 
 @contextmanager
-def scoring_provider(config: Config, which: str, stage: str) -> Iterator[ScoringProvider]:
+def scoring_provider(config: Config, which: str, stage: str, check: bool = False) -> Iterator[ScoringProvider]:
     """``config.<which>`` (judge or oracle) as a provider, closed on the way out. local_server gets
-    a managed llama_cpp.server, started on the first request not in the cache."""
+    a managed llama_cpp.server, started on the first request not in the cache. ``check``
+    (--check-providers): a client whose requests are never answered from an earlier run's replies,
+    as the engine check's (its cache file records the spend only)."""
     api = getattr(config, which)
     with ExitStack() as stack:
         if api.provider == "local":
@@ -242,10 +247,15 @@ def scoring_provider(config: Config, which: str, stage: str) -> Iterator[Scoring
         else:
             def connect() -> Optional[str]:
                 return api.base_url
-            identity = {"provider": api.provider, "base_url": api.base_url}
+            identity = {"provider": api.provider, "base_url": public_url(api.base_url)}
             specials = frozenset()
             endpoint = api
+        # Only OpenAI's own API (no base_url) is known to tokenize user text as text; a self-hosted
+        # server (vLLM, llama.cpp) may parse <|im_end|> in a response and let it forge a rating.
+        unknown_vocabulary = api.provider != "local_server" and api.base_url is not None
+        if check:
+            identity["check"] = uuid.uuid4().hex
         client = ApiClient(endpoint, which, stage, config.data_dir, connect, identity,
                            label=f"provider {api.provider}, model {api.model}")
         stack.callback(client.close)
-        yield ScoringProvider(client=client, specials=specials)
+        yield ScoringProvider(client=client, specials=specials, unknown_vocabulary=unknown_vocabulary)

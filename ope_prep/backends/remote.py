@@ -147,7 +147,7 @@ class RemoteModel:
                 raise out
             return float(out[-1])
         each = [self._teacher_force_one(prompt, text_ids + [t], temperature)[-1] for t in stops]
-        return float(np.logaddexp.reduce(each))
+        return stop_value_of(each, self.endpoint.check_tolerance_per_token)
 
     # ---- teacher forcing ---------------------------------------------------------------------
     def teacher_force_many(self, items: Sequence[tuple]) -> list[Union[list[float], Exception]]:
@@ -182,6 +182,22 @@ class RemoteModel:
 
     def usage(self):
         return self.client.usage(0)
+
+
+def stop_value_of(each: Sequence[float], tolerance: float) -> float:
+    """The stop event's log-probability from an engine's values of its end tokens, one request
+    each: at most 0, as a probability is. Separate requests' float32 rounding can put the sum a
+    hair above 1 when the end tokens hold nearly all the mass; that is the event "certain" (0.0).
+    Above 0 by more than the engine check's tolerance, the values are no distribution: a
+    RequestFailed (the unit is retried, then quarantined with this reason), never a record that
+    stage 5 would find malformed on every rerun."""
+    values = [float(v) for v in each]
+    total = math.nan if any(map(math.isnan, values)) else float(np.logaddexp.reduce(values))
+    if math.isnan(total) or total > tolerance:
+        raise RequestFailed(f"the engine's end-of-generation log-probabilities {values} "
+                            f"sum to {total:.3g}, above 0 by more than the tolerance {tolerance:g}: not a "
+                            "probability", deterministic=True)
+    return min(total, 0.0)
 
 
 # ---- trust but verify ---------------------------------------------------------------------------

@@ -122,10 +122,10 @@ class ApiScorer:
     save_every = 32          # rows appended per batch (or every 2 s), as replies stream in
 
     def __init__(self, stage: str, api: ApiConfig, client: ApiClient, specials: frozenset[str], rubric: Rubric,
-                 run_seed: int, need_distribution: bool):
+                 run_seed: int, need_distribution: bool, unknown_vocabulary: bool = False):
         self.stage, self.api = stage, api
         self.client, self.specials, self.rubric, self.run_seed = client, specials, rubric, run_seed
-        self.need_distribution = need_distribution
+        self.need_distribution, self.unknown_vocabulary = need_distribution, unknown_vocabulary
 
     def close(self) -> None:
         self.client.close()
@@ -135,7 +135,8 @@ class ApiScorer:
         answer is one digit of the scale."""
         body = {"model": self.api.model, "temperature": 0, "max_tokens": self.api.max_tokens,
                 "logprobs": True, "top_logprobs": self.api.top_logprobs,
-                "messages": judge_messages(self.rubric, unit.prompt, unit.response, self.run_seed, self.specials)}
+                "messages": judge_messages(self.rubric, unit.prompt, unit.response, self.run_seed, self.specials,
+                                           self.unknown_vocabulary)}
         if self.api.grammar:
             # llama.cpp's own request field: for the local server, or an "openai" provider whose
             # base_url is a llama.cpp server; OpenAI's API itself would reject it.
@@ -186,15 +187,17 @@ Scorer = Union[LocalScorer, ApiScorer]
 
 @contextmanager
 def open_scorer(config: Config, which: str, stage: str, run_seed: int,
-                need_distribution: bool) -> Iterator[Scorer]:
+                need_distribution: bool, check: bool = False) -> Iterator[Scorer]:
     """The scorer for ``config.<which>`` (judge or oracle), on the provider the config names
-    (backends/providers.py: in process, or a client of an endpoint)."""
+    (backends/providers.py: in process, or a client of an endpoint); ``check``: asked anew, never
+    answered from the cache (--check-providers)."""
     api = getattr(config, which)
     rubric = RUBRICS[api.rubric]
-    with scoring_provider(config, which, stage) as provider:
+    with scoring_provider(config, which, stage, check) as provider:
         if provider.model is not None:
             scorer: Scorer = LocalScorer(provider.model, rubric, run_seed)
         else:
-            scorer = ApiScorer(stage, api, provider.client, provider.specials, rubric, run_seed, need_distribution)
+            scorer = ApiScorer(stage, api, provider.client, provider.specials, rubric, run_seed, need_distribution,
+                               provider.unknown_vocabulary)
         yield scorer
 

@@ -65,12 +65,29 @@ def candidate_logprobs(row: np.ndarray, candidates: Sequence[int], temperature: 
 def stop_logprob(row: np.ndarray, stop_tokens: Sequence[int], temperature: float) -> float:
     """log of the probability, under softmax(row / T), that the next token is any of
     `stop_tokens` (a model's end-of-generation set): the event "the response ends here", one
-    event whichever stop token a sampler would draw. Each token's term is computed with
-    token_logprobs' arithmetic, and the terms are summed in float64."""
+    event whichever stop token a sampler would draw.
+
+    A probability by construction: -log(1 + S_rest / S_stop), where S_stop is the stop tokens'
+    mass (their exponents in float64, summed in the log domain) and S_rest every other token's
+    (exp in float32, summed in float64, as token_logprobs does). Summing per-token terms, each
+    taken against one float32 total, rounded above 0 when the stop tokens held nearly all the mass
+    (issue 37, item 3); log(1 + x) >= 0 for x >= 0, so this cannot, and it keeps the tiny
+    remainder a difference of two logs would round away. Sampling and teacher forcing both call
+    this function on the same row: the same bits."""
     if not len(stop_tokens):
         raise ValueError("a stop event needs at least one stop token")
-    rows = np.tile(np.asarray(row), (len(stop_tokens), 1))
-    return float(np.logaddexp.reduce(token_logprobs(rows, stop_tokens, temperature)))
+    row = np.asarray(row)
+    stops = np.unique(np.asarray(stop_tokens, dtype=np.intp))
+    m = row.max()
+    e = row - m
+    e /= np.float32(temperature)
+    np.exp(e, out=e)
+    e[stops] = 0.0
+    rest = e.sum(dtype=np.float64)
+    z = (row[stops].astype(np.float64) - float(m)) / temperature
+    log_stop = float(np.logaddexp.reduce(z))
+    log_rest = math.log(rest) if rest > 0 else -math.inf
+    return -float(np.logaddexp(0.0, log_rest - log_stop))
 
 
 class Sampler:
