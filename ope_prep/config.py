@@ -173,7 +173,7 @@ class GenerationConfig(Strict):
 
 
 class TextEventConfig(Strict):
-    beam_width: int = Field(4, ge=1)
+    beam_width: int = Field(3, ge=1)
     """Across tokenizers a weight scores the response's text, whose probability is the sum over
     the token sequences that spell it (ope_prep/text_probability.py): at most this many sequences
     are teacher-forced per text and policy."""

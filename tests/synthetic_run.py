@@ -144,6 +144,7 @@ def make_run(root: Path, n: int = 40, seed: int = 0, write: bool = True, **confi
             keep.add((f"q{j:04d}", pol))
     oracle = [o for o in oracle if (o["prompt_id"], o["policy"]) in keep]
     run.rows = {"prompts.jsonl": prompts, "responses.jsonl": responses, "logprobs.jsonl": logprobs,
+                "base_text_logprobs.jsonl": [],      # one tokenizer: no text events
                 "self_consistency.jsonl": self_checks, "judge_scores.jsonl": judge,
                 "oracle_labels.jsonl": oracle}
     if write:

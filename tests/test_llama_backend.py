@@ -123,7 +123,7 @@ def test_the_stop_is_one_event_under_both_models(smol, gemma):
     """A stopped SmolLM2 response: "this text, then the end" under SmolLM2 (as sampled) and under
     Gemma 3 alike is the probability of any end-of-generation token next (issue 24: Gemma's
     <end_of_turn> alone was ~40 nats below its <eos>, and every weight that far off)."""
-    from ope_prep.events import scored_event
+    from ope_prep.events import Lattice, text_event
     from ope_prep.records import Response
     jobs = [(smol.chat.prompt_tokens(SYSTEM, p), 0.7, 7 + i) for i, p in enumerate(PROMPTS)]
     stopped = [(job, g) for job, g in zip(jobs, smol.generate(jobs, 64)) if g.finish_reason == "stop"]
@@ -137,11 +137,11 @@ def test_the_stop_is_one_event_under_both_models(smol, gemma):
         drawn = reference_logprobs(SMOL, prompt, g.token_ids, temp)[-1]
         assert g.token_logprobs[-1] >= drawn
         resp = Response("q", "p0", "", g.token_ids, g.token_logprobs, g.logprob, len(g.token_ids), "stop", 0)
-        tokenizers = {"smol": smol.chat, "gemma": gemma.chat}
-        ev = scored_event(resp, "smol", tokenizers, {k: t.vocab_digest() for k, t in tokenizers.items()})
-        assert ev.complete and ev.stops
+        ev = text_event(resp, smol.chat)
+        assert ev.whole and ev.stops
+        g_tokens = Lattice(gemma.chat).spell(ev.text) + [gemma.chat.end_of_turn]
         g_prompt = gemma.chat.prompt_tokens(SYSTEM, PROMPTS[jobs.index((prompt, temp, _))])
-        values = gemma.teacher_force(g_prompt, ev.tokens["gemma"], temp, gemma_stops)
-        each = [reference_logprobs(GEMMA, g_prompt, ev.tokens["gemma"][:-1] + [t], temp)[-1] for t in gemma_stops]
+        values = gemma.teacher_force(g_prompt, g_tokens, temp, gemma_stops)
+        each = [reference_logprobs(GEMMA, g_prompt, g_tokens[:-1] + [t], temp)[-1] for t in gemma_stops]
         assert abs(values[-1] - float(np.logaddexp.reduce(each))) <= 1e-6
         assert values[-1] >= max(each)

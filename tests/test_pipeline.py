@@ -167,9 +167,10 @@ def test_what_moves_a_log_probability_is_in_the_fingerprint(reference, tmp_path)
 
 
 def test_stage_5_checks_every_target_record_against_the_base_event_across_tokenizers(reference, tmp_path):
-    """On the real default run (pi_bigger_model on Gemma 3's tokenizer): the records pass as
-    written; a target cut short (values still summing) and a Gemma record with `complete`
-    flipped and `scored_bytes` +17 each fail, named (issue 24)."""
+    """On the real default run (pi_bigger_model on Gemma 3's tokenizer scores the text): the records
+    pass as written; a target cut short (values still summing), a Gemma record with `complete`
+    flipped and `scored_bytes` +17, a base text event without the split it sampled, and one whose
+    values were all moved by the same amount (still summing) each fail, named (issues 24, 37)."""
     import json
     import math
 
@@ -179,7 +180,9 @@ def test_stage_5_checks_every_target_record_against_the_base_event_across_tokeni
     shutil.copytree(src / "data", tmp_path / "data")
     config = load_config(write_config(tmp_path / "config.yaml", small_config(tmp_path / "data")))
     _, checks, problems = load_and_check(config)
-    assert problems == [] and checks["scored_events"] == {"n": N * 4, "n_off": 0}
+    events = checks["scored_events"]
+    assert problems == [] and events["n"] == N * 4 and events["n_off"] == 0
+    assert events["text_events"]["n"] == 2 * N and events["text_events"]["tokenizers_differ"] == ["gemma3_270m"]
 
     path = tmp_path / "data" / "logprobs.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -188,6 +191,7 @@ def test_stage_5_checks_every_target_record_against_the_base_event_across_tokeni
     bad.update(token_ids=bad["token_ids"][:keep], token_logprobs=bad["token_logprobs"][:keep], n_tokens=keep)
     bad["logprob"] = math.fsum(bad["token_logprobs"])
     big = next(r for r in rows if r["policy"] == "pi_bigger_model" and r["prompt_id"] != bad["prompt_id"])
+    assert big["event"] == "text"
     big["complete"] = not big["complete"]
     big["scored_bytes"] += 17
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -197,18 +201,31 @@ def test_stage_5_checks_every_target_record_against_the_base_event_across_tokeni
     assert f"{big['prompt_id']}/pi_bigger_model: scored_bytes" in problems[0]
     assert f"complete {big['complete']}, the event's {not big['complete']}" in problems[0]
 
-    # A base response with no event every tokenizer shares (cut after its first token: its end is
-    # no boundary, and no earlier one is shared) whose records were written anyway.
+    # The base's text events: one without the split p0 sampled, one moved by +0.5 nat throughout.
     path.write_text((src / "data" / "logprobs.jsonl").read_text())
-    rpath = tmp_path / "data" / "responses.jsonl"
-    responses = [json.loads(line) for line in rpath.read_text().splitlines()]
-    p0 = next(r for r in responses if r["policy"] == "p0")
-    p0.update(token_ids=p0["token_ids"][:1], token_logprobs=p0["token_logprobs"][:1], n_tokens=1,
-              finish_reason="length", sampling_logprob=p0["token_logprobs"][0])
-    rpath.write_text("".join(json.dumps(r) + "\n" for r in responses))
+    tpath = tmp_path / "data" / "base_text_logprobs.jsonl"
+    texts = [json.loads(line) for line in tpath.read_text().splitlines()]
+    dropped, moved = texts[0], texts[1]
+    responses = {(r["prompt_id"], r["policy"]): r for r in map(json.loads, (src / "data" / "responses.jsonl").read_text().splitlines())}
+    sampled = responses[(dropped["prompt_id"], "p0")]["token_ids"]
+    sampled = sampled[:-1] if responses[(dropped["prompt_id"], "p0")]["finish_reason"] == "stop" else sampled
+    assert sampled in dropped["paths"]
+    other = [p for p in dropped["paths"] if p != sampled] or [config_spelling(sampled)]
+    dropped.update(paths=other[:1], path_logprobs=[dropped["logprob"]], crossing_logprob=None)
+    moved.update(logprob=moved["logprob"] - 0.5, path_logprobs=[v - 0.5 for v in moved["path_logprobs"]],
+                 crossing_logprob=None if moved["crossing_logprob"] is None else moved["crossing_logprob"] - 0.5)
+    tpath.write_text("".join(json.dumps(r) + "\n" for r in texts))
     _, _, problems = load_and_check(config)
-    no_event = [p for p in problems if "no event every tokenizer shares" in p]
-    assert len(no_event) == 1 and f"{p0['prompt_id']}/p0" in no_event[0], problems
+    assert any(f"{dropped['prompt_id']}/p0: " in p and "the split the base sampled is not among its paths" in p
+               for p in problems), problems
+    assert any("value the split it sampled otherwise than its token-sequence record" in p
+               and f"{moved['prompt_id']}/p0" in p for p in problems), problems
+
+
+def config_spelling(tokens: list[int]) -> list[int]:
+    """Another spelling of the same text (the tokens with the first split in two), for a path
+    that is not the sampled one."""
+    return tokens[1:]
 
 
 def test_overlap_is_known_after_stage_2b_and_stop_mode_refuses_the_judge_before_paying(reference, tmp_path):

@@ -1,5 +1,6 @@
-"""What every policy scores of the base response when tokenizers differ, and the text of the
-tokens: with the real SmolLM2 and Gemma 3 tokenizers (vocabularies only, no weights)."""
+"""What a policy with another tokenizer scores of the base response (its text), the lattice of
+a tokenizer's spellings of a text, and the text of the tokens: with the real SmolLM2 and Gemma 3
+tokenizers (vocabularies only, no weights)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import pytest
 
 from conftest import ROOT, default_config
 from ope_prep.backends.llama import load_tokenizer, response_text
+from ope_prep.events import Lattice, cross_tokenizer_models, text_event, tokens_event
 from ope_prep.records import Response
-from ope_prep.events import scored_event
 
 SMOL = str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
 GEMMA = str(ROOT / "models" / "gemma-3-270m-q4_k_m.gguf")
@@ -21,7 +22,13 @@ def toks():
     tokenizers = {"smol": s, "smol_too": load_tokenizer(SMOL), "gemma": g}
     vocab = {k: t.vocab_digest() for k, t in tokenizers.items()}
     assert vocab["smol"] == vocab["smol_too"] != vocab["gemma"]
+    assert cross_tokenizer_models("smol", vocab) == {"gemma"}
     return tokenizers, vocab
+
+
+@pytest.fixture(scope="module")
+def lattices(toks):
+    return {k: Lattice(toks[0][k]) for k in ("smol", "gemma")}
 
 
 def response(ids: list[int], finish: str) -> Response:
@@ -29,78 +36,69 @@ def response(ids: list[int], finish: str) -> Response:
                     sampling_logprob=-float(len(ids)), n_tokens=len(ids), finish_reason=finish, seed=0)
 
 
-def test_a_cut_inside_a_target_token_scores_the_prefix_all_tokenizers_share(toks):
-    tokenizers, vocab = toks
-    s, g = tokenizers["smol"], tokenizers["gemma"]
+def test_a_cut_response_is_the_event_that_it_begins_with_all_its_bytes(toks, lattices):
+    """Cut at max_tokens inside what is one Gemma token ("unbelie" | "vable"): the event is "the
+    response begins with these bytes", the whole text, and Gemma's " unbelievable" crosses its end."""
+    s, g = toks[0]["smol"], toks[0]["gemma"]
     ids = s.tokenize_text("That is unbelievable")
-    assert [s.piece_bytes(t) for t in ids[-2:]] == [b" unbelie", b"vable"]     # one Gemma token
-    assert [g.piece_bytes(t) for t in g.tokenize_text(" unbelievable")] == [b" unbelievable"]
-    cut = response(ids[:-1], "length")                                          # "That is unbelie"
-    ev = scored_event(cut, "smol", tokenizers, vocab)
-    assert not ev.complete and ev.scored_bytes == len(b"That is")
-    assert ev.tokens["smol"] == ev.tokens["smol_too"] == ids[:-2]
-    assert g.token_bytes(ev.tokens["gemma"]) == b"That is"
-    # Re-tokenizing the whole cut text would score " unbel" + "ie"-like pieces under Gemma,
-    # an event p0 never produced.
-    naive = g.tokenize_text("That is unbelie")
-    assert naive[:len(ev.tokens["gemma"])] == ev.tokens["gemma"] and len(naive) > len(ev.tokens["gemma"])
+    assert [s.piece_bytes(t) for t in ids[-2:]] == [b" unbelie", b"vable"]
+    ev = text_event(response(ids[:-1], "length"), s)
+    assert ev.text == b"That is unbelie" and not ev.stops and ev.whole and ev.sampled == ids[:-1]
+    at = len(b"That is")
+    crossing = lattices["gemma"].crossing(ev.text, at)
+    assert g.tokenize_text(" unbelievable") == [t for t in crossing if g.piece_bytes(t) == b" unbelievable"]
+    assert all(g.piece_bytes(t).startswith(b" unbelie") and len(g.piece_bytes(t)) > len(b" unbelie")
+               for t in crossing)
 
 
-def test_a_cut_at_a_shared_boundary_still_drops_the_last_word(toks):
-    """The end of a cut text is no boundary: the next token might have joined the last word."""
-    tokenizers, vocab = toks
-    s, g = tokenizers["smol"], tokenizers["gemma"]
-    ids = s.tokenize_text("The cat sat")
-    ev = scored_event(response(ids, "length"), "smol", tokenizers, vocab)
-    assert ev.scored_bytes == len(b"The cat") and g.token_bytes(ev.tokens["gemma"]) == b"The cat"
+def test_a_word_sampled_in_pieces_is_among_the_lattices_spellings(toks, lattices):
+    """SmolLM2 sampled "ma"+"ind" where its tokenizer says "main"+"d": both spell the text, and
+    the lattice lists every token that continues it at each byte."""
+    s = toks[0]["smol"]
+    lat = lattices["smol"]
+    text = b" maind"
+    canonical = lat.spell(text)
+    assert [s.piece_bytes(t) for t in canonical] == [b" main", b"d"]
+    inside = {s.piece_bytes(t) for t in lat.inside(text, 0)}
+    assert {b" ", b" m", b" ma", b" main"} <= inside and all(text.startswith(p) for p in inside)
+    assert {s.piece_bytes(t) for t in lat.inside(text, 3)} >= {b"ind", b"i"}
 
 
-def test_a_stopped_response_is_scored_whole_with_each_models_end_of_turn(toks):
-    tokenizers, vocab = toks
-    s, g = tokenizers["smol"], tokenizers["gemma"]
+def test_a_stopped_response_is_its_whole_text_then_the_stop(toks):
+    s = toks[0]["smol"]
     ids = s.tokenize_text("That is unbelievable") + [s.end_of_turn]
-    ev = scored_event(response(ids, "stop"), "smol", tokenizers, vocab)
-    assert ev.complete and ev.scored_bytes == len(b"That is unbelievable")
-    assert ev.tokens["smol"] == ids
-    assert ev.tokens["gemma"] == g.tokenize_text("That is unbelievable") + [g.end_of_turn]
+    ev = text_event(response(ids, "stop"), s)
+    assert ev.stops and ev.whole and ev.text == b"That is unbelievable" and ev.sampled == ids[:-1]
+    # Under the base's own tokenizer: the sampled ids, whole, with the stop.
+    assert tokens_event(response(ids, "stop"), s) == (ids, len(b"That is unbelievable"))
 
 
-def test_same_tokenizer_only_scores_the_sampled_ids_whole(toks):
-    tokenizers, vocab = toks
-    ids = tokenizers["smol"].tokenize_text("The cat sat")
-    only_smol = {k: tokenizers[k] for k in ("smol", "smol_too")}
-    ev = scored_event(response(ids, "length"), "smol", only_smol, vocab)
-    assert ev.complete and ev.tokens == {"smol": ids, "smol_too": ids}
+def test_bytes_that_are_not_utf8_are_spelled_by_byte_tokens(toks, lattices):
+    """A character cut at max_tokens ("é" is two bytes; the response ends after the first): the
+    text is its exact bytes, and each tokenizer spells them, the last byte by a byte token."""
+    s, g = toks[0]["smol"], toks[0]["gemma"]
+    raw = "café".encode()[:-1]
+    byte = lattices["smol"].by_piece[raw[-1:]]
+    ids = s.tokenize_text("caf") + byte[:1]
+    text, raw_hex = response_text(s, ids)
+    assert raw_hex == raw.hex() and text == "caf\ufffd"
+    ev = text_event(response(ids, "length"), s)
+    assert ev.text == raw
+    for k in ("smol", "gemma"):
+        assert toks[0][k].token_bytes(lattices[k].spell(ev.text)) == raw, k
 
 
-def test_a_character_cut_at_max_tokens_is_kept_as_bytes_and_not_scored_across_tokenizers(toks):
-    tokenizers, vocab = toks
+def test_a_control_token_mid_response_ends_the_text_event(toks):
+    tokenizers, _ = toks
     s = tokenizers["smol"]
-    ids = s.tokenize_text("Hello there 🌳 world")
-    k = next(i for i in range(len(ids)) if b"\xf0" in s.piece_bytes(ids[i])) + 1   # inside the emoji
-    cut = ids[:k]
-    text, raw_hex = response_text(s, cut)
-    assert raw_hex is not None and bytes.fromhex(raw_hex) == s.token_bytes(cut)    # nothing lost
-    assert text.startswith("Hello there") and text.endswith("\ufffd")
-    ev = scored_event(response(cut, "length"), "smol", tokenizers, vocab)
-    assert not ev.complete and ev.scored_bytes == len(b"Hello there")   # the last boundary before it
-    assert tokenizers["gemma"].token_bytes(ev.tokens["gemma"]) == b"Hello there"
-    whole, none = response_text(s, ids)
-    assert whole == "Hello there 🌳 world" and none is None
-
-
-def test_a_control_token_mid_response_is_kept_as_text_and_ends_the_shared_event(toks):
-    tokenizers, vocab = toks
-    s, g = tokenizers["smol"], tokenizers["gemma"]
     im_start = s.tokenize_template("<|im_start|>")[0]
     assert not s.is_text_token(im_start)
     ids = s.tokenize_text("Sure thing.") + [im_start] + s.tokenize_text("user") + [s.end_of_turn]
     text, raw_hex = response_text(s, ids[:-1])
     assert text == "Sure thing.<|im_start|>user" and raw_hex is None             # not dropped
-    ev = scored_event(response(ids, "stop"), "smol", tokenizers, vocab)
-    # Under Gemma "<|im_start|>" would only be text, another event: score up to before it, no end.
-    assert not ev.complete and g.token_bytes(ev.tokens["gemma"]) == b"Sure thing"
-    assert ev.scored_bytes == len(b"Sure thing") and s.token_bytes(ev.tokens["smol"]) == b"Sure thing"
+    ev = text_event(response(ids, "stop"), s)
+    # Under Gemma "<|im_start|>" would only be text, another event: the text up to before it, no stop.
+    assert ev.text == b"Sure thing." and not ev.stops and not ev.whole
 
 
 def test_pieces_longer_than_the_buffer_are_read_whole(toks):
@@ -109,17 +107,3 @@ def test_pieces_longer_than_the_buffer_are_read_whole(toks):
     piece = s.piece_bytes(longest)
     assert len(piece) > 64                                  # the first buffer's size
     assert s.tokenize_text(piece.decode()) == [longest]
-
-
-def test_a_cut_prefix_is_what_each_tokenizer_makes_of_its_text_alone(toks):
-    """"code:\n\n```" is ":", "\n", "\n", "```" in SmolLM2, but "code:\n\n" alone ends in one "\n\n"
-    token: a prefix ending there would be other tokens to an engine that takes text prompts."""
-    tokenizers, vocab = toks
-    s = tokenizers["smol"]
-    ids = s.tokenize_text("Here is the code:\n\n```")
-    assert [s.piece_bytes(t) for t in ids[-4:]] == [b":", b"\n", b"\n", b"```"]
-    ev = scored_event(response(ids, "length"), "smol", tokenizers, vocab)
-    text = s.token_bytes(ids)[:ev.scored_bytes].decode()
-    assert 0 < ev.scored_bytes < len(s.token_bytes(ids))
-    for k, t in tokenizers.items():
-        assert t.tokenize_text(text) == ev.tokens[k], (k, text)

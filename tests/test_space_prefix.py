@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, default_config
 from ope_prep.backends.llama import load_tokenizer
-from ope_prep.events import NoSharedEvent, scored_event
+from ope_prep.events import Lattice, NoSharedEvent, text_event
 from ope_prep.records import Response
 
 SMOL = str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -55,13 +55,13 @@ def test_the_copy_adds_a_space_prefix(toks):
 
 
 def test_a_stopped_response_is_one_whole_event_under_a_space_prefix_tokenizer(toks):
+    """The text event's spelling under a space-prefix tokenizer is the text itself, no space added."""
     tokenizers, vocab = toks
     s, sp = tokenizers["smol"], tokenizers["spaced"]
     ids = s.tokenize_text("Hello there,\n friend.") + [s.end_of_turn]
-    ev = scored_event(response(ids, "stop"), "smol", tokenizers, vocab)
-    assert ev.complete and ev.stops and ev.scored_bytes == len(b"Hello there,\n friend.")
-    assert sp.token_bytes(ev.tokens["spaced"][:-1]) == b"Hello there,\n friend."
-    assert ev.tokens["spaced"][-1] == sp.end_of_turn
+    ev = text_event(response(ids, "stop"), s)
+    assert ev.stops and ev.whole and ev.text == b"Hello there,\n friend."
+    assert sp.token_bytes(Lattice(sp).spell(ev.text)) == b"Hello there,\n friend."
 
 
 @pytest.mark.parametrize("user", ["USER text", "two\nlines here", "inner   spaces, then\n\n  more", "x"])
@@ -78,13 +78,14 @@ def test_prompts_are_what_llama_cpp_makes_of_the_whole_rendered_prompt(toks, use
 
 
 def test_an_event_with_nothing_to_score_is_an_error_not_a_weight_of_one(toks):
-    """A response cut after one token: its end is no boundary (the next token could have joined
-    it), and no earlier boundary is shared: nothing is one event under every tokenizer."""
+    """A response whose first token is a control token and that did not end there has no text to
+    score: "it begins with nothing" has probability 1 under every model, so it is an error."""
     tokenizers, vocab = toks
-    ids = tokenizers["smol"].tokenize_text("Hello")
-    assert len(ids) == 1
-    with pytest.raises(NoSharedEvent, match="no shared token boundary"):
-        scored_event(response(ids, "length"), "smol", tokenizers, vocab)
-    # Under the base's own tokenizer alone the sampled ids are the event.
-    only = {"smol": tokenizers["smol"]}
-    assert scored_event(response(ids, "length"), "smol", only, vocab).tokens == {"smol": ids}
+    s = tokenizers["smol"]
+    im_start = s.tokenize_template("<|im_start|>")
+    assert len(im_start) == 1 and not s.is_text_token(im_start[0])
+    with pytest.raises(NoSharedEvent, match="no text before its first control token"):
+        text_event(response(im_start + s.tokenize_text("Hello"), "length"), s)
+    # A cut after one token is a text event now: "it begins with these bytes".
+    ev = text_event(response(s.tokenize_text("Hello"), "length"), s)
+    assert ev.text == b"Hello" and not ev.stops and ev.whole

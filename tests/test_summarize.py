@@ -137,7 +137,7 @@ def test_checks_section_matches_direct_computation(good):
     worst = lambda a, b: max(abs(x - y) for x, y in zip(a, b))   # noqa: E731 - each record's worst token
     d = np.array([worst(tf[(p, BASE)]["token_logprobs"], resp[(p, BASE)]["token_logprobs"]) for p in pids])
     t = info["checks"]["tf_vs_sampling"]
-    assert t["n"] == N and t["n_over"] == 0 and t["n_partial"] == 0
+    assert t["n"] == N and t["n_over"] == 0 and t["token_count_mismatches"] == 0
     assert t["max"] == pytest.approx(d.max(), rel=1e-12) and t["q99"] == pytest.approx(np.quantile(d, 0.99))
     sc = by_key(run.rows["self_consistency.jsonl"])
     for pol in POLICIES:
