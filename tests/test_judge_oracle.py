@@ -487,3 +487,21 @@ def test_a_damaged_line_in_the_work_file_or_cache_costs_its_unit_only(tmp_path):
         notes = usage(data)["notes"]
         spent = float(notes.split("spent over all runs in this data dir: $")[1].split()[0])
         assert spent >= paid * (N_UNITS - 1) / N_UNITS - 1e-9, notes
+
+
+def test_a_200_that_is_an_error_or_empty_is_retried_and_never_cached(tmp_path):
+    """A gateway in an outage answers HTTP 200 with an error object, or a completion with no
+    choices: that is no reply. It is retried like a 503 and never cached (a cached one would be
+    replayed on every retry, and its unit quarantined)."""
+    with ScriptedChatServer(lambda req: "7") as stub, \
+            FaultProxy(stub.url, fail_rate=0.5, seed=3, faults=("200error", "200empty")) as proxy:
+        path = make_data(tmp_path, **api_overrides("judge", proxy.url + "/v1", grammar=False, concurrency=1))
+        data = tmp_path / "data"
+        p = run("03_judge_scores.py", path)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert proxy.counts["200error"] > 0 and proxy.counts["200empty"] > 0, proxy.counts
+        assert proxy.counts["forwarded"] == N_UNITS
+        assert usage(data)["calls"] == proxy.counts["requests"]
+        cache = [json.loads(l) for l in (data / "cache" / "judge_api_cache.jsonl").read_text().splitlines()[1:]]
+        assert len(cache) == N_UNITS and all(r["status"] == "ok" for r in cache)
+        assert all(s["raw"] == "7" for s in records(data / "judge_scores.jsonl"))

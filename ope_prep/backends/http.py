@@ -5,6 +5,8 @@ What it adds around the `openai` package:
 
 * retries with tenacity: exponential backoff with jitter, ``Retry-After`` honoured on 429,
   retried on 408/429/500/502/503/504, connection errors and timeouts, up to ``max_attempts``;
+  a 200 whose body is an error object or holds no completion (a gateway in an outage) is
+  retried too, and is never cached: it is not a reply (`_EmptyReply`);
   the package's own retries are off (``max_retries=0``) so that this is the only retry loop;
 * concurrency: ``concurrency`` worker threads per base URL, under a rate limit of
   ``requests_per_minute`` (every attempt counts); with several base URLs (replicas of one model)
@@ -66,6 +68,11 @@ _MESSAGE_OVERHEAD_TOKENS = 8
 
 class _Stopped(Exception):
     pass
+
+
+class _EmptyReply(Exception):
+    """HTTP 200 but no reply: an error object for a body, or no completion in it. Transient (a
+    gateway or an engine in trouble answers so), so it is retried and never cached."""
 
 
 def is_local(url: Optional[str]) -> bool:
@@ -243,6 +250,9 @@ class ApiClient:
         try:
             self._rate_limit()
             created = self._create(body)
+            problem = _body_problem(created)
+            if problem:
+                raise _EmptyReply(problem)
             reply = created if isinstance(created, Reply) else reply_from_openai(created)
         except BaseException:
             self._release(est)
@@ -305,6 +315,8 @@ class ApiClient:
             raise RequestFailed(msg, deterministic=True)
         except openai.APIConnectionError as e:
             raise RequestFailed(f"{self.redact(_describe(e))} after {self.api.max_attempts} attempts")
+        except _EmptyReply as e:
+            raise RequestFailed(f"{self.redact(str(e))} after {self.api.max_attempts} attempts")
         except openai.OpenAIError as e:
             raise RequestFailed(self.redact(_describe(e)))
         usable = accept(reply)
@@ -391,8 +403,20 @@ _COMPLETION_KEYS = {"model", "prompt", "temperature", "top_p", "max_tokens", "lo
                     "n", "presence_penalty", "frequency_penalty", "logit_bias"}
 
 
+def _body_problem(created) -> Optional[str]:
+    """Why an HTTP 200 is not a reply (an error object, no completion), or None."""
+    body = created.raw if isinstance(created, Reply) else (getattr(created, "model_extra", None) or {})
+    error = body.get("error") if isinstance(body, dict) else None
+    if error:
+        message = error.get("message", error) if isinstance(error, dict) else error
+        return f"HTTP 200 with an error for a body: {str(message)[:300]}"
+    if not isinstance(created, Reply) and not getattr(created, "choices", None):
+        return "HTTP 200 with no completion in its body (no choices)"
+    return None
+
+
 def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, openai.APIConnectionError):      # includes APITimeoutError
+    if isinstance(exc, (openai.APIConnectionError, _EmptyReply)):   # a timeout too; a 200 that is no reply
         return True
     return isinstance(exc, openai.APIStatusError) and exc.status_code in RETRY_STATUS
 
