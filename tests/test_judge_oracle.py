@@ -505,3 +505,25 @@ def test_a_200_that_is_an_error_or_empty_is_retried_and_never_cached(tmp_path):
         cache = [json.loads(l) for l in (data / "cache" / "judge_api_cache.jsonl").read_text().splitlines()[1:]]
         assert len(cache) == N_UNITS and all(r["status"] == "ok" for r in cache)
         assert all(s["raw"] == "7" for s in records(data / "judge_scores.jsonl"))
+
+
+def test_a_gateways_passing_403_or_404_is_waited_out(tmp_path):
+    """A gateway answers 403 or 404 for a moment (a replica restarting behind it): asked again with
+    backoff, the stage finishes; only a 403/404 that lasts through every attempt stops it (exit 3)."""
+    with ScriptedChatServer(lambda req: "7") as stub, \
+            FaultProxy(stub.url, fail_rate=0.4, seed=5, faults=("403", "404")) as proxy:
+        path = make_data(tmp_path, **api_overrides("judge", proxy.url + "/v1", grammar=False, concurrency=1))
+        data = tmp_path / "data"
+        p = run("03_judge_scores.py", path)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert proxy.counts["403"] > 0 and proxy.counts["404"] > 0, proxy.counts
+        assert proxy.counts["forwarded"] == N_UNITS and len(records(data / "judge_scores.jsonl")) == N_UNITS
+        proxy.fail_rate = 1.0                 # it lasts: stopped, after the attempts, with one line
+        write_config(path, small_config(data, **SCALE_0_9, **api_overrides(
+            "judge", proxy.url + "/v1", grammar=False, concurrency=1, max_attempts=2)))
+        (data / "work" / "judge.jsonl").unlink()
+        (data / "cache" / "judge_api_cache.jsonl").unlink()
+        checkpoint.forget(data, ["judge"])
+        p = run("03_judge_scores.py", path)
+        assert p.returncode == 3, p.stdout + p.stderr
+        assert "after 2 attempts; stopping" in p.stderr and "Traceback" not in p.stderr

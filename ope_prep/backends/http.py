@@ -4,7 +4,8 @@ chat completions (judge, oracle) and completions (policies on an engine, backend
 What it adds around the `openai` package:
 
 * retries with tenacity: exponential backoff with jitter, ``Retry-After`` honoured on 429,
-  retried on 408/429/500/502/503/504, connection errors and timeouts, up to ``max_attempts``;
+  retried on 408/429/500/502/503/504, connection errors and timeouts, up to ``max_attempts``
+  (403 and 404 too, which a gateway gives for a moment: they stop the stage if they last);
   a 200 whose body is an error object or holds no completion (a gateway in an outage) is
   retried too, and is never cached: it is not a reply (`_EmptyReply`);
   the package's own retries are off (``max_retries=0``) so that this is the only retry loop;
@@ -56,6 +57,10 @@ from .request_cache import CACHE_VERSION, ledger_total
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 FATAL_STATUS = {401, 403, 404}            # a wrong key, no access, no such model: stop the stage
+# ... but a gateway also answers 403 or 404 for a moment (a replica restarting behind it, a route
+# being deployed): those are asked again, with backoff, and stop the stage only if they last
+# through every attempt. A 401 (a wrong key) stops it at once.
+PASSING_FATAL_STATUS = {403, 404}
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
 MAX_RETRY_AFTER_S = 120.0
@@ -309,7 +314,8 @@ class ApiClient:
             msg = self.redact(_describe(e))
             if e.status_code in FATAL_STATUS:
                 self._halted.set()
-                raise FatalApiError(f"{self.which}: {msg}; stopping (every request would fail the same way)")
+                tries = f" after {self.api.max_attempts} attempts" if e.status_code in PASSING_FATAL_STATUS else ""
+                raise FatalApiError(f"{self.which}: {msg}{tries}; stopping (every request would fail the same way)")
             if e.status_code in RETRY_STATUS:
                 raise RequestFailed(f"{msg} after {self.api.max_attempts} attempts")
             raise RequestFailed(msg, deterministic=True)
@@ -418,7 +424,7 @@ def _body_problem(created) -> Optional[str]:
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, (openai.APIConnectionError, _EmptyReply)):   # a timeout too; a 200 that is no reply
         return True
-    return isinstance(exc, openai.APIStatusError) and exc.status_code in RETRY_STATUS
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in RETRY_STATUS | PASSING_FATAL_STATUS
 
 
 def _retry_after(exc: BaseException) -> Optional[float]:
