@@ -75,6 +75,12 @@ class LowOverlap(PipelineError):
     exit_code = EXIT_STOPPED
 
 
+class EngineDown(PipelineError):
+    """Every replica of an engine stayed down through models.<key>.endpoint.outage_wait_minutes."""
+
+    exit_code = EXIT_STOPPED
+
+
 class EngineRefused(PipelineError):
     """An inference engine failed its check: its log-probabilities would give wrong weights."""
 

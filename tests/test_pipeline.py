@@ -9,6 +9,8 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -274,7 +276,11 @@ def test_an_interrupted_force_step_resumes_with_the_printed_command(reference, t
     resume = out.split("Resume with: ")[-1].splitlines()[0]
     assert resume == f"python run_pipeline.py {N} --config {config.resolve()} --force-step judge", out[-2000:]
 
-    resumed = run(config, N, trace, *shlex.split(resume)[2:])
+    def paste(command: str) -> subprocess.CompletedProcess:     # the printed command, as a user would
+        return subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=ROOT, capture_output=True,
+                              text=True, timeout=900, env={**os.environ, "OPE_PREP_TRACE": str(trace)})
+
+    resumed = paste(resume)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "[judge] resuming the forced redo" in resumed.stdout
     judged = {k: n for (w, k), n in computed_ok(trace).items() if w == "judge"}
@@ -284,7 +290,7 @@ def test_an_interrupted_force_step_resumes_with_the_printed_command(reference, t
     assert records(data / "judge_scores.jsonl") == records(src / "data" / "judge_scores.jsonl")
     assert "redo" not in checkpoint.load(data)       # the redo ended with the run
 
-    again = run(config, N, trace, *shlex.split(resume)[2:])   # a new redo: asked anew
+    again = paste(resume)                             # a new redo: asked anew
     assert again.returncode == 0, again.stdout[-3000:]
     assert "resuming the forced redo" not in again.stdout
     assert {n for (w, _), n in computed_ok(trace).items() if w == "judge"} == {2}
