@@ -52,7 +52,7 @@ from ..errors import BudgetExceeded, FatalApiError, PipelineError
 from ..records import UsageTotals
 from ..store import WorkFile, failed_row, ok_row
 from ..redact import redact_urls
-from .replies import NativeRequest, Reply, Request, RequestFailed, reply_from_openai
+from .replies import NativeRequest, Reply, Request, RequestFailed, body_problem, reply_from_openai
 from .request_cache import CACHE_VERSION, ledger_total
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -255,7 +255,7 @@ class ApiClient:
         try:
             self._rate_limit()
             created = self._create(body)
-            problem = _body_problem(created)
+            problem = body_problem(created)
             if problem:
                 raise _EmptyReply(problem)
             reply = created if isinstance(created, Reply) else reply_from_openai(created)
@@ -407,18 +407,6 @@ _CHAT_KEYS = {"model", "messages", "temperature", "top_p", "max_tokens", "logpro
               "stop", "n", "presence_penalty", "frequency_penalty", "logit_bias"}
 _COMPLETION_KEYS = {"model", "prompt", "temperature", "top_p", "max_tokens", "logprobs", "echo", "seed", "stop",
                     "n", "presence_penalty", "frequency_penalty", "logit_bias"}
-
-
-def _body_problem(created) -> Optional[str]:
-    """Why an HTTP 200 is not a reply (an error object, no completion), or None."""
-    body = created.raw if isinstance(created, Reply) else (getattr(created, "model_extra", None) or {})
-    error = body.get("error") if isinstance(body, dict) else None
-    if error:
-        message = error.get("message", error) if isinstance(error, dict) else error
-        return f"HTTP 200 with an error for a body: {str(message)[:300]}"
-    if not isinstance(created, Reply) and not getattr(created, "choices", None):
-        return "HTTP 200 with no completion in its body (no choices)"
-    return None
 
 
 def _retryable(exc: BaseException) -> bool:
