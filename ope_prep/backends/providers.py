@@ -161,7 +161,7 @@ def _engine_check(config: Config, model_key: str, stage: str, local_tf: Optional
     ok = all(r.ok for _, r in results)
     detail = "; ".join(f"{public_url(url)}: {r.detail}" for url, r in results if ok or not r.ok)
     return EngineCheck(model_key, ok, sum(r.tokens for _, r in results), max(r.max_diff for _, r in results),
-                       detail if len(results) == 1 else f"each replica by itself: {detail}",
+                       detail if urls or not ep.more_base_urls else f"each replica by itself: {detail}",
                        down=all(r.down for _, r in results if not r.ok) and not ok)
 
 
