@@ -120,6 +120,10 @@ class ModelEndpoint(EndpointConfig):
     check_tolerance_per_token: float = Field(1e-3, gt=0)
     """In the engine check, the log-probabilities returned while generating must equal the
     teacher-forced ones within this, per token."""
+    outage_wait_minutes: float = Field(60.0, ge=0)
+    """At a stage's start, a replica that fails the engine check is dropped (said in the log) while
+    the others serve; when every replica is down (its check requests fail as in an outage), the
+    check is asked again with backoff for up to this long before the stage stops (exit 3)."""
 
     @field_validator("engine")
     @classmethod

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import select
+import shlex
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,8 @@ from pathlib import Path
 from . import checkpoint
 from .commands import rerun_command
 from .config import Config, load_config
-from .errors import EXIT_BAD_INPUT, EXIT_UNITS_FAILED, ConfigError, PipelineError, RefusedError
+from .errors import (EXIT_BAD_INPUT, EXIT_CRASH, EXIT_UNITS_FAILED, ConfigError, PipelineError, RefusedError,
+                     report_crash)
 from .files import DATA_DIR_MARKER, DATASET_INFO, PROJECT_DIR, RUN_PARAMS, RUN_STATE, SNAPSHOTS, WORK_DIR
 from .report import cje_line
 from .rounds import prepare_flags, run_rounds
@@ -199,6 +201,16 @@ class StallWatch:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    state: dict = {}
+    try:
+        return _main(args, state)
+    except Exception as e:      # noqa: BLE001: a crash gets its own exit code (not retried)
+        config = state.get("config")
+        return report_crash(e, "run_pipeline", config.data_dir / "logs" if config is not None else None)
+
+
+def _main(args, state: dict) -> int:
+    """main's work; ``state`` receives the config once it is loaded (for a crash's log)."""
     try:
         if args.samples < 1:
             raise PipelineError(f"N must be at least 1 (got {args.samples})")
@@ -208,7 +220,7 @@ def main(argv=None) -> int:
             if forced not in STAGE_NAMES:
                 raise PipelineError(f"--force-step {args.force_step}: not a stage "
                                     f"({', '.join(STAGE_NAMES)} or {', '.join(STAGE_ALIASES)})")
-        config = load_config(args.config)
+        config = state["config"] = load_config(args.config)
         if args.status:
             print(status_text(config))
             return 0
@@ -276,6 +288,31 @@ def lock_data_dir(config: Config, fresh: bool):
     return lock
 
 
+def resume_command(config: Config, args, forced: str | None) -> str:
+    """The command that resumes this run where it stopped: its N, config and flags, and the
+    forced redo under way, which it resumes (it keeps the redo's own finished work)."""
+    return " ".join(["python run_pipeline.py", str(args.samples), "--config",
+                     shlex.quote(str(config.config_path)), *map(shlex.quote, prepare_flags(args)),
+                     *(["--force-step", forced] if forced else [])])
+
+
+def begin_redo(config: Config, forced: str | None, say) -> str | None:
+    """Record the forced redo this run starts (``--force-step``), or resume the one under way:
+    given the same --force-step again, or none, the runner goes on with it and every stage keeps
+    what it already redid. Returns the stage the redo starts at, or None."""
+    data_dir = config.data_dir
+    current = checkpoint.redo(data_dir)
+    if forced is None and current is not None and current["by_runner"]:
+        forced = current["from"]
+    if forced is None:
+        return None
+    redo, resumed = checkpoint.redo_begin(data_dir, forced, by_runner=True)
+    if resumed:
+        say(f"resuming the forced redo of {forced} and the stages after it, begun {redo['started_at']}: "
+            f"what it finished is kept (redone so far: {', '.join(redo['stages']) or 'none'})")
+    return forced
+
+
 def _run(config: Config, args, forced: str | None, lock_fd: int) -> int:
     data_dir = config.data_dir
     log_path = data_dir / "logs" / f"run_{time.strftime('%Y%m%d-%H%M%S')}.log"
@@ -305,6 +342,8 @@ def _run(config: Config, args, forced: str | None, lock_fd: int) -> int:
             if rc != 0:
                 say(f"\nthe config cannot supply {args.samples} prompts (above); nothing was run")
                 return rc
+        forced = begin_redo(config, forced, say)
+        resume = resume_command(config, args, forced)
         state = {"pid": os.getpid(), "started_at": time.time(), "samples": args.samples, "rounds": rounds,
                  "log": str(log_path)}
         run_started = time.time()
@@ -312,9 +351,10 @@ def _run(config: Config, args, forced: str | None, lock_fd: int) -> int:
             force = set(later_stages(forced)) if forced and r == 1 else set()
             try:
                 rc = run_round(config, args, n, force, say, log,
-                               {**state, "round": r, "round_size": n, "round_started_at": time.time()}, lock_fd)
+                               {**state, "round": r, "round_size": n, "round_started_at": time.time()},
+                               lock_fd, resume)
             except KeyboardInterrupt:
-                say("\ninterrupted; finished units are saved. Resume with the same command.")
+                say(f"\ninterrupted; finished units are saved. Resume with: {resume}")
                 return 130
             if rc != 0:
                 return rc
@@ -323,6 +363,7 @@ def _run(config: Config, args, forced: str | None, lock_fd: int) -> int:
                                               "finished_at": time.time(), "latest_snapshot": str(snap)})
             say(f"=== round {r}/{len(rounds)} done: {n} prompts, snapshot {snap} "
                 f"({(time.time() - run_started) / 60:.1f} min since start)")
+        checkpoint.redo_finish(data_dir)       # every round is done: the forced redo too
         say(f"outputs: {data_dir} (report.md, dataset_info.json, cje/ for CJE 0.3 and 0.9); log: {log_path}")
         # Said last, where a user looks first: whether CJE can calibrate on this many labels.
         cje = json.loads((data_dir / DATASET_INFO).read_text(encoding="utf-8")).get("cje")
@@ -348,8 +389,9 @@ def run_stage(cmd: list[str], log, watch: "StallWatch", lock_fd: int | None = No
 
 
 def run_round(config: Config, args, n: int, force: set[str], say, log, state: dict,
-              lock_fd: int | None = None) -> int:
-    """Every stage on the first n prompts; 0, or the exit code of the stage that failed."""
+              lock_fd: int | None = None, resume: str = "the same command") -> int:
+    """Every stage on the first n prompts; 0, or the exit code of the stage that failed.
+    resume: the command that resumes the run, for the messages."""
     data_dir = config.data_dir
     config_arg = ["--config", str(Path(config.config_path))]
     timings = []
@@ -370,7 +412,7 @@ def run_round(config: Config, args, n: int, force: set[str], say, log, state: di
             # and its failure counts, so a deterministic failure gets quarantined
             cmd = [c for c in cmd if c != "--force"]
             if rc == 130:
-                say(f"\ninterrupted during {name}; finished units are saved. Resume with the same command.")
+                say(f"\ninterrupted during {name}; finished units are saved. Resume with: {resume}")
                 return 130
             if rc != EXIT_UNITS_FAILED or name in ("prepare", "summarize") or attempt == config.run.stage_attempts:
                 break
@@ -383,9 +425,13 @@ def run_round(config: Config, args, n: int, force: set[str], say, log, state: di
         timings.append((name, time.time() - started))
         if rc == 0 and name != "summarize":
             say(f"[runner] {whole_run_eta(config, state['samples'])}")
+        if rc == EXIT_CRASH:
+            say(f"\nstage {name} crashed (exit {rc}, the line above names its traceback); it is not marked "
+                f"complete, and a crash is not retried: fix the cause, then resume with: {resume}")
+            return rc
         if rc != 0:
             say(f"\nstage {name} failed (exit {rc}); it is not marked complete. "
-                "Fix the cause and rerun the same command: finished work is kept.")
+                f"Fix the cause and resume with: {resume} (finished work is kept)")
             return rc
     say("\n=== done. Stage times: " + ", ".join(f"{s} {t:.0f}s" for s, t in timings))
     return 0

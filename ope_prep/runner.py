@@ -25,7 +25,7 @@ from . import checkpoint
 from .commands import rerun_command, run_command
 from .config import load_config
 from .files import DATA_DIR_MARKER, PROMPTS, WORK_DIR
-from .errors import EXIT_BAD_INPUT, EXIT_OK, InputError, PipelineError, RefusedError
+from .errors import EXIT_BAD_INPUT, EXIT_OK, InputError, PipelineError, RefusedError, report_crash
 from .stages import STAGE_NAMES
 from .stages.registry import Stage, stage_module
 from .store import count_records, diff_keys, file_manifest
@@ -129,8 +129,9 @@ def require_complete(config, stages: list[str]) -> dict[str, dict]:
 
 
 
-def supersede(data_dir: Path, stage: str, outputs: list[str]) -> None:
-    """Move a stage's work and outputs aside (kept, not deleted) and forget its completion."""
+def supersede(data_dir: Path, stage: str, outputs: list[str], fingerprint_keys: dict) -> None:
+    """Move a stage's work and outputs aside (kept, not deleted), forget its completion and
+    record it in the forced redo under way (so that the redo, resumed, keeps its own work)."""
     dest = data_dir / "superseded" / f"{time.strftime('%Y%m%d-%H%M%S')}-{stage}"
     moved = []
     candidates = [p for p in (data_dir / WORK_DIR).glob(f"{stage}*")] + [data_dir / o for o in outputs]
@@ -144,7 +145,7 @@ def supersede(data_dir: Path, stage: str, outputs: list[str]) -> None:
     # record stays counted against the budget.
     from .backends.request_cache import supersede_caches
     moved += supersede_caches(data_dir, stage, dest)
-    checkpoint.forget(data_dir, [stage])
+    checkpoint.redo_superseded(data_dir, stage, fingerprint_keys)
     if moved:
         print(f"[{stage}] --force: moved earlier work to {dest}: {', '.join(moved)}")
 
@@ -194,6 +195,7 @@ def main(stage: str, description: str, add_args=None, argv=None) -> int:
     args = parser.parse_args(argv)
     module = stage_module(stage)
     started = time.time()
+    config = None
     try:
         config = load_config(args.config)
         # A stage's flags that only read (prepare's --preview) are answered without the lock,
@@ -207,8 +209,15 @@ def main(stage: str, description: str, add_args=None, argv=None) -> int:
             fp = module.fingerprint(config, args, ck)
             inputs = module.inputs(config, args, ck)
             entry = checkpoint.load(data_dir)["stages"].get(stage)
-            if args.force:
-                supersede(data_dir, stage, list(entry["outputs"]) if entry else module.OUTPUTS)
+            force = args.force
+            if force and checkpoint.redo_resumes(data_dir, stage, fp):
+                # This forced redo already moved the earlier work aside: what is here now is its
+                # own (the same command given again after an interruption), resumed, not redone.
+                print(f"[{stage}] resuming the forced redo begun {checkpoint.redo(data_dir)['started_at']}: "
+                      "its finished units are kept")
+                force = False
+            if force:
+                supersede(data_dir, stage, list(entry["outputs"]) if entry else module.OUTPUTS, fp)
             elif entry is not None:
                 if entry["fingerprint"] != fp:
                     raise refusal(config, stage, entry["fingerprint"], fp,
@@ -229,6 +238,7 @@ def main(stage: str, description: str, add_args=None, argv=None) -> int:
             check_disk(config, stage, module, args)
             outputs = module.run(config, args, fp)
             checkpoint.mark_complete(data_dir, stage, fp, outputs, inputs)
+            checkpoint.redo_finish(data_dir, stage)     # a redo of this stage alone ends here
         print(f"[{stage}] complete in {time.time() - started:.1f}s")
         return EXIT_OK
     except PipelineError as e:
@@ -246,6 +256,8 @@ def main(stage: str, description: str, add_args=None, argv=None) -> int:
         print(f"\n[{stage}] interrupted; finished units are saved: rerun the same command to resume",
               file=sys.stderr)
         return 130
+    except Exception as e:      # noqa: BLE001: a crash gets its own exit code, never "units failed"
+        return report_crash(e, stage, config.data_dir / "logs" if config is not None else None)
 
 
 def template_error(config, error: Exception) -> str:

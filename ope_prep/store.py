@@ -174,6 +174,7 @@ class WorkFile:
         self.results: dict[str, dict] = {}
         self.repaired_bytes = 0
         self.repaired_header = False
+        self.damaged_lines: list[int] = []     # line numbers skipped on open (see _load)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             self._load(fingerprint_keys)
@@ -195,7 +196,8 @@ class WorkFile:
                 f.truncate(end)
                 os.fsync(f.fileno())
             data = data[:end]
-        lines = data.decode("utf-8", errors="strict").splitlines()
+        # Line by line: a line of bytes that are not UTF-8 is one damaged line, not the file's.
+        lines = [_decoded(raw) for raw in data.split(b"\n")[:-1]] if data else []
         header = _header_of(lines[0]) if lines else None
         if header is None:
             # A kill while the header was being written (or a header damaged since) leaves no
@@ -209,20 +211,30 @@ class WorkFile:
             raise RefusedError(
                 f"{self.path} holds partial work made with another config ({changed}); "
                 "restore the config, or discard that work (moved aside, kept) by redoing the stage", redo=True)
+        damaged = []
         for lineno, line in enumerate(lines[1:], 2):
-            try:
-                row = json.loads(line)
-                self.results[row["key"]] = row
-            except (ValueError, KeyError, TypeError):
-                raise InputError(f"{self.path}: line {lineno}: damaged record; "
-                                 "move the file aside to recompute this stage")
+            row = _work_row(line)
+            if row is None:
+                # One damaged line (a disk error, an edit) costs its unit, not the file: it is
+                # skipped, so its unit is done again; the other lines, and for a request cache
+                # the spend they record, are kept.
+                if line.strip():
+                    damaged.append(lineno)
+                continue
+            self.results[row["key"]] = row
+        self.damaged_lines = damaged
+        if damaged:
+            shown = ", ".join(map(str, damaged[:10])) + (", ..." if len(damaged) > 10 else "")
+            print(f"[{self.path.stem}] {self.path}: skipped {len(damaged)} damaged line"
+                  f"{'s' if len(damaged) > 1 else ''} (line {shown}); "
+                  f"{'their' if len(damaged) > 1 else 'its'} unit is done again if needed", file=sys.stderr)
 
     def _repair_header(self, fingerprint_keys: dict[str, object], lines: list[str]) -> list[str]:
         """Write a new header in place of a torn or damaged one. The lines after it are kept only
         in a file whose lines identify their own inputs (``self_keyed``: a request cache, whose
         paid replies are its spend ledger); a work file's are moved aside whole (its units are
         recomputed), since without its header nothing says which config made them."""
-        rest = [l for l in lines[1:] if l.strip()]
+        rest = [l for l in lines[1:] if _work_row(l) is not None]
         moved = None
         if rest and not self.self_keyed:
             moved = self.path.with_name(f"{self.path.name}.bad-header-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -296,6 +308,26 @@ class WorkFile:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def _decoded(raw: bytes) -> str:
+    """A work line's text; bytes that are not UTF-8 make it a line no reader accepts."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\x00<not UTF-8>"
+
+
+def _work_row(line: str) -> dict | None:
+    """A work line's record, or None if the line is damaged (not JSON, or not a unit's line)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    if (not isinstance(row, dict) or not isinstance(row.get("key"), str) or row.get("status") not in (OK, FAILED)
+            or (row["status"] == OK and "record" not in row)):
+        return None
+    return row
 
 
 def _header_of(line: str) -> dict | None:

@@ -10,8 +10,9 @@ requests with a fault instead of forwarding them:
         proxy.max_inflight   # the most requests it was forwarding at once
 
 Faults: "429" (with Retry-After: 0 or 1), "500", "503", "close" (the connection is closed
-without an answer) and "hang" (no answer for ``hang_s`` seconds, then closed: use with a client
-timeout shorter than that). ``fail_rate``, ``faults`` and ``pass_first`` (the first N POST
+without an answer), "hang" (no answer for ``hang_s`` seconds, then closed: use with a client
+timeout shorter than that), and what a gateway gives in an outage: "200error" (HTTP 200 whose
+body is an error object), "200empty" (HTTP 200, a completion with no choices), "403" and "404". ``fail_rate``, ``faults`` and ``pass_first`` (the first N POST
 requests always pass) may be changed while it runs. Only
 POST requests are faulted (GET /v1/models, the readiness probe, always passes).
 
@@ -144,8 +145,14 @@ class FaultProxy(_Base):
                     retry_after = str(self.counts["429"] % 2)       # 1, 0, 1, ...
                 self._send(h, 429, b'{"error": {"message": "rate limited (injected)"}}',
                            [("Retry-After", retry_after)])
-            elif fault in ("500", "503"):
+            elif fault in ("500", "503", "403", "404"):
                 self._send(h, int(fault), b'{"error": {"message": "injected failure"}}')
+            elif fault == "200error":
+                self._send(h, 200, b'{"error": {"message": "upstream unavailable (injected)", "code": 503}}')
+            elif fault == "200empty":
+                self._send(h, 200, json.dumps({"id": "chatcmpl-empty", "object": "chat.completion",
+                                               "created": int(time.time()), "model": "injected",
+                                               "choices": []}).encode())
             elif fault == "hang":
                 self._closing.wait(self.hang_s)
                 self._abort(h)

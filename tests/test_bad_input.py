@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import run_script, small_config, write_config
+from conftest import ROOT, run_script, small_config, write_config
 from ope_prep.files import DATA_DIR_MARKER
 
 
@@ -121,3 +122,26 @@ def test_secret_key_never_written_by_refusal(tmp_path):
     path = write_config(tmp_path / "config.yaml", cfg)
     proc = run_script("run_pipeline.py", "2", "--config", str(path), env={"OPENAI_API_KEY": "sk-MARKER-123"})
     assert "sk-MARKER-123" not in proc.stdout + proc.stderr
+
+
+def test_a_crash_is_one_line_exit_4_traceback_in_the_log_not_retried(tmp_path):
+    """An exception no check foresaw (here a model file that is not GGUF, which the llama.cpp
+    loader rejects with a plain ValueError): the stage says one line naming the file that holds
+    the traceback and exits 4, which the runner does not retry (as it would exit 1) and the
+    README's systemd unit does not restart."""
+    from pipeline_harness import run
+    bad = tmp_path / "not_a_model.gguf"
+    bad.write_bytes(b"this is not a GGUF file\n" * 64)
+    cfg = small_config(tmp_path / "data")
+    cfg["models"]["smollm2_135m"]["path"] = str(bad)
+    config = write_config(tmp_path / "config.yaml", cfg)
+    p = run(config, 2, tmp_path / "trace.tsv", timeout=300)
+    assert p.returncode == 4, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Traceback" not in p.stdout + p.stderr
+    line = next(l for l in p.stdout.splitlines() if "prepare crashed" in l)
+    log = Path(line.split("the traceback is in ")[1].rstrip(")"))
+    assert log.parent == tmp_path / "data" / "logs" and "Traceback" in log.read_text()
+    assert "not retried" in p.stdout and "running it again" not in p.stdout
+    assert "--config" in p.stdout.splitlines()[-1]          # how to resume once fixed
+    readme = (ROOT / "README.md").read_text()
+    assert "RestartPreventExitStatus=2 3 4" in readme

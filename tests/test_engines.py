@@ -423,3 +423,30 @@ def test_sglang_and_tgi_native_routes_give_the_in_process_values(vllm_server, en
     else:
         assert all(isinstance(q["inputs"], str) and q["parameters"]["decoder_input_details"] for q in sent)
         assert all((q["parameters"].get("top_n_tokens") or 0) <= 5 for q in sent)
+
+
+def test_a_replica_down_at_the_start_is_dropped_and_an_outage_is_waited_out(vllm_server, tmp_path):
+    """One replica of SmolLM2's engine down at stage 2's start: it is dropped, with a line, and the
+    other serves the stage. Every replica of an engine down: checked again with backoff up to
+    endpoint.outage_wait_minutes, then the stage stops (exit 3, not 2: nothing is wrong with the
+    run), with one line."""
+    dead = "http://127.0.0.1:9/v1"
+    urls = {"smollm2_135m": [dead, vllm_server.url + "/v1"], "gemma3_270m": [vllm_server.url + "/v1"]}
+    cfg = engine_config(tmp_path / "data", urls, engine="vllm")
+    for m in cfg["models"].values():
+        m["endpoint"].update(max_attempts=1, check_prompts=1)
+    config = write_config(tmp_path / "config.yaml", cfg)
+    run_script("01_prepare_data.py", "--config", str(config), "--samples", "1", check=True)
+    proc = run_script("02_generate_responses.py", "--config", str(config))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"models.smollm2_135m.endpoint: replica {dead} dropped for this stage" in proc.stderr
+    assert len(read(tmp_path / "data" / "responses.jsonl")) == len(cfg["policies"])
+
+    cfg["models"]["gemma3_270m"]["endpoint"].update(base_url=dead, outage_wait_minutes=0.02)
+    write_config(config, cfg)
+    proc = run_script("02_generate_responses.py", "--config", str(config), "--force")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "models.gemma3_270m.endpoint: every replica is down" in proc.stderr
+    assert "checking again in 1s" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: models.gemma3_270m.endpoint: every replica stayed down for endpoint.outage_wait_minutes (0.02)")

@@ -449,3 +449,81 @@ def test_wrong_key_stops_at_once_and_the_key_is_not_echoed(tmp_path):
         assert "HTTP 401" in p.stderr and "stopping" in p.stderr and "Traceback" not in p.stderr
         assert stub.counts["requests"] == 1                      # no retry, no other unit
         assert_no_marker(data, p.stdout, p.stderr)
+
+
+def test_a_damaged_line_in_the_work_file_or_cache_costs_its_unit_only(tmp_path):
+    """A line in the middle of the judge's work file turned into bytes that are not UTF-8, and
+    one of its request cache cut in half: the stage says how many lines it skipped (no
+    traceback), does again only what they held (at most one request), keeps every other unit,
+    and the spend ledger keeps every other paid reply."""
+    with ScriptedChatServer(lambda req: "7") as stub:
+        path = make_data(tmp_path, **api_overrides("judge", stub.url + "/v1", grammar=False, concurrency=1,
+                                                   usd_per_1k_input_tokens=1.0))
+        data = tmp_path / "data"
+        p = run("03_judge_scores.py", path)
+        assert p.returncode == 0, p.stdout + p.stderr
+        scores = records(data / "judge_scores.jsonl")
+        paid = usage(data)["usd"]
+        assert stub.counts["requests"] == N_UNITS and paid > 0
+        work, cache = data / "work" / "judge.jsonl", data / "cache" / "judge_api_cache.jsonl"
+        lines = work.read_bytes().split(b"\n")
+        lost = json.loads(lines[2])["key"]
+        work.write_bytes(b"\n".join(lines[:2] + [b'{"key": "caf\xe9 \xff\xfe"}'] + lines[3:]))
+        cached = cache.read_bytes().split(b"\n")
+        cache.write_bytes(b"\n".join(cached[:3] + [cached[3][:40]] + cached[4:]))
+        checkpoint.forget(data, ["judge"])
+        p = run("03_judge_scores.py", path)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "Traceback" not in p.stderr
+        assert f"{work}: skipped 1 damaged line (line 3)" in p.stderr
+        assert f"{cache}: skipped 1 damaged line (line 4)" in p.stderr
+        asked = stub.counts["requests"] - N_UNITS
+        assert asked <= 1 and usage(data)["calls"] == asked
+        redone = [json.loads(l) for l in work.read_bytes().split(b"\n")[3:] if l]     # after the damaged line
+        redone = [r for r in redone if r["key"] == lost]
+        assert len(redone) == 1 and redone[0]["status"] == "ok"      # done again, once
+        assert records(data / "judge_scores.jsonl") == scores
+        # the spend of the 7 intact replies (and of the one asked again) still counts
+        notes = usage(data)["notes"]
+        spent = float(notes.split("spent over all runs in this data dir: $")[1].split()[0])
+        assert spent >= paid * (N_UNITS - 1) / N_UNITS - 1e-9, notes
+
+
+def test_a_200_that_is_an_error_or_empty_is_retried_and_never_cached(tmp_path):
+    """A gateway in an outage answers HTTP 200 with an error object, or a completion with no
+    choices: that is no reply. It is retried like a 503 and never cached (a cached one would be
+    replayed on every retry, and its unit quarantined)."""
+    with ScriptedChatServer(lambda req: "7") as stub, \
+            FaultProxy(stub.url, fail_rate=0.5, seed=3, faults=("200error", "200empty")) as proxy:
+        path = make_data(tmp_path, **api_overrides("judge", proxy.url + "/v1", grammar=False, concurrency=1))
+        data = tmp_path / "data"
+        p = run("03_judge_scores.py", path)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert proxy.counts["200error"] > 0 and proxy.counts["200empty"] > 0, proxy.counts
+        assert proxy.counts["forwarded"] == N_UNITS
+        assert usage(data)["calls"] == proxy.counts["requests"]
+        cache = [json.loads(l) for l in (data / "cache" / "judge_api_cache.jsonl").read_text().splitlines()[1:]]
+        assert len(cache) == N_UNITS and all(r["status"] == "ok" for r in cache)
+        assert all(s["raw"] == "7" for s in records(data / "judge_scores.jsonl"))
+
+
+def test_a_gateways_passing_403_or_404_is_waited_out(tmp_path):
+    """A gateway answers 403 or 404 for a moment (a replica restarting behind it): asked again with
+    backoff, the stage finishes; only a 403/404 that lasts through every attempt stops it (exit 3)."""
+    with ScriptedChatServer(lambda req: "7") as stub, \
+            FaultProxy(stub.url, fail_rate=0.4, seed=5, faults=("403", "404")) as proxy:
+        path = make_data(tmp_path, **api_overrides("judge", proxy.url + "/v1", grammar=False, concurrency=1))
+        data = tmp_path / "data"
+        p = run("03_judge_scores.py", path)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert proxy.counts["403"] > 0 and proxy.counts["404"] > 0, proxy.counts
+        assert proxy.counts["forwarded"] == N_UNITS and len(records(data / "judge_scores.jsonl")) == N_UNITS
+        proxy.fail_rate = 1.0                 # it lasts: stopped, after the attempts, with one line
+        write_config(path, small_config(data, **SCALE_0_9, **api_overrides(
+            "judge", proxy.url + "/v1", grammar=False, concurrency=1, max_attempts=2)))
+        (data / "work" / "judge.jsonl").unlink()
+        (data / "cache" / "judge_api_cache.jsonl").unlink()
+        checkpoint.forget(data, ["judge"])
+        p = run("03_judge_scores.py", path)
+        assert p.returncode == 3, p.stdout + p.stderr
+        assert "after 2 attempts; stopping" in p.stderr and "Traceback" not in p.stderr

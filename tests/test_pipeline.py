@@ -5,7 +5,12 @@ and the refusal of a changed config with the documented way out."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -264,3 +269,45 @@ def test_overlap_is_known_after_stage_2b_and_stop_mode_refuses_the_judge_before_
     assert f"validation.on_low_overlap: warn in {config.resolve()}" in message
     assert not list((tmp_path / "data" / "work").glob("judge*")) or \
         not done_keys(tmp_path / "data").get("judge")
+
+
+def test_an_interrupted_force_step_resumes_with_the_printed_command(reference, tmp_path):
+    """Ctrl-C in a `--force-step judge` redo, at a named point (its first durable judge batch):
+    the runner prints the command that resumes; that command keeps what the redo finished (no
+    judge unit computed twice, the earlier work and request cache moved aside once), and a
+    forced redo begun after that one ended moves the work aside again."""
+    src, _, _, _ = reference
+    shutil.copytree(src / "data", tmp_path / "data")
+    data = tmp_path / "data"
+    config = write_config(tmp_path / "config.yaml", small_config(data))
+    trace = tmp_path / "trace.tsv"
+    paused = tmp_path / "paused"
+    proc = start(config, N, trace, "--force-step", "judge", log=tmp_path / "forced.log",
+                 env={"OPE_PREP_PAUSE_AFTER_SAVE": f"judge:{paused}"})
+    assert wait_for(paused.exists, 600, proc), (tmp_path / "forced.log").read_text()[-3000:]
+    saved = done_keys(data)["judge"]
+    assert 0 < len(saved) < N * 4
+    os.killpg(proc.pid, signal.SIGINT)                 # Ctrl-C: the runner and its stage
+    assert proc.wait(timeout=300) == 130
+    out = (tmp_path / "forced.log").read_text()
+    resume = out.split("Resume with: ")[-1].splitlines()[0]
+    assert resume == f"python run_pipeline.py {N} --config {config.resolve()} --force-step judge", out[-2000:]
+
+    def paste(command: str) -> subprocess.CompletedProcess:     # the printed command, as a user would
+        return subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=ROOT, capture_output=True,
+                              text=True, timeout=900, env={**os.environ, "OPE_PREP_TRACE": str(trace)})
+
+    resumed = paste(resume)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "[judge] resuming the forced redo" in resumed.stdout
+    judged = {k: n for (w, k), n in computed_ok(trace).items() if w == "judge"}
+    assert set(judged.values()) == {1} and len(judged) == N * 4, judged
+    assert len(list((data / "superseded").glob("*-judge"))) == 1
+    assert len(list((data / "superseded").glob("*-oracle"))) == 1
+    assert records(data / "judge_scores.jsonl") == records(src / "data" / "judge_scores.jsonl")
+    assert "redo" not in checkpoint.load(data)       # the redo ended with the run
+
+    again = paste(resume)                             # a new redo: asked anew
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "resuming the forced redo" not in again.stdout
+    assert {n for (w, _), n in computed_ok(trace).items() if w == "judge"} == {2}

@@ -4,7 +4,10 @@ chat completions (judge, oracle) and completions (policies on an engine, backend
 What it adds around the `openai` package:
 
 * retries with tenacity: exponential backoff with jitter, ``Retry-After`` honoured on 429,
-  retried on 408/429/500/502/503/504, connection errors and timeouts, up to ``max_attempts``;
+  retried on 408/429/500/502/503/504, connection errors and timeouts, up to ``max_attempts``
+  (403 and 404 too, which a gateway gives for a moment: they stop the stage if they last);
+  a 200 whose body is an error object or holds no completion (a gateway in an outage) is
+  retried too, and is never cached: it is not a reply (`_EmptyReply`);
   the package's own retries are off (``max_retries=0``) so that this is the only retry loop;
 * concurrency: ``concurrency`` worker threads per base URL, under a rate limit of
   ``requests_per_minute`` (every attempt counts); with several base URLs (replicas of one model)
@@ -49,11 +52,15 @@ from ..errors import BudgetExceeded, FatalApiError, PipelineError
 from ..records import UsageTotals
 from ..store import WorkFile, failed_row, ok_row
 from ..redact import redact_urls
-from .replies import NativeRequest, Reply, Request, RequestFailed, reply_from_openai
+from .replies import NativeRequest, Reply, Request, RequestFailed, body_problem, reply_from_openai
 from .request_cache import CACHE_VERSION, ledger_total
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 FATAL_STATUS = {401, 403, 404}            # a wrong key, no access, no such model: stop the stage
+# ... but a gateway also answers 403 or 404 for a moment (a replica restarting behind it, a route
+# being deployed): those are asked again, with backoff, and stop the stage only if they last
+# through every attempt. A 401 (a wrong key) stops it at once.
+PASSING_FATAL_STATUS = {403, 404}
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
 MAX_RETRY_AFTER_S = 120.0
@@ -66,6 +73,11 @@ _MESSAGE_OVERHEAD_TOKENS = 8
 
 class _Stopped(Exception):
     pass
+
+
+class _EmptyReply(Exception):
+    """HTTP 200 but no reply: an error object for a body, or no completion in it. Transient (a
+    gateway or an engine in trouble answers so), so it is retried and never cached."""
 
 
 def is_local(url: Optional[str]) -> bool:
@@ -243,6 +255,9 @@ class ApiClient:
         try:
             self._rate_limit()
             created = self._create(body)
+            problem = body_problem(created)
+            if problem:
+                raise _EmptyReply(problem)
             reply = created if isinstance(created, Reply) else reply_from_openai(created)
         except BaseException:
             self._release(est)
@@ -299,12 +314,15 @@ class ApiClient:
             msg = self.redact(_describe(e))
             if e.status_code in FATAL_STATUS:
                 self._halted.set()
-                raise FatalApiError(f"{self.which}: {msg}; stopping (every request would fail the same way)")
+                tries = f" after {self.api.max_attempts} attempts" if e.status_code in PASSING_FATAL_STATUS else ""
+                raise FatalApiError(f"{self.which}: {msg}{tries}; stopping (every request would fail the same way)")
             if e.status_code in RETRY_STATUS:
                 raise RequestFailed(f"{msg} after {self.api.max_attempts} attempts")
             raise RequestFailed(msg, deterministic=True)
         except openai.APIConnectionError as e:
             raise RequestFailed(f"{self.redact(_describe(e))} after {self.api.max_attempts} attempts")
+        except _EmptyReply as e:
+            raise RequestFailed(f"{self.redact(str(e))} after {self.api.max_attempts} attempts")
         except openai.OpenAIError as e:
             raise RequestFailed(self.redact(_describe(e)))
         usable = accept(reply)
@@ -392,9 +410,9 @@ _COMPLETION_KEYS = {"model", "prompt", "temperature", "top_p", "max_tokens", "lo
 
 
 def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, openai.APIConnectionError):      # includes APITimeoutError
+    if isinstance(exc, (openai.APIConnectionError, _EmptyReply)):   # a timeout too; a 200 that is no reply
         return True
-    return isinstance(exc, openai.APIStatusError) and exc.status_code in RETRY_STATUS
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in RETRY_STATUS | PASSING_FATAL_STATUS
 
 
 def _retry_after(exc: BaseException) -> Optional[float]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Protocol, Sequence, Union
 
 from ..config import Config
-from ..errors import EngineRefused
+from ..errors import EngineDown, EngineRefused, FatalApiError
 from ..fingerprint import model_identity
 from ..records import UsageTotals
 from ..redact import public_url
@@ -133,11 +133,12 @@ def check_engine(config: Config, model_key: str, stage: str) -> EngineCheck:
             local_tf.close()
 
 
-def _engine_check(config: Config, model_key: str, stage: str, local_tf: Optional[_LocalTeacherForcer]) -> EngineCheck:
+def _engine_check(config: Config, model_key: str, stage: str, local_tf: Optional[_LocalTeacherForcer],
+                  urls: Optional[list[str]] = None) -> EngineCheck:
     """Generation and teacher forcing of models.<key>'s engine agree on the check prompts (under
     the first policy on that model, at each temperature of the policies on it), on every replica
-    by itself, asked anew each time (a check answered from the cache would pass with the server
-    down or changed)."""
+    (or those of ``urls``) by itself, asked anew each time (a check answered from the cache would
+    pass with the server down or changed)."""
     ep = config.models[model_key].endpoint
     assert ep is not None
     pol = next(p for p in config.policies if p.model == model_key)
@@ -145,7 +146,7 @@ def _engine_check(config: Config, model_key: str, stage: str, local_tf: Optional
     prompts = CHECK_PROMPTS[:ep.check_prompts] if ep.check_prompts <= len(CHECK_PROMPTS) else \
         [CHECK_PROMPTS[i % len(CHECK_PROMPTS)] + f" ({i})" for i in range(ep.check_prompts)]
     results = []
-    for url in [ep.base_url, *ep.more_base_urls]:
+    for url in urls or [ep.base_url, *ep.more_base_urls]:
         replica = remote_model(config, model_key, stage, base_urls=[url], local_tf=local_tf, check=True)
         try:
             jobs = [(replica.chat.prompt_tokens(pol.system_prompt, text), t, config.run.seed + i)
@@ -160,24 +161,79 @@ def _engine_check(config: Config, model_key: str, stage: str, local_tf: Optional
     ok = all(r.ok for _, r in results)
     detail = "; ".join(f"{public_url(url)}: {r.detail}" for url, r in results if ok or not r.ok)
     return EngineCheck(model_key, ok, sum(r.tokens for _, r in results), max(r.max_diff for _, r in results),
-                       detail if not ep.more_base_urls else f"each replica by itself: {detail}")
+                       detail if urls or not ep.more_base_urls else f"each replica by itself: {detail}",
+                       down=all(r.down for _, r in results if not r.ok) and not ok)
 
 
 def policy_model(config: Config, model_key: str, n_seq: int, stage: str) -> PolicyModel:
-    """models.<key> for generation or teacher forcing: in process, or on its engine once every
-    replica of the engine passed its check (else EngineRefused, saying why)."""
-    if config.models[model_key].endpoint is None:
+    """models.<key> for generation or teacher forcing: in process, or on the replicas of its
+    engine that pass their check (`serving_replicas`)."""
+    ep = config.models[model_key].endpoint
+    if ep is None:
         return local_model(config, model_key, n_seq)
-    model = remote_model(config, model_key, stage, n_seq)
+    local_tf = None if ep.teacher_force else _LocalTeacherForcer(config, model_key, n_seq)
     try:
-        result = _engine_check(config, model_key, stage, model.local_teacher_force)
-        print(f"[{stage}] engine check: {result.line()}", file=sys.stderr)
-        if not result.ok:
-            raise EngineRefused(result.line())
+        urls = serving_replicas(config, model_key, stage, local_tf)
+        return remote_model(config, model_key, stage, n_seq, base_urls=urls, local_tf=local_tf)
     except BaseException:
-        model.close()
+        if local_tf is not None:
+            local_tf.close()
         raise
-    return model
+
+
+# An engine whose every replica is down is checked again after this, then twice as long, ...
+OUTAGE_FIRST_WAIT_S = 15.0
+OUTAGE_MAX_WAIT_S = 600.0
+
+
+def serving_replicas(config: Config, model_key: str, stage: str,
+                     local_tf: Optional[_LocalTeacherForcer]) -> list[str]:
+    """The replicas of models.<key>'s engine that pass the engine check, each asked by itself.
+    One that fails is dropped, with a line in the log, while the others serve. None passes: if one
+    was refused for its values, EngineRefused (exit 2); if all are down (an outage), they are asked
+    again with backoff for up to endpoint.outage_wait_minutes, then EngineDown (exit 3)."""
+    ep = config.models[model_key].endpoint
+    assert ep is not None
+    deadline = time.monotonic() + ep.outage_wait_minutes * 60
+    wait = OUTAGE_FIRST_WAIT_S
+    while True:
+        checked = [(url, _check_replica(config, model_key, stage, url, local_tf))
+                   for url in [ep.base_url, *ep.more_base_urls]]
+        passed = [(url, r) for url, r in checked if r.ok]
+        failed = [(url, r) for url, r in checked if not r.ok]
+        for url, r in (failed if passed else []):
+            print(f"[{stage}] engine check: models.{model_key}.endpoint: replica {url} dropped for this stage "
+                  f"({r.detail}); {len(passed)} of {len(checked)} serve", file=sys.stderr)
+        if passed:
+            for url, r in passed:
+                print(f"[{stage}] engine check: {r.line()}" + (f" ({url})" if len(checked) > 1 else ""),
+                      file=sys.stderr)
+            return [url for url, _ in passed]
+        refused = [(url, r) for url, r in failed if not r.down]
+        if refused:
+            url, r = refused[0]
+            raise EngineRefused(r.line() + (f" (replica {url})" if len(checked) > 1 else ""))
+        left = deadline - time.monotonic()
+        what = "; ".join(f"{url}: {r.detail}" for url, r in failed)
+        if left <= 0:
+            raise EngineDown(f"models.{model_key}.endpoint: every replica stayed down for "
+                             f"endpoint.outage_wait_minutes ({ep.outage_wait_minutes:g}): {what}; "
+                             "rerun the same command once it serves (finished units are kept)")
+        pause = min(wait, left)
+        print(f"[{stage}] engine check: models.{model_key}.endpoint: every replica is down ({what}); "
+              f"checking again in {pause:.0f}s (up to endpoint.outage_wait_minutes "
+              f"{ep.outage_wait_minutes:g} in all)", file=sys.stderr)
+        time.sleep(pause)
+        wait = min(wait * 2, OUTAGE_MAX_WAIT_S)
+
+
+def _check_replica(config: Config, model_key: str, stage: str, url: str,
+                   local_tf: Optional[_LocalTeacherForcer]) -> EngineCheck:
+    """The engine check of one replica (a stop such as a wrong key counts as refused)."""
+    try:
+        return _engine_check(config, model_key, stage, local_tf, urls=[url])
+    except FatalApiError as e:
+        return EngineCheck(model_key, False, 0, float("inf"), str(e))
 
 
 def model_usage(model: PolicyModel, tokens: int) -> UsageTotals:

@@ -209,6 +209,7 @@ class EngineCheck:
     tokens: int               # tokens compared
     max_diff: float           # largest |generation - teacher forcing| per token
     detail: str
+    down: bool = False        # not refused for its values: its check requests failed as an outage does
 
     def line(self) -> str:
         verdict = "ok" if self.ok else "REFUSED"
@@ -245,7 +246,8 @@ def engine_check(model_key: str, model: RemoteModel, jobs: list[tuple[list[int],
     sampled = model.sample_as_returned(jobs, max_tokens, top)
     failed = [g for g in sampled if isinstance(g, Exception)]
     if failed:
-        return EngineCheck(model_key, False, 0, math.inf, f"a check request failed: {failed[0]}")
+        return EngineCheck(model_key, False, 0, math.inf, f"a check request failed: {failed[0]}",
+                           down=all(not f.deterministic for f in failed))
     gens = [g for g, _ in sampled]
     tf = model.teacher_force_many([(p, g.token_ids, t) for (p, t, _), g in zip(jobs, gens)])
     bad = [v for v in tf if isinstance(v, Exception)]

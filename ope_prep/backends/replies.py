@@ -87,3 +87,17 @@ def reply_from_openai(completion) -> Reply:
                  prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
                  completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
                  model=completion.model, prompt_logprobs=extra.get("prompt_logprobs"))
+
+
+def body_problem(created) -> Optional[str]:
+    """Why an HTTP 200 is not a reply (an error object for a body, no completion in it), or None:
+    a gateway or engine in trouble answers so, and such a body must never be cached as a reply.
+    ``created``: an openai (chat) completion, or the Reply of a native route (its ``raw``)."""
+    body = created.raw if isinstance(created, Reply) else (getattr(created, "model_extra", None) or {})
+    error = body.get("error") if isinstance(body, dict) else None
+    if error:
+        message = error.get("message", error) if isinstance(error, dict) else error
+        return f"HTTP 200 with an error for a body: {str(message)[:300]}"
+    if not isinstance(created, Reply) and not getattr(created, "choices", None):
+        return "HTTP 200 with no completion in its body (no choices)"
+    return None
