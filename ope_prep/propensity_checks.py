@@ -194,18 +194,23 @@ def text_event_figures(texts: list[TeacherForced], models: list[str]) -> dict:
 
 
 def check_exported_weights(config: Config, data: Dataset, problems: Problems) -> dict:
-    """What the CJE logged-data file will say of each weight (target minus base) is the target's own."""
+    """The CJE logged data as export.py writes it: each target minus base, against the weight
+    taken from the records themselves (the target's event over the base's record of that event)."""
+    from .export import logged_records
     base, off = config.base_policy, []
-    for pid in _prompt_ids(data):
-        for t in config.target_policies:
-            try:
-                exported = data.exported_logprob(pid, t, base) - data.logprobs[(pid, base)].logprob
-                want = data.log_weight(pid, t, base)
-            except KeyError:
-                continue      # a missing record is reported by its own rule
-            if not abs(exported - want) <= 1e-9 * max(1.0, abs(want)):
-                off.append(f"{pid}/{t}: {exported:.6g} exported, {want:.6g} its weight")
-    problems.rule(LOGPROBS, "exported log-weights are not the targets' own", off)
+    try:
+        records = logged_records(config, data)
+    except (KeyError, TypeError, AttributeError):
+        return {"n_off": None}        # a missing or malformed record: reported by its own rule
+    for rec in records:
+        pid = rec["prompt_id"]
+        for t, lp in rec["target_policy_logprobs"].items():
+            tr = data.logprobs[(pid, t)]
+            den = data.base_text[(pid, base)] if tr.event == "text" else data.logprobs[(pid, base)]
+            want = tr.logprob - den.logprob
+            if not abs((lp - rec["base_policy_logprob"]) - want) <= 1e-9 * max(1.0, abs(want)):
+                off.append(f"{pid}/{t}: {lp - rec['base_policy_logprob']:.6g} exported, {want:.6g} its weight")
+    problems.rule("cje/logged_data.jsonl", "exported log-weights (target minus base) are not the targets' own", off)
     return {"n_off": len(off)}
 
 

@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .events import Lattice, TextEvent, lse
+from .events import Lattice, NoSharedEvent, TextEvent, lse
 
 
 @dataclass
@@ -188,7 +188,10 @@ def score_texts(model, jobs: list[tuple[list[int], float, TextSearch]]) -> list[
     teacher_force_readouts), every job's round in one call: a TextScore per job, or the
     exception that stopped it."""
     out: list[object] = [None] * len(jobs)
-    live = list(range(len(jobs)))
+    for j, (_, _, search) in enumerate(jobs):
+        if not search.stems:
+            out[j] = NoSharedEvent("this tokenizer has no spelling of the response's text (a byte without a token)")
+    live = [j for j in range(len(jobs)) if out[j] is None]
     while live:
         asks = [(j, req) for j in live for req in jobs[j][2].requests()]
         results = model.teacher_force_readouts([(jobs[j][0], stem, jobs[j][1], cands, stops)
