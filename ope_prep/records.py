@@ -85,6 +85,9 @@ class JudgeScore:
     # current response, so a score of an earlier response is never paired with a new one. None
     # only in a file written before scores carried it (stage 5 refuses it: rerun the stage).
     input_digest: Optional[str] = None
+    # The model that answered, as its reply names it (an API alias's dated snapshot; in process,
+    # the GGUF file); None if the reply named none. Stage 5 reports a run scored by more than one.
+    model: Optional[str] = None
 
 
 @dataclass
@@ -95,6 +98,7 @@ class OracleLabel:
     label: float              # [0, 1]
     raw: str
     input_digest: Optional[str] = None    # as JudgeScore.input_digest
+    model: Optional[str] = None           # as JudgeScore.model
 
 
 def scored_digest(prompt: str, response: str) -> str:

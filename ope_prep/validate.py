@@ -320,10 +320,37 @@ def check_scored_inputs(rd: _Reading) -> None:
                          f"{stage}: {rerun_command(rd.config, stage)})", stale)
 
 
+def answering_models(records: dict) -> dict[str, int]:
+    """How many records each model answered, by the name its replies gave (JudgeScore.model)."""
+    return dict(sorted(Counter(r.model if isinstance(r.model, str) else "(not named by the reply)"
+                               for r in records.values()).items()))
+
+
+def mixed_models(stage: str, models: dict[str, int]) -> str | None:
+    """What is wrong when more than one model answered a stage's records (an API alias updated
+    during the run: two judges in one dataset), else None."""
+    if len(models) < 2:
+        return None
+    return (f"the {stage}'s records were answered by {len(models)} models ("
+            + ", ".join(f"{m}: {n}" for m, n in models.items()) + ")")
+
+
+def check_scorer_models(rd: _Reading) -> None:
+    """With validation.on_mixed_scorer_models 'stop', a stage whose records more than one model
+    answered fails the run; with 'warn' the report says so (summarize.dataset_info)."""
+    if rd.config.validation.on_mixed_scorer_models != "stop":
+        return
+    for name, records, stage in ((JUDGE_SCORES, rd.data.judge, "judge"), (ORACLE_LABELS, rd.data.oracle, "oracle")):
+        problem = mixed_models(stage, answering_models(records))
+        if problem:
+            rd.problems.add(f"{name}: {problem}, and validation.on_mixed_scorer_models is 'stop'; redo "
+                            f"stage {stage} with one model: {rerun_command(rd.config, stage)}")
+
+
 # In order: the prompts first (they say which pairs every other file must hold).
 RECORD_CHECKS = [check_prompts, check_responses, check_logprobs, check_base_text, check_self_checks,
                  report_logprob_rules,
-                 check_judge_scores, check_oracle_labels, check_scored_inputs]
+                 check_judge_scores, check_oracle_labels, check_scored_inputs, check_scorer_models]
 
 
 def load_and_check(config: Config) -> tuple[Dataset, dict, list[str]]:

@@ -657,6 +657,26 @@ def test_a_removed_policy_leaves_no_file_in_cje_or_plots(tmp_path):
     assert (data / "cje/responses/pi_bad_responses.jsonl").is_file()
 
 
+def test_a_run_scored_by_two_judge_models_is_reported_or_refused_as_configured(tmp_path):
+    run = make_run(tmp_path, n=12, seed=16, write=False)
+    for j in run.rows["judge_scores.jsonl"]:
+        j["model"] = "judge-2026-01-15"
+    run.rows["judge_scores.jsonl"][5]["model"] = "judge-2026-03-01"
+    run.write()
+    run_stage(run)
+    info = strict_json(run.data_dir / "dataset_info.json")
+    assert info["answered_by"]["judge"] == {"judge-2026-01-15": 47, "judge-2026-03-01": 1}
+    why = "the judge's records were answered by 2 models (judge-2026-01-15: 47, judge-2026-03-01: 1)"
+    assert why in info["checks"]["notes"]
+    assert why in (run.data_dir / "report.md").read_text()
+
+    write_config(run.root, run.data_dir, validation={"on_mixed_scorer_models": "stop"})
+    with pytest.raises(ValidationFailed) as e:
+        run_stage(run)
+    assert f"judge_scores.jsonl: {why}, and validation.on_mixed_scorer_models is 'stop'" in str(e.value)
+    assert "oracle_labels.jsonl" not in str(e.value)          # one model (unnamed) answered them all
+
+
 def test_inputs_cover_every_upstream_output_and_fingerprint_the_validation(tmp_path):
     run = make_run(tmp_path, n=8, seed=11)
     config = load_config(run.config_path)

@@ -30,7 +30,7 @@ from ..files import (CALIBRATION, CJE_DIR, DATASET_INFO, P0_DET, P0_UNC, PLOTS_D
                      TARGETS_UNC, VALIDATION, usage_file)
 from ..fingerprint import flatten
 from ..store import write_json
-from ..validate import load_and_check
+from ..validate import answering_models, load_and_check, mixed_models
 from . import UNIT_STAGES
 from .units import low_overlap_targets, run_identity, upstream_digests
 
@@ -105,6 +105,8 @@ def dataset_info(config: Config, data: Dataset, checks: dict) -> dict:
     if low["count"]:
         notes.append(f"{low['count']} per-token log-probabilities below {low['threshold']:g} "
                      "(see Suspicious values)")
+    answered = {"judge": answering_models(data.judge), "oracle": answering_models(data.oracle)}
+    notes += [why for stage, models in answered.items() if (why := mixed_models(stage, models))]
     return {
         "format": "ope_prep/dataset_info/1",
         "run": {"n_prompts": n, "samples": data.run.get("samples"), "seed": data.run["seed"],
@@ -117,6 +119,7 @@ def dataset_info(config: Config, data: Dataset, checks: dict) -> dict:
                 "oracle_fractions": {"calibration": config.oracle.calibration_fraction,
                                      "validation": config.oracle.validation_fraction}},
         "checks": {"passed": True, **checks, "notes": notes},
+        "answered_by": answered,       # model name (as the replies gave it) -> records, per stage
         "policies": policies,
         "targets": targets,
         "discrimination": dx.discrimination(config, data),
