@@ -7,6 +7,7 @@ import json
 import shlex
 
 from .files import RUN_PARAMS, RUN_STATE
+from .stages import STAGES
 
 
 def run_command(config, *flags: str) -> str:
@@ -26,3 +27,10 @@ def run_command(config, *flags: str) -> str:
 def rerun_command(config, stage: str) -> str:
     """The command that redoes ``stage`` and the stages after it for this run."""
     return run_command(config, "--force-step", stage)
+
+
+def stage_command(config, stage: str) -> str:
+    """The numbered script of ``stage`` with this config: run without --force, it updates a stage
+    whose inputs changed, keeping every unit whose own inputs are unchanged."""
+    script = dict(STAGES)[stage]
+    return f"python {script} --config {shlex.quote(str(config.config_path))}"

@@ -261,6 +261,11 @@ class ValidationConfig(Strict):
     on_low_overlap: Literal["warn", "stop"] = "warn"
     """stop: stages 3 and 4 refuse to start (nothing paid) while a target's overlap is below the
     limits above; warn: they go on, and the report says so."""
+    on_mixed_scorer_models: Literal["warn", "stop"] = "warn"
+    """The model that answered each judge score and oracle label, as its reply names it (behind an
+    API alias, the dated snapshot) is kept in the record. More than one for the judge (or the
+    oracle), as when a run spans an alias update: warn: the report lists them and their counts;
+    stop: stage 5 fails the run."""
 
 
 class Config(Strict):

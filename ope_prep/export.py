@@ -272,10 +272,3 @@ def write_all(config: Config, data) -> dict[str, dict]:
     out[CALIBRATION] = write_jsonl(d / CALIBRATION, _labels(config, data, [base]))
     out[VALIDATION] = write_jsonl(d / VALIDATION, _labels(config, data, targets))
     return out
-
-
-def stale_fresh_draws(config: Config) -> list[str]:
-    """Fresh-draw files in cje/responses/ of policies that are not in this config."""
-    folder = config.data_dir / FRESH_DIR
-    want = {Path(fresh_draws_path(p.name)).name for p in config.policies}
-    return sorted(p.name for p in folder.glob("*_responses.jsonl") if p.name not in want)

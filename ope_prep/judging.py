@@ -150,6 +150,10 @@ class Judgement:
     mean: float        # E[score] under the digit distribution
     variance: float
     raw: str           # the judge's text (in process: the most likely digit)
+    # The model that answered, as the reply names it (behind an API alias, the dated snapshot; in
+    # process, the GGUF file); None if the reply names none. Kept in each score and label: stage 5
+    # reports a run scored by more than one.
+    model: Optional[str] = None
 
 
 def judgement_from(rubric: Rubric, digit_logprobs: dict[int, float], digit: Optional[int] = None,

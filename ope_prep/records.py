@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from .store import input_digest
+
 
 @dataclass
 class Prompt:
@@ -79,6 +81,13 @@ class JudgeScore:
     mean: float               # mean of the judge's distribution over score tokens, [0, 1]
     variance: float
     raw: str                  # the judge's text
+    # scored_digest(prompt, response) of the exact texts scored: stage 5 checks it against the
+    # current response, so a score of an earlier response is never paired with a new one. None
+    # only in a file written before scores carried it (stage 5 refuses it: rerun the stage).
+    input_digest: Optional[str] = None
+    # The model that answered, as its reply names it (an API alias's dated snapshot; in process,
+    # the GGUF file); None if the reply named none. Stage 5 reports a run scored by more than one.
+    model: Optional[str] = None
 
 
 @dataclass
@@ -88,6 +97,14 @@ class OracleLabel:
     split: str                # "calibration" (p0) or "validation" (targets)
     label: float              # [0, 1]
     raw: str
+    input_digest: Optional[str] = None    # as JudgeScore.input_digest
+    model: Optional[str] = None           # as JudgeScore.model
+
+
+def scored_digest(prompt: str, response: str) -> str:
+    """What a judge score or an oracle label was computed from: the prompt and the response
+    under judgment (the scoring unit's input digest and the record's ``input_digest``)."""
+    return input_digest("scored", prompt, response)
 
 
 @dataclass

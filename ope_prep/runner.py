@@ -22,12 +22,13 @@ from pathlib import Path
 import jinja2
 
 from . import checkpoint
-from .commands import rerun_command, run_command
+from .commands import rerun_command, run_command, stage_command
 from .config import load_config
 from .files import DATA_DIR_MARKER, PROMPTS, WORK_DIR
 from .errors import EXIT_BAD_INPUT, EXIT_OK, InputError, PipelineError, RefusedError, report_crash
 from .stages import STAGE_NAMES
 from .stages.registry import Stage, stage_module
+from .stages.units import outdated_inputs
 from .store import count_records, diff_keys, file_manifest
 
 
@@ -116,7 +117,7 @@ def verify_outputs(data_dir: Path, outputs: dict[str, dict]) -> str | None:
 
 
 def require_complete(config, stages: list[str]) -> dict[str, dict]:
-    """The checkpoint entries of the stages this one reads, each verified on disk."""
+    """The checkpoint entries of the stages this one reads, each verified on disk and current."""
     data_dir = config.data_dir
     ck = checkpoint.load(data_dir)["stages"]
     for name in stages:
@@ -125,6 +126,13 @@ def require_complete(config, stages: list[str]) -> dict[str, dict]:
         problem = verify_outputs(data_dir, ck[name]["outputs"])
         if problem:
             raise InputError(f"output of stage {name!r}: {problem}; rerun it: {rerun_command(config, name)}")
+    for name in stages:
+        changed = outdated_inputs(ck, name)
+        if changed:
+            raise InputError(
+                f"stage {name} is out of date: {', '.join(changed)} changed since it ran, so its outputs are "
+                f"not of the current ones; update it first: {stage_command(config, name)} (it keeps every "
+                f"unit whose own inputs are unchanged), or run every stage in order: {run_command(config)}")
     return ck
 
 

@@ -2,7 +2,8 @@
 check_<kind> of its file kind (RECORD_CHECKS, in order), each record checked against the rules
 of its kind (a line that does not parse, a missing, duplicated or unknown (prompt, policy), a
 log-probability that is not a finite value <= 0, per-token values that do not match the token
-ids or their sum, a judge value or oracle label outside its range, a label in the wrong split);
+ids or their sum, a judge value or oracle label outside its range, a label in the wrong split, a
+score or label not computed from the current prompt and response);
 then the propensity rules (propensity_checks.py)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from .commands import rerun_command
 from .config import Config
 from .dataset import (MAX_EXAMPLES, Dataset, Problems, fmt, in_unit, is_num, legal_values, text_record_ok,
                       token_logprobs_match)
@@ -19,7 +21,7 @@ from .errors import InputError
 from .files import (BASE_TEXT_LOGPROBS, JUDGE_SCORES, LOGPROBS, ORACLE_LABELS, PROMPTS, RESPONSES, RUN_PARAMS, SELF_CONSISTENCY,
                     quarantine_file)
 from .propensity_checks import propensity_checks
-from .records import JudgeScore, OracleLabel, Prompt, Quarantined, Response, SelfCheck, TeacherForced
+from .records import JudgeScore, OracleLabel, Prompt, Quarantined, Response, SelfCheck, TeacherForced, scored_digest
 from .stages import UNIT_STAGES
 from .stages.units import exclusion_over_limit, self_check_prompts
 from .store import read_jsonl
@@ -298,10 +300,57 @@ def check_oracle_labels(rd: _Reading) -> None:
     rd.problems.rule(ORACLE_LABELS, "oracle labels are in the wrong split", wrong_split)
 
 
+def check_scored_inputs(rd: _Reading) -> None:
+    """Each judge score and oracle label carries the digest of the prompt and response it scored:
+    it must be the current one's, or the run pairs a response with another response's score (a
+    stage redone by hand after its upstream changed, a file copied from another run)."""
+    data = rd.data
+    prompts = {p.prompt_id: p.prompt for p in data.prompts}
+    for name, records, stage in ((JUDGE_SCORES, data.judge, "judge"), (ORACLE_LABELS, data.oracle, "oracle")):
+        stale = []
+        for (pid, pol), r in records.items():
+            resp = data.responses.get((pid, pol))
+            if pid not in prompts or resp is None or not isinstance(resp.response, str):
+                continue                 # missing or unknown pairs are their own rules
+            if r.input_digest is None:
+                stale.append(f"line {data.lines[(name, pid, pol)]} {pid}/{pol}: no digest")
+            elif r.input_digest != scored_digest(prompts[pid], resp.response):
+                stale.append(f"line {data.lines[(name, pid, pol)]} {pid}/{pol}")
+        rd.problems.rule(name, f"records were not computed from the current prompt and response (redo stage "
+                         f"{stage}: {rerun_command(rd.config, stage)})", stale)
+
+
+def answering_models(records: dict) -> dict[str, int]:
+    """How many records each model answered, by the name its replies gave (JudgeScore.model)."""
+    return dict(sorted(Counter(r.model if isinstance(r.model, str) else "(not named by the reply)"
+                               for r in records.values()).items()))
+
+
+def mixed_models(stage: str, models: dict[str, int]) -> str | None:
+    """What is wrong when more than one model answered a stage's records (an API alias updated
+    during the run: two judges in one dataset), else None."""
+    if len(models) < 2:
+        return None
+    return (f"the {stage}'s records were answered by {len(models)} models ("
+            + ", ".join(f"{m}: {n}" for m, n in models.items()) + ")")
+
+
+def check_scorer_models(rd: _Reading) -> None:
+    """With validation.on_mixed_scorer_models 'stop', a stage whose records more than one model
+    answered fails the run; with 'warn' the report says so (summarize.dataset_info)."""
+    if rd.config.validation.on_mixed_scorer_models != "stop":
+        return
+    for name, records, stage in ((JUDGE_SCORES, rd.data.judge, "judge"), (ORACLE_LABELS, rd.data.oracle, "oracle")):
+        problem = mixed_models(stage, answering_models(records))
+        if problem:
+            rd.problems.add(f"{name}: {problem}, and validation.on_mixed_scorer_models is 'stop'; redo "
+                            f"stage {stage} with one model: {rerun_command(rd.config, stage)}")
+
+
 # In order: the prompts first (they say which pairs every other file must hold).
 RECORD_CHECKS = [check_prompts, check_responses, check_logprobs, check_base_text, check_self_checks,
                  report_logprob_rules,
-                 check_judge_scores, check_oracle_labels]
+                 check_judge_scores, check_oracle_labels, check_scored_inputs, check_scorer_models]
 
 
 def load_and_check(config: Config) -> tuple[Dataset, dict, list[str]]:

@@ -199,6 +199,9 @@ class ScriptedChatServer(_Base):
     def __init__(self, answer: Callable[[dict], str], model: str = "scripted"):
         self.answer = answer
         self.model = model
+        # The model its replies name, if not the one asked for: an API alias served by a dated
+        # snapshot (may be changed while it runs, as an alias is updated).
+        self.served_as: str | None = None
         super().__init__()
 
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
@@ -226,7 +229,7 @@ class ScriptedChatServer(_Base):
                     + [{"token": f"alt{j}", "logprob": -3.0 - j, "bytes": None} for j in range(max(k - 1, 0))]}
                    for t in tokens]
         reply = {"id": f"chatcmpl-{int(time.time() * 1000)}", "object": "chat.completion",
-                 "created": int(time.time()), "model": req.get("model", self.model),
+                 "created": int(time.time()), "model": self.served_as or req.get("model", self.model),
                  "choices": [{"index": 0, "finish_reason": "length",
                               "message": {"role": "assistant", "content": "".join(tokens)},
                               "logprobs": {"content": content} if req.get("logprobs") else None}],

@@ -22,6 +22,7 @@ if str(PROJECT_DIR) not in sys.path:
     sys.path.insert(0, str(PROJECT_DIR))
 
 from ope_prep import checkpoint  # noqa: E402
+from ope_prep.records import scored_digest  # noqa: E402
 from ope_prep.sources.load import text_digest  # noqa: E402
 from ope_prep.store import file_manifest  # noqa: E402
 
@@ -102,9 +103,10 @@ def make_run(root: Path, n: int = 40, seed: int = 0, write: bool = True, **confi
     offset = {"p0": 0.0, "pi_clone": 0.0, "pi_bad": -0.35, "pi_big": 0.1}
     for i in range(n):
         pid = f"q{i:04d}"
-        text = f"Question {i}: what is {i} + {i}? — ünïcode"
-        prompts.append({"prompt_id": pid, "prompt": text, "source": "synthetic", "source_row": i,
-                        "source_id": f"conv-{i}", "source_revision": "synthetic", "text_digest": text_digest(text)})
+        question = f"Question {i}: what is {i} + {i}? — ünïcode"
+        prompts.append({"prompt_id": pid, "prompt": question, "source": "synthetic", "source_row": i,
+                        "source_id": f"conv-{i}", "source_revision": "synthetic",
+                        "text_digest": text_digest(question)})
         quality = rng.uniform(0.3, 0.8)
         toks = {}
         for pol in POLICIES:
@@ -124,10 +126,12 @@ def make_run(root: Path, n: int = 40, seed: int = 0, write: bool = True, **confi
             q = float(np.clip(quality + offset[pol] + rng.normal(0, 0.1), 0, 1))
             judge.append({"prompt_id": pid, "policy": pol, "score": round(q * 10) / 10,
                           "mean": float(np.clip(q + rng.normal(0, 0.03), 0, 1)),
-                          "variance": float(rng.uniform(0, 0.05)), "raw": str(round(q * 9))})
+                          "variance": float(rng.uniform(0, 0.05)), "raw": str(round(q * 9)),
+                          "input_digest": scored_digest(question, text)})
             oracle.append({"prompt_id": pid, "policy": pol,
                            "split": "calibration" if pol == BASE else "validation",
-                           "label": float(np.clip(q + rng.normal(0, 0.1), 0, 1)), "raw": "x"})
+                           "label": float(np.clip(q + rng.normal(0, 0.1), 0, 1)), "raw": "x",
+                           "input_digest": scored_digest(question, text)})
         n0, ids0, lps0, bytes0 = toks[BASE]
         base_tf = [min(v + float(rng.normal(0, 1e-12)), 0.0) for v in lps0]   # float noise only
         tf = {"p0": base_tf, "pi_clone": base_tf,

@@ -397,6 +397,32 @@ def test_unparsable_output_is_a_failed_unit_and_is_asked_again(tmp_path):
         assert_no_marker(data, p.stdout, p.stderr)
 
 
+def test_each_score_keeps_the_model_its_reply_names_across_an_alias_update(tmp_path):
+    """The judge's alias is served by one snapshot, then (between runs) by another: each score
+    keeps the model that answered it, and the digest of the prompt and response it scored."""
+    from ope_prep.records import scored_digest
+    answers = {"mode": "prose"}
+
+    def answer(body):
+        if answers["mode"] == "prose" and "primary color" in body["messages"][-1]["content"]:
+            return "This response is quite good overall."       # unparsable: asked again next run
+        return "7"
+
+    with ScriptedChatServer(answer) as stub:
+        path = make_data(tmp_path, **api_overrides("judge", stub.url + "/v1", grammar=False, max_tokens=8))
+        data = tmp_path / "data"
+        stub.served_as = "judge-2026-01-15"
+        assert run("03_judge_scores.py", path).returncode == 1
+        answers["mode"], stub.served_as = "digits", "judge-2026-03-01"
+        p = run("03_judge_scores.py", path)
+        assert p.returncode == 0, p.stdout + p.stderr
+    scores = {(s["prompt_id"], s["policy"]): s for s in records(data / "judge_scores.jsonl")}
+    assert len(scores) == N_UNITS
+    for (pid, pol), s in scores.items():
+        assert s["model"] == ("judge-2026-03-01" if pid == "q2" else "judge-2026-01-15"), s
+        assert s["input_digest"] == scored_digest(dict(PROMPTS)[pid], ANSWERS[(pid, pol)])
+
+
 def test_fault_proxy_30_percent_still_completes_without_duplicates(tmp_path, smollm_server):
     faults = ("429", "500", "503", "close", "hang")
     # seed 14 injects, in this order: hang, 503, 429, 500 (12 requests for 8 units)

@@ -311,3 +311,48 @@ def test_an_interrupted_force_step_resumes_with_the_printed_command(reference, t
     assert again.returncode == 0, again.stdout[-3000:]
     assert "resuming the forced redo" not in again.stdout
     assert {n for (w, _), n in computed_ok(trace).items() if w == "judge"} == {2}
+
+
+def test_a_stage_run_by_hand_refuses_outputs_of_an_upstream_that_changed_since(reference, tmp_path):
+    """Issue 37's sequence: pi_bad's system prompt changed, stages 2 and 2b redone by hand with
+    --force, 3 and 4 skipped: stage 5 (and 4) refuse with one line naming the stage to update;
+    updating 3 and 4 by hand rescores only pi_bad's new responses, and stage 5 then passes with
+    every score and label carrying the digest of the response it scored."""
+    from ope_prep.records import scored_digest
+    src, _, _, _ = reference
+    shutil.copytree(src / "data", tmp_path / "data")
+    data = tmp_path / "data"
+    cfg = small_config(data)
+    next(p for p in cfg["policies"] if p["name"] == "pi_bad")["system_prompt"] = "Answer in one vague word."
+    config = write_config(tmp_path / "config.yaml", cfg)
+    trace = tmp_path / "trace.tsv"
+
+    def script(name, *extra):
+        return run_script(name, "--config", str(config), *extra, env={"OPE_PREP_TRACE": str(trace)})
+
+    for name in ("02_generate_responses.py", "02b_compute_logprobs.py"):
+        done = script(name, "--force")
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for name in ("05_validate_and_summarize.py", "04_oracle_labels.py"):
+        refused = script(name)
+        assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: stage judge is out of date: generate/responses.jsonl"), lines
+        assert f"python 03_judge_scores.py --config {config.resolve()}" in lines[0]
+
+    judged = script("03_judge_scores.py")
+    assert judged.returncode == 0, judged.stdout[-2000:] + judged.stderr[-2000:]
+    rescored = [k for w, k, s in (l.split("\t") for l in trace.read_text().splitlines()) if w == "judge"]
+    assert sorted(rescored) == sorted(f"{pid}/pi_bad" for pid in {r["prompt_id"] for r in records(data / "prompts.jsonl")})
+    refused = script("05_validate_and_summarize.py")
+    assert refused.returncode == 2 and "error: stage oracle is out of date" in refused.stderr, refused.stderr
+    for name in ("04_oracle_labels.py", "05_validate_and_summarize.py"):
+        done = script(name)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    prompts = {r["prompt_id"]: r["prompt"] for r in records(data / "prompts.jsonl")}
+    responses = {(r["prompt_id"], r["policy"]): r["response"] for r in records(data / "responses.jsonl")}
+    for name in ("judge_scores.jsonl", "oracle_labels.jsonl"):
+        for r in records(data / name):
+            key = (r["prompt_id"], r["policy"])
+            assert r["input_digest"] == scored_digest(prompts[key[0]], responses[key]), (name, key)

@@ -19,6 +19,7 @@ from ope_prep import checkpoint  # noqa: E402
 from ope_prep import diagnostics as dx  # noqa: E402
 from ope_prep.config import load_config  # noqa: E402
 from ope_prep.errors import ValidationFailed  # noqa: E402
+from ope_prep.records import scored_digest  # noqa: E402
 from ope_prep.runner import verify_outputs  # noqa: E402
 from ope_prep.stages import summarize  # noqa: E402
 from ope_prep.store import file_manifest  # noqa: E402
@@ -547,6 +548,15 @@ FAILURES = [
      ["logprobs.jsonl: 1 records are malformed (n_tokens = len(token_ids)", "q0004/pi_clone"]),
     ("oracle label in wrong split", wrong_split, ["oracle labels are in the wrong split", "want 'validation'"]),
     ("record with an unknown field", extra_field, ["judge_scores.jsonl: line", "not a JudgeScore record"]),
+    # A score or label of another text than the current response (a response regenerated after
+    # it was judged): its digest is not the current (prompt, response)'s.
+    ("judge score of another response", set_value("judge_scores.jsonl", "q0003", "pi_bad", "input_digest",
+                                                  scored_digest("Question 3: what is 3 + 3? — ünïcode", "old text")),
+     ["judge_scores.jsonl: 1 records were not computed from the current prompt and response",
+      "q0003/pi_bad", "--force-step judge"]),
+    ("oracle label without a digest", lambda run: run.rows["oracle_labels.jsonl"][0].pop("input_digest"),
+     ["oracle_labels.jsonl: 1 records were not computed from the current prompt and response",
+      "no digest", "--force-step oracle"]),
 ]
 
 
@@ -622,6 +632,49 @@ def test_no_clone_policy_skips_the_clone_rule(tmp_path):
     run.write()
     run_stage(run)
     assert strict_json(run.data_dir / "dataset_info.json")["checks"]["clone"] is None
+
+
+def test_a_removed_policy_leaves_no_file_in_cje_or_plots(tmp_path):
+    """Stage 5 writes cje/ and plots/ whole: after a run without pi_big, nothing of pi_big is left
+    where `cje analyze` (or a reader of the plots) would find it."""
+    import yaml
+    run = make_run(tmp_path, n=12, seed=15)
+    run_stage(run)
+    data = run.data_dir
+    old = ["cje/responses/pi_big_responses.jsonl", "cje/validation/pi_big.jsonl", "plots/log_weights_pi_big.png"]
+    assert all((data / rel).is_file() for rel in old)
+    cfg = yaml.safe_load(run.config_path.read_text())
+    cfg["policies"] = [p for p in cfg["policies"] if p["name"] != "pi_big"]
+    run.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for name, rows in run.rows.items():
+        run.rows[name] = [r for r in rows if r.get("policy") != "pi_big"]
+    run.write()
+    outputs = run_stage(run)
+    left = sorted(p.relative_to(data).as_posix() for folder in ("cje", "plots")
+                  for p in (data / folder).rglob("*") if p.is_file())
+    assert not [rel for rel in left if "pi_big" in rel], left
+    assert set(left) <= set(outputs), set(left) - set(outputs)
+    assert (data / "cje/responses/pi_bad_responses.jsonl").is_file()
+
+
+def test_a_run_scored_by_two_judge_models_is_reported_or_refused_as_configured(tmp_path):
+    run = make_run(tmp_path, n=12, seed=16, write=False)
+    for j in run.rows["judge_scores.jsonl"]:
+        j["model"] = "judge-2026-01-15"
+    run.rows["judge_scores.jsonl"][5]["model"] = "judge-2026-03-01"
+    run.write()
+    run_stage(run)
+    info = strict_json(run.data_dir / "dataset_info.json")
+    assert info["answered_by"]["judge"] == {"judge-2026-01-15": 47, "judge-2026-03-01": 1}
+    why = "the judge's records were answered by 2 models (judge-2026-01-15: 47, judge-2026-03-01: 1)"
+    assert why in info["checks"]["notes"]
+    assert why in (run.data_dir / "report.md").read_text()
+
+    write_config(run.root, run.data_dir, validation={"on_mixed_scorer_models": "stop"})
+    with pytest.raises(ValidationFailed) as e:
+        run_stage(run)
+    assert f"judge_scores.jsonl: {why}, and validation.on_mixed_scorer_models is 'stop'" in str(e.value)
+    assert "oracle_labels.jsonl" not in str(e.value)          # one model (unnamed) answered them all
 
 
 def test_inputs_cover_every_upstream_output_and_fingerprint_the_validation(tmp_path):

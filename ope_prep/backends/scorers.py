@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Iterator, Union
 
 import numpy as np
@@ -85,6 +86,7 @@ class LocalScorer:
         if missing:
             raise PipelineError(f"{self.model.chat.path}: no token spells the digit(s) {missing}")
         self.tokens_done = 0
+        self.answered_by = Path(self.model.chat.path).name    # the judge's model, as a score names it
 
     def close(self) -> None:
         self.model.close()
@@ -104,7 +106,7 @@ class LocalScorer:
                 by_digit: dict[int, float] = {}
                 for d, lp in zip(self.digit_of, values):
                     by_digit[d] = float(np.logaddexp(by_digit.get(d, -math.inf), float(lp)))
-                yield unit, judgement_from(self.rubric, by_digit)
+                yield unit, replace(judgement_from(self.rubric, by_digit), model=self.answered_by)
 
     def usage(self, failures: int) -> UsageTotals:
         return UsageTotals(input_tokens=self.tokens_done, failures=failures,
@@ -157,7 +159,7 @@ class ApiScorer:
         def one(unit: ScoringUnit) -> Outcome:
             reply = self.client.call(self.body(unit), accept)
             try:
-                return parse_judgement(self.rubric, reply, self.need_distribution)
+                return replace(parse_judgement(self.rubric, reply, self.need_distribution), model=reply.model)
             except Unparsable as e:
                 return Failure(f"unparsable {self.stage} output: {e}", True, reply.content or "")
 

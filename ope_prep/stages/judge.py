@@ -53,7 +53,7 @@ def run(config: Config, args, fp: dict) -> dict:
 
     def record(u: ScoringUnit, j: Judgement) -> JudgeScore:
         return JudgeScore(prompt_id=u.prompt_id, policy=u.policy, score=j.score, mean=j.mean,
-                          variance=j.variance, raw=j.raw)
+                          variance=j.variance, raw=j.raw, input_digest=unit_input(u), model=j.model)
 
     with unit_work("judge", config, fp, {u.key: unit_input(u) for u in units}) as work:
         todo = [u for u in units if not work.settled(u.key)]

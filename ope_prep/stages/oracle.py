@@ -102,7 +102,8 @@ def run(config: Config, args, fp: dict) -> dict:
 
         def labeller(split: str):
             def record(u: ScoringUnit, j: Judgement) -> OracleLabel:
-                return OracleLabel(prompt_id=u.prompt_id, policy=u.policy, split=split, label=j.score, raw=j.raw)
+                return OracleLabel(prompt_id=u.prompt_id, policy=u.policy, split=split, label=j.score, raw=j.raw,
+                                   input_digest=unit_input(u), model=j.model)
             return record
 
         if any(todo.values()):

@@ -11,7 +11,8 @@ from typing import Callable
 
 from ..backends.scorers import Scorer, ScoringUnit, Tally
 from ..judging import Judgement
-from ..store import WorkFile, failed_row, input_digest, ok_row
+from ..records import scored_digest
+from ..store import WorkFile, failed_row, ok_row
 from .units import progress, upstream_digests
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -58,8 +59,11 @@ def report(stage: str, scorer: Scorer, n_todo: int, tally: Tally, seconds: float
 
 
 def unit_input(unit: ScoringUnit) -> str:
-    """What a score is computed from: the prompt and the response under judgment."""
-    return input_digest(unit.prompt, unit.response)
+    """What a score is computed from: the prompt and the response under judgment (also kept in
+    the score's record, for stage 5 to check against the current response). Its "scored" tag is
+    new with the records' digest: a unit scored before it is done again, so that every record
+    carries one (an API judge's request cache answers it at no cost)."""
+    return scored_digest(unit.prompt, unit.response)
 
 
 def stage_inputs(ck: dict) -> dict:

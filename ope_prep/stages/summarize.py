@@ -30,7 +30,7 @@ from ..files import (CALIBRATION, CJE_DIR, DATASET_INFO, P0_DET, P0_UNC, PLOTS_D
                      TARGETS_UNC, VALIDATION, usage_file)
 from ..fingerprint import flatten
 from ..store import write_json
-from ..validate import load_and_check
+from ..validate import answering_models, load_and_check, mixed_models
 from . import UNIT_STAGES
 from .units import low_overlap_targets, run_identity, upstream_digests
 
@@ -105,6 +105,8 @@ def dataset_info(config: Config, data: Dataset, checks: dict) -> dict:
     if low["count"]:
         notes.append(f"{low['count']} per-token log-probabilities below {low['threshold']:g} "
                      "(see Suspicious values)")
+    answered = {"judge": answering_models(data.judge), "oracle": answering_models(data.oracle)}
+    notes += [why for stage, models in answered.items() if (why := mixed_models(stage, models))]
     return {
         "format": "ope_prep/dataset_info/1",
         "run": {"n_prompts": n, "samples": data.run.get("samples"), "seed": data.run["seed"],
@@ -117,6 +119,7 @@ def dataset_info(config: Config, data: Dataset, checks: dict) -> dict:
                 "oracle_fractions": {"calibration": config.oracle.calibration_fraction,
                                      "validation": config.oracle.validation_fraction}},
         "checks": {"passed": True, **checks, "notes": notes},
+        "answered_by": answered,       # model name (as the replies gave it) -> records, per stage
         "policies": policies,
         "targets": targets,
         "discrimination": dx.discrimination(config, data),
@@ -166,6 +169,32 @@ def clean_json(obj):
     return obj
 
 
+# Folders written whole: a file another policy list left there (cje/responses/<policy>_responses.jsonl,
+# plots/log_weights_<policy>.png) would be read by `cje analyze` or a reader beside this run's.
+WHOLE_FOLDERS = [CJE_DIR, PLOTS_DIR]
+
+
+def remove_leftovers(data_dir: Path, written: dict[str, dict]) -> list[str]:
+    """Delete every file under WHOLE_FOLDERS that this run did not write (``written``: its
+    manifests by relative path), and the folders left empty; returns what was removed. Done after
+    the new files are in place and before the stage is marked complete: a kill in between leaves
+    the stage to be redone, which removes them then. Snapshots hold hard links, and keep theirs."""
+    removed = []
+    for folder in WHOLE_FOLDERS:
+        root = data_dir / folder
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*"), reverse=True):       # files before their folders
+            rel = path.relative_to(data_dir).as_posix()
+            if path.is_dir() and not path.is_symlink():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            elif rel not in written:
+                path.unlink()
+                removed.append(rel)
+    return sorted(removed)
+
+
 # ---- the stage ---------------------------------------------------------------------------------------
 
 def unit_count(config: Config, n_prompts: int) -> int:
@@ -198,9 +227,9 @@ def run(config: Config, args, fp: dict) -> dict:
     info["outputs"] = {rel: m["records"] for rel, m in sorted(outputs.items())}
     outputs[REPORT] = report.write_report(data_dir / REPORT, config, info)
     outputs[DATASET_INFO] = write_json(data_dir / DATASET_INFO, info)
-    stale = export.stale_fresh_draws(config)
-    if stale:
-        print(f"[summarize] note: {data_dir / export.FRESH_DIR} also holds files of policies not in "
-              f"this config: {', '.join(stale)}; CJE's direct mode would read them")
+    removed = remove_leftovers(data_dir, outputs)
+    if removed:
+        print(f"[summarize] removed {len(removed)} file(s) an earlier run left in {' and '.join(WHOLE_FOLDERS)} "
+              f"(not of this run's policies): {', '.join(removed[:5])}{' ...' if len(removed) > 5 else ''}")
     print(report.terminal_summary(config, info))
     return outputs

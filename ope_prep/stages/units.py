@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 from tqdm import tqdm
 
 from .. import diagnostics as dx
+from . import STAGE_NAMES
 from ..errors import BudgetExceeded, FatalApiError, LowOverlap, PipelineError, TooManyExcluded, UnitsFailedError
 from ..files import OVERLAP, PROMPTS, QUARANTINE_DIR, RUN_PARAMS, quarantine_file, usage_file, work_path
 from ..records import Prompt, Quarantined
@@ -136,6 +137,20 @@ def upstream_digests(ck: dict, stages: list[str]) -> dict:
     and keeps every unit whose own inputs are unchanged. Usage counts are no input."""
     return {f"{stage}.{rel}": m["sha256"] for stage in stages
             for rel, m in sorted(ck[stage]["outputs"].items()) if rel != usage_file(stage)}
+
+
+def outdated_inputs(ck: dict, name: str) -> list[str]:
+    """The upstream files (``<stage>/<file>``) whose digest now differs from the one completed stage
+    ``name`` recorded (upstream_digests) when it ran. A stage run by hand after an earlier one was
+    redone leaves the stages between them out of date: the runner runs every stage in order and so
+    updates them; a stage run by itself must refuse to read them."""
+    changed = []
+    for key, digest in ck[name].get("inputs", {}).items():
+        upstream, _, rel = key.partition(".")       # upstream_digests' "<stage>.<file>"
+        if upstream in STAGE_NAMES and upstream in ck:
+            if ck[upstream]["outputs"].get(rel, {}).get("sha256") != digest:
+                changed.append(f"{upstream}/{rel}")
+    return changed
 
 
 # ---- a unit stage's life cycle: open its work file(s), do the units, stop on budget or a fatal
