@@ -130,12 +130,15 @@ def main() -> None:
                                       pol.temperature, stops if stop_of[k] else None) for k in keys])
         return {k: (math.fsum(v) if not isinstance(v, Exception) else math.nan) for k, v in zip(keys, vals)}
 
+    started = time.perf_counter()
     ok_old = [pid for pid in pids if not isinstance(old_events[pid], Exception)]
     old_lp = {p.name: tf(p.name, {pid: old_events[pid].tokens[p.model] for pid in ok_old},
                          {pid: old_events[pid].stops for pid in ok_old}) for p in config.policies}
     whole_lp = {p.name: tf(p.name, {pid: list(resp[pid].token_ids) for pid in pids},
                            {pid: resp[pid].finish_reason == "stop" for pid in pids})
                 for p in config.policies if vocab[p.model] == vocab[base_model]}
+    say(f"one teacher-forcing pass per (response, policy), old events and whole sequences: "
+        f"{time.perf_counter() - started:.0f} s for {len(ok_old) * len(config.policies) + len(pids) * len(whole_lp)} sequences")
 
     say()
     say("## One tokenization against the text's probability (beam), nats (beam minus path: >= 0)")
