@@ -43,6 +43,9 @@ WORK_DIR = "work"               # work/<stage>.jsonl: a stage's units as they fi
 QUARANTINE_DIR = "quarantine"   # quarantine/<stage>.jsonl: the units a stage gave up on, and why
 SNAPSHOTS = "snapshots"
 RUN_STATE = "logs/run_state.json"     # written by the runner (pipeline.py)
+# engine_canary/<model key>.json: what the run's first engine check of a model on an engine saw
+# (backends/engine_canary.py); every later check is compared with it
+ENGINE_CANARY_DIR = "engine_canary"
 
 
 def work_path(data_dir: Path, name: str) -> Path:
@@ -57,3 +60,7 @@ def usage_file(stage: str) -> str:
     """What a stage's last run spent (UsageTotals; per model for stages 2 and 2b): read by stage 5's
     cost table, and left out of the digests later stages depend on."""
     return f"{stage}_usage.json"
+
+
+def engine_canary_file(model_key: str) -> str:
+    return f"{ENGINE_CANARY_DIR}/{model_key}.json"

@@ -48,7 +48,8 @@ class _Server(ThreadingHTTPServer):
 
 
 class _Base:
-    def __init__(self):
+    def __init__(self, port: int = 0):
+        """port: 0 for any free one; a server's former port to restart it there."""
         self.counts: Counter = Counter()
         self.lock = threading.Lock()
         self.requests_log: list[dict] = []     # the JSON bodies of the POST requests seen
@@ -67,7 +68,7 @@ class _Base:
             def do_POST(self):
                 outer._handle(self, "POST")
 
-        self.httpd = _Server(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", port), Handler)
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},

@@ -19,6 +19,12 @@ ope_prep/backends/engines/ name the files):
   logprob}] (the first logprob null), ``details.tokens`` (the stop token included, special true),
   ``details.top_tokens``, ``finish_reason`` "eos_token" or "length"; ``top_n_tokens`` above 5
   refused (--max-top-n-tokens); top_p of 1.0 refused. Generated values after temperature, prefill raw.
+
+Each also says what it serves, at its engine's route (GET): vLLM's /v1/models (``root``,
+``max_model_len``), SGLang's /get_model_info (``model_path``, ``weight_version``), TGI's /info
+(``model_id``, ``model_sha``, ``version``); ``about`` overrides those fields. ``port`` restarts a
+server where an earlier one was. `Sharpened` is another model with the same tokenizer (a
+fine-tune that sharpened the distribution), for a server whose weights changed under the same name.
 """
 
 from __future__ import annotations
@@ -55,19 +61,44 @@ def sample(model, ids: list[int], temperature: float, seed: int, max_tokens: int
     return toks, values, tops, stopped
 
 
-class _ModelServer(_Base):
-    """Routes POST bodies to ``answer(path, request) -> (status, reply)``, one model call at a time."""
+class Sharpened:
+    """``model`` with its logits multiplied by ``factor``: another model with the same tokenizer,
+    sampled and teacher-forced consistently (a temperature T is the model's at T / factor)."""
 
-    def __init__(self, models: dict):
+    def __init__(self, model, factor: float):
+        self.model, self.factor = model, factor
+        self.chat, self.n_vocab = model.chat, model.n_vocab
+
+    def generate(self, jobs, max_tokens):
+        return self.model.generate([(ids, t / self.factor, seed) for ids, t, seed in jobs], max_tokens)
+
+    def teacher_force(self, prompt, response, temperature, *stops):
+        return self.model.teacher_force(prompt, response, temperature / self.factor, *stops)
+
+    def answer_logprobs_many(self, prompts, candidates):
+        return [np.asarray(row, dtype=np.float64) * self.factor
+                for row in self.model.answer_logprobs_many(prompts, candidates)]
+
+
+class _ModelServer(_Base):
+    """Routes POST bodies to ``answer(path, request) -> (status, reply)``, one model call at a time,
+    and GET ``identity_route`` to ``about(name)``."""
+    identity_route = "/v1/models"
+
+    def __init__(self, models: dict, about: dict | None = None, port: int = 0):
         """models: served name -> a LlamaModel (ope_prep.backends.llama) loaded in process."""
         self.models = models
+        self.about_fields = about or {}
         self.model_lock = threading.Lock()
-        super().__init__()
+        super().__init__(port)
 
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
         body = self._read_body(h)
         if method == "GET":
-            self._send(h, 200, json.dumps({"object": "list", "data": [{"id": m} for m in self.models]}).encode())
+            if h.path != self.identity_route:
+                self._send(h, 404, b'{"error": "not found"}')
+                return
+            self._send(h, 200, json.dumps(self.about(next(iter(self.models)))).encode())
             return
         req = json.loads(body)
         with self.lock:
@@ -77,15 +108,20 @@ class _ModelServer(_Base):
             status, reply = self.answer(h.path, req)
         self._send(h, status, json.dumps(reply).encode())
 
+    def about(self, name: str) -> dict:
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": int(time.time()),
+                                            "owned_by": "vllm", "root": f"/models/{m}", "parent": None,
+                                            "max_model_len": 2048, **self.about_fields} for m in self.models]}
+
     def one_model(self):
         (model,) = self.models.values()     # native routes name no model: one model per server
         return model
 
 
 class VllmShapeServer(_ModelServer):
-    def __init__(self, models: dict, logprobs_mode: str = "raw_logprobs"):
+    def __init__(self, models: dict, logprobs_mode: str = "raw_logprobs", about: dict | None = None, port: int = 0):
         self.logprobs_mode = logprobs_mode
-        super().__init__(models)
+        super().__init__(models, about, port)
 
     def answer(self, path: str, req: dict):
         model = self.models.get(req.get("model"))
@@ -128,6 +164,12 @@ class VllmShapeServer(_ModelServer):
 
 
 class SglangShapeServer(_ModelServer):
+    identity_route = "/get_model_info"
+
+    def about(self, name: str) -> dict:
+        return {"model_path": f"/models/{name}", "tokenizer_path": f"/models/{name}", "is_generation": True,
+                "preferred_sampling_params": None, "weight_version": "default", **self.about_fields}
+
     def answer(self, path: str, req: dict):
         model, ids, params = self.one_model(), req.get("input_ids"), req.get("sampling_params") or {}
         if path != "/generate" or not isinstance(ids, list):
@@ -154,6 +196,14 @@ class SglangShapeServer(_ModelServer):
 
 
 class TgiShapeServer(_ModelServer):
+    identity_route = "/info"
+
+    def about(self, name: str) -> dict:
+        return {"model_id": name, "model_sha": "e985a63cdc139290c5f700ff1929f0b5942cced2",
+                "model_dtype": "torch.float16", "model_device_type": "cpu", "model_pipeline_tag": "text-generation",
+                "max_concurrent_requests": 128, "max_input_tokens": 2047, "max_total_tokens": 2048,
+                "version": "3.3.4", "sha": "9f38d93051f6d1e4ef1b8b4ac26e4ccbd4d3e7b0", **self.about_fields}
+
     def answer(self, path: str, req: dict):
         model, params = self.one_model(), req.get("parameters") or {}
         if path != "/generate" or not isinstance(req.get("inputs"), str):

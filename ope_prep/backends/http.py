@@ -338,6 +338,25 @@ class ApiClient:
                 self._cache.append([row])
         return reply
 
+    def describe(self, route: str) -> list[Optional[object]]:
+        """GET ``route`` under each base URL: what an engine says it serves (engine_canary.py);
+        None where the route is not there (404, 405: an older build, a gateway). Never cached (asked
+        anew each time), retried as requests are; RequestFailed when it fails otherwise."""
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.api.max_attempts), wait=self._wait, sleep=self._sleep,
+            before_sleep=self._before_sleep, retry=tenacity.retry_if_exception(_retryable), reraise=True)
+
+        def get(client: openai.OpenAI) -> Optional[object]:
+            try:
+                return retrying(client.get, route, cast_to=object)
+            except openai.APIStatusError as e:
+                if e.status_code in (404, 405):
+                    return None
+                raise RequestFailed(f"GET {route}: {self.redact(_describe(e))}") from None
+            except openai.OpenAIError as e:
+                raise RequestFailed(f"GET {route}: {self.redact(_describe(e))}") from None
+        return [get(client) for client in self._openai()]
+
     def redact(self, text: str) -> str:
         """An error text without the API key (also without key-like strings an API may echo, and
         without a URL's credentials: redact.py)."""

@@ -9,6 +9,7 @@ in process or a client of an endpoint (`scoring_provider`: local, local_server, 
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import uuid
@@ -23,7 +24,9 @@ from ..records import UsageTotals
 from ..redact import public_url
 from .http import ApiClient
 from .llama import ChatTokenizer, Generation, LlamaModel, load_tokenizer
+from . import engine_canary
 from .remote import EngineCheck, RemoteModel, engine_check
+from .replies import RequestFailed
 from .server import STARTUP_TIMEOUT_S, LlamaServer, ServedModel, vocab_texts
 
 # The engine check's prompts: short, varied, and the same for every run (asked anew every time).
@@ -123,46 +126,84 @@ def remote_model(config: Config, model_key: str, stage: str, n_seq: int = 4, bas
 
 
 def check_engine(config: Config, model_key: str, stage: str) -> EngineCheck:
-    """Trust but verify, alone (--check-providers): see `_engine_check`."""
+    """Trust but verify, alone (--check-providers): see `_engine_check` (it compares with the run's
+    canary, if there is one, and never writes it)."""
     ep = config.models[model_key].endpoint
     local_tf = None if ep is None or ep.teacher_force else _LocalTeacherForcer(config, model_key, 4)
     try:
-        return _engine_check(config, model_key, stage, local_tf)
+        return _engine_check(config, model_key, stage, local_tf, keep=False)
     finally:
         if local_tf is not None:
             local_tf.close()
 
 
 def _engine_check(config: Config, model_key: str, stage: str, local_tf: Optional[_LocalTeacherForcer],
-                  urls: Optional[list[str]] = None) -> EngineCheck:
+                  urls: Optional[list[str]] = None, keep: bool = False) -> EngineCheck:
     """Generation and teacher forcing of models.<key>'s engine agree on the check prompts (under
     the first policy on that model, at each temperature of the policies on it), on every replica
     (or those of ``urls``) by itself, asked anew each time (a check answered from the cache would
-    pass with the server down or changed)."""
+    pass with the server down or changed); and every replica serves what this run's first check saw
+    (its fingerprint, then its check values: engine_canary.py). keep: a stage's check, which writes
+    the canary when there is none yet (or it gained jobs)."""
     ep = config.models[model_key].endpoint
     assert ep is not None
     pol = next(p for p in config.policies if p.model == model_key)
     temperatures = sorted({p.temperature for p in config.policies if p.model == model_key})
     prompts = CHECK_PROMPTS[:ep.check_prompts] if ep.check_prompts <= len(CHECK_PROMPTS) else \
         [CHECK_PROMPTS[i % len(CHECK_PROMPTS)] + f" ({i})" for i in range(ep.check_prompts)]
+    max_tokens = min(CHECK_MAX_TOKENS, config.generation.max_tokens)
+    canary = engine_canary.load(config.data_dir, model_key)
+    grew = canary is None
+    remedy = engine_canary.remedy(config.data_dir, model_key) if canary else engine_canary.REPLICAS_DIFFER
     results = []
     for url in urls or [ep.base_url, *ep.more_base_urls]:
         replica = remote_model(config, model_key, stage, base_urls=[url], local_tf=local_tf, check=True)
         try:
             jobs = [(replica.chat.prompt_tokens(pol.system_prompt, text), t, config.run.seed + i)
                     for t in temperatures for i, text in enumerate(prompts)]
-            result = engine_check(model_key, replica, jobs, min(CHECK_MAX_TOKENS, config.generation.max_tokens),
-                                  ep.check_tolerance_per_token)
+            result, seen = _check_one(model_key, url, replica, jobs, max_tokens, ep.check_tolerance_per_token,
+                                          canary, remedy)
         finally:
             replica.client.close()     # the in-process teacher forcer is the caller's
+        if seen is not None:
+            if canary is None:
+                canary = engine_canary.Canary.first(model_key, seen)   # the other replicas are compared with it
+            else:
+                grew = canary.learn(seen) or grew
         results.append((url, result))
         if not result.ok:
             break                      # refused: the other replicas need not be asked
     ok = all(r.ok for _, r in results)
+    if ok and keep and grew and canary is not None:
+        engine_canary.save(config.data_dir, canary)
     detail = "; ".join(f"{public_url(url)}: {r.detail}" for url, r in results if ok or not r.ok)
     return EngineCheck(model_key, ok, sum(r.tokens for _, r in results), max(r.max_diff for _, r in results),
                        detail if urls or not ep.more_base_urls else f"each replica by itself: {detail}",
                        down=all(r.down for _, r in results if not r.ok) and not ok)
+
+
+def _check_one(model_key: str, url: str, replica: RemoteModel, jobs: list, max_tokens: int, tolerance: float,
+                   canary: Optional[engine_canary.Canary], remedy: str
+                   ) -> tuple[EngineCheck, Optional[engine_canary.Observation]]:
+    """One replica: its fingerprint (refused before sampling when it differs from the canary's),
+    the engine check, then its values against the canary's (a change refused with ``remedy``). The
+    observation when it passed."""
+    try:
+        identity = replica.identity()
+    except RequestFailed as e:
+        return EngineCheck(model_key, False, 0, math.inf, f"a check request failed: {e}", down=not e.deterministic), None
+    seen = engine_canary.Observation(public_url(url), identity, {})
+    why = canary.differs(seen, tolerance) if canary is not None else None
+    if why:
+        return EngineCheck(model_key, False, 0, 0.0, why + remedy), None
+    result = engine_check(model_key, replica, jobs, max_tokens, tolerance)
+    if not result.ok:
+        return result, None
+    seen.samples = {engine_canary.job_key(p, t, s, max_tokens): sample for (p, t, s), sample in zip(jobs, result.samples)}
+    why = canary.differs(seen, tolerance) if canary is not None else None
+    if why:
+        return EngineCheck(model_key, False, result.tokens, result.max_diff, why + remedy), None
+    return result, seen
 
 
 def policy_model(config: Config, model_key: str, n_seq: int, stage: str) -> PolicyModel:
@@ -231,7 +272,7 @@ def _check_replica(config: Config, model_key: str, stage: str, url: str,
                    local_tf: Optional[_LocalTeacherForcer]) -> EngineCheck:
     """The engine check of one replica (a stop such as a wrong key counts as refused)."""
     try:
-        return _engine_check(config, model_key, stage, local_tf, urls=[url])
+        return _engine_check(config, model_key, stage, local_tf, urls=[url], keep=True)
     except FatalApiError as e:
         return EngineCheck(model_key, False, 0, float("inf"), str(e))
 

@@ -32,7 +32,7 @@ value is the same log-sum-exp.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -40,6 +40,7 @@ from scipy import stats
 
 from ..config import ModelEndpoint
 from .http import ApiClient
+from .engine_canary import Sample
 from .replies import RequestFailed
 from .engines import Sampled, engine_type
 from .llama.chat import ChatTokenizer
@@ -183,6 +184,14 @@ class RemoteModel:
     def usage(self):
         return self.client.usage(0)
 
+    def identity(self) -> dict[str, str]:
+        """What the engine says it serves (Engine.read_identity), asked anew; a model with one base
+        URL (the engine check's replica). A route the engine does not serve is recorded as such."""
+        (raw,) = self.client.describe(self.engine.identity_route)
+        if raw is None:
+            return {self.engine.identity_route: "not served"}
+        return self.engine.read_identity(raw)
+
 
 def stop_value_of(each: Sequence[float], tolerance: float) -> float:
     """The stop event's log-probability from an engine's values of its end tokens, one request
@@ -210,6 +219,8 @@ class EngineCheck:
     max_diff: float           # largest |generation - teacher forcing| per token
     detail: str
     down: bool = False        # not refused for its values: its check requests failed as an outage does
+    # each job's response as the engine returned it while sampling (for the canary, engine_canary.py)
+    samples: list[Sample] = field(default_factory=list)
 
     def line(self) -> str:
         verdict = "ok" if self.ok else "REFUSED"
@@ -267,7 +278,8 @@ def engine_check(model_key: str, model: RemoteModel, jobs: list[tuple[list[int],
     detail = "; ".join(d for ok, d in tests if not ok) or "; ".join(d for _, d in tests)
     if not all(ok for ok, _ in tests):
         detail += " (" + "; ".join(d for ok, d in tests if ok) + ")"
-    return EngineCheck(model_key, all(ok for ok, _ in tests), len(diffs), worst, detail)
+    return EngineCheck(model_key, all(ok for ok, _ in tests), len(diffs), worst, detail,
+                       [Sample(list(g.token_ids), list(g.token_logprobs)) for g in gens])
 
 
 def _stops_plausible(model: RemoteModel, jobs: list, gens: list[Generation]) -> tuple[bool, str]:

@@ -7,6 +7,7 @@ temperatures, in-process teacher forcing) is decided once, in backends/remote.py
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
@@ -42,6 +43,11 @@ class Engine:
     max_top_logprobs: ClassVar[int] = 20
     # Engines return prompt log-probabilities from the raw logits (temperature 1): a policy at
     # another temperature is teacher-forced in process.
+    # Where the engine says what it serves (GET, under base_url), and the fields of that reply that
+    # name the model, its weights and the engine's build: the engine check's fingerprint of a replica
+    # (backends/engine_canary.py). The default is the OpenAI model list (vLLM, llama-cpp-python).
+    identity_route: ClassVar[str] = "models"
+    identity_fields: ClassVar[tuple[str, ...]] = ("id", "root", "parent", "max_model_len", "owned_by")
 
     def __init__(self, chat: "ChatTokenizer", served_model: str):
         self.chat, self.served_model = chat, served_model
@@ -61,6 +67,24 @@ class Engine:
     def read_teacher_force(self, reply: Reply, tokens: Sequence[int], n_response: int) -> list[float]:
         """The values of the last n_response of ``tokens``."""
         raise NotImplementedError
+
+    def read_identity(self, raw: object) -> dict[str, str]:
+        """The fingerprint in the engine's reply to GET identity_route. The default reads the
+        served model's entry in the OpenAI model list; a native route's engine reads the reply
+        itself (`fields`)."""
+        listed = raw.get("data") if isinstance(raw, dict) else None
+        entry = next((m for m in listed or [] if isinstance(m, dict) and m.get("id") == self.served_model), None)
+        if entry is None:
+            raise RequestFailed(f"GET {self.identity_route}: the engine does not list the model "
+                                f"{self.served_model!r}", deterministic=True)
+        return self.fields(entry)
+
+    def fields(self, raw: object) -> dict[str, str]:
+        """Each of identity_fields the reply gives, as text (a long text by its digest). Fields that
+        change by themselves (a listing's ``created`` time, slots in use) are never among them."""
+        if not isinstance(raw, dict):
+            raise RequestFailed(f"GET {self.identity_route}: the reply is not a JSON object", deterministic=True)
+        return {k: _shown(raw[k]) for k in self.identity_fields if raw.get(k) is not None}
 
     # ---- shared by the engine modules ---------------------------------------------------------
     @staticmethod
@@ -85,3 +109,10 @@ class Engine:
         if reason in length:
             return "length"
         raise RequestFailed(f"finish_reason {reason!r}", deterministic=True)
+
+
+def _shown(value: object) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= 200:
+        return text
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]   # a chat template

@@ -38,6 +38,13 @@ class LlamaServer(Engine):
     route = "completion"
     no_teacher_forcing = ("llama.cpp's llama-server returns no log-probabilities of prompt tokens (its "
                           "/v1/completions takes no echo)")
+    # /props (tools/server/server.cpp): the model file, llama.cpp's build, the chat template and
+    # the special tokens it names
+    identity_route = "props"
+    identity_fields = ("model_path", "build_info", "chat_template", "bos_token", "eos_token")
+
+    def read_identity(self, raw):
+        return self.fields(raw)
 
     def generation_request(self, prompt, temperature, seed, max_tokens, top_logprobs):
         body = {"prompt": list(prompt), "n_predict": max_tokens, "temperature": temperature, "seed": seed,

@@ -34,6 +34,13 @@ def _meta(reply: Reply, key: str) -> list:
 class Sglang(Engine):
     name = "sglang"
     route = "generate"
+    # /get_model_info: the model and tokenizer paths, and the weights' version (bumped by
+    # /update_weights_from_disk: new weights under the same path and name)
+    identity_route = "get_model_info"
+    identity_fields = ("model_path", "tokenizer_path", "weight_version", "is_generation")
+
+    def read_identity(self, raw):
+        return self.fields(raw)
 
     def generation_request(self, prompt, temperature, seed, max_tokens, top_logprobs):
         body = {"input_ids": list(prompt), "return_logprob": True, "logprob_start_len": -1,

@@ -36,6 +36,13 @@ class Tgi(Engine):
     name = "tgi"
     route = "generate"
     max_top_logprobs = 5
+    # /info (router/src/lib.rs, Info): the model, its commit on the Hub, dtype and device, and
+    # TGI's own version and commit
+    identity_route = "info"
+    identity_fields = ("model_id", "model_sha", "model_dtype", "model_device_type", "version", "sha")
+
+    def read_identity(self, raw):
+        return self.fields(raw)
 
     def _inputs(self, ids: Sequence[int]) -> str:
         try:
