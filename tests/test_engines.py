@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import pytest
 
@@ -450,3 +451,98 @@ def test_a_replica_down_at_the_start_is_dropped_and_an_outage_is_waited_out(vllm
     assert "checking again in 1s" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "error: models.gemma3_270m.endpoint: every replica stayed down for endpoint.outage_wait_minutes (0.02)")
+
+
+def smol_at_t1_on(data_dir, engine: str, base_url: str, **endpoint) -> dict:
+    """`smol_on_engine` with SmolLM2's policies at temperature 1 (raw values are theirs), one prompt."""
+    cfg = smol_on_engine(data_dir, engine, base_url, **endpoint)
+    for p in cfg["policies"]:
+        p["temperature"] = 1.0 if p["model"] == "smollm2_135m" else p["temperature"]
+    return cfg
+
+
+def test_a_server_that_changed_what_it_serves_since_the_runs_first_check_is_refused(vllm_server, tmp_path):
+    """Before: the engine check compared each replica with itself, at each stage's start, so a
+    server restarted between stage 2 and 2b with another model under the same served name (another
+    weights file, a sharper fine-tune) passed it, and 2b's records came from another model than
+    stage 2's. Now stage 2's check keeps the server's fingerprint (vLLM's /v1/models) and its check
+    values in <data_dir>/engine_canary/; stage 2b's check refuses, naming the replica and what
+    changed, and the unchanged server passes."""
+    from vllm_shape_server import Sharpened, VllmShapeServer
+    smol = {"smollm2_135m": vllm_server.models["smollm2_135m"]}
+    first = VllmShapeServer(smol)
+    port, url = first.port, first.url + "/v1"
+    cfg = smol_at_t1_on(tmp_path / "data", "vllm", url)
+    config = write_config(tmp_path / "config.yaml", cfg)
+    data = tmp_path / "data"
+    try:
+        run_script("01_prepare_data.py", "--config", str(config), "--samples", "1", check=True)
+        run_script("02_generate_responses.py", "--config", str(config), check=True)
+    finally:
+        first.close()
+    canary = json.loads((data / "engine_canary" / "smollm2_135m.json").read_text())
+    assert canary["replica"] == url and canary["identity"]["root"] == "/models/smollm2_135m"
+    assert len(canary["samples"]) == 2 and all(s["tokens"] for s in canary["samples"].values())
+
+    def stage_2b(model, **about) -> subprocess.CompletedProcess:
+        with VllmShapeServer({"smollm2_135m": model}, about=about, port=port):     # restarted
+            return run_script("02b_compute_logprobs.py", "--config", str(config))
+
+    proc = stage_2b(smol["smollm2_135m"], root="/models/SmolLM2-135M-Instruct-Q8_0")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (f"models.smollm2_135m.endpoint: REFUSED: {url}: says it serves another model or build than this "
+            f"run's first engine check ({url}, {canary['checked_at']}): root '/models/smollm2_135m' -> "
+            "'/models/SmolLM2-135M-Instruct-Q8_0'") in proc.stderr, proc.stderr
+    assert "engine_canary/smollm2_135m.json aside" in proc.stderr
+    assert not (data / "logprobs.jsonl").exists()
+
+    proc = stage_2b(Sharpened(smol["smollm2_135m"], 1.3))        # the same name and fingerprint, other weights
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"REFUSED: {url}: " in proc.stderr, proc.stderr
+    assert ("gives other log-probabilities for the same tokens than this run's first engine check" in proc.stderr
+            or "samples other tokens than this run's first engine check" in proc.stderr), proc.stderr
+    assert not (data / "logprobs.jsonl").exists()
+
+    proc = stage_2b(smol["smollm2_135m"])                        # what the first check saw: it passes
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "models.smollm2_135m.endpoint: ok" in proc.stderr and (data / "logprobs.jsonl").exists()
+    assert json.loads((data / "engine_canary" / "smollm2_135m.json").read_text()) == canary
+
+    (data / "engine_canary" / "smollm2_135m.json").write_text('{"version": 1, "model_key": "smollm2_135m"}')
+    proc = run_script("run_pipeline.py", "--check-providers", "--config", str(config))
+    assert proc.returncode == 2 and "engine_canary/smollm2_135m.json: not an engine canary" in proc.stderr, \
+        proc.stdout + proc.stderr
+
+
+def test_replicas_that_serve_different_models_are_refused_and_urls_are_shown_without_credentials(
+        vllm_server, tmp_path):
+    """Before: each replica was compared with itself only, so a list of replicas of which one
+    serves another build or other weights under the same name passed. The first replica's check
+    is now the others' canary (no stage has run: --check-providers)."""
+    from vllm_shape_server import Sharpened, VllmShapeServer
+    from ope_prep.backends.engine_canary import public_url
+    assert public_url("https://user:secret@gpu.example:8443/v1?key=sk-1#x") == "https://gpu.example:8443/v1"
+    model = vllm_server.models["smollm2_135m"]
+    with VllmShapeServer({"smollm2_135m": model}) as a, VllmShapeServer({"smollm2_135m": model}) as b, \
+            VllmShapeServer({"smollm2_135m": Sharpened(model, 1.3)}) as c, \
+            VllmShapeServer({"smollm2_135m": model}, about={"max_model_len": 4096}) as d:
+        def check(*replicas) -> tuple[int, str]:
+            first, *more = [r.url.replace("http://", "http://user:secret@") + "/v1" for r in replicas]
+            cfg = smol_at_t1_on(tmp_path / "data", "vllm", first, more_base_urls=more)
+            config = write_config(tmp_path / "config.yaml", cfg)
+            proc = run_script("run_pipeline.py", "--check-providers", "--config", str(config))
+            return proc.returncode, proc.stdout + proc.stderr
+
+        code, out = check(a, b)
+        assert code == 0 and "models.smollm2_135m.endpoint: ok: each replica by itself" in out, out
+        code, out = check(a, c)
+        assert code == 2, out
+        assert (f"models.smollm2_135m.endpoint: REFUSED: each replica by itself: {c.url}/v1: gives other "
+                f"log-probabilities for the same tokens than this run's first engine check ({a.url}/v1") in out \
+            or f"{c.url}/v1: samples other tokens than this run's first engine check ({a.url}/v1" in out, out
+        assert "must serve the same model on the same build" in out
+        code, out = check(a, d)
+        assert code == 2 and f"{d.url}/v1: says it serves another model or build" in out, out
+        assert "max_model_len '2048' -> '4096'" in out
+        assert "secret" not in out
+    assert not (tmp_path / "data" / "engine_canary").exists()     # --check-providers keeps nothing
