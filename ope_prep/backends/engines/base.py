@@ -72,8 +72,10 @@ class Engine:
         """The fingerprint in the engine's reply to GET identity_route. The default reads the
         served model's entry in the OpenAI model list; a native route's engine reads the reply
         itself (`fields`)."""
-        listed = raw.get("data") if isinstance(raw, dict) else None
-        entry = next((m for m in listed or [] if isinstance(m, dict) and m.get("id") == self.served_model), None)
+        listed = [m for m in (raw.get("data") if isinstance(raw, dict) else None) or [] if isinstance(m, dict)]
+        entry = next((m for m in listed if m.get("id") == self.served_model), None)
+        if entry is None and len(listed) == 1:
+            entry = listed[0]      # a server of one model may list it by its path (llama-cpp-python without an alias)
         if entry is None:
             raise RequestFailed(f"GET {self.identity_route}: the engine does not list the model "
                                 f"{self.served_model!r}", deterministic=True)

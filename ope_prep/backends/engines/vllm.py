@@ -7,7 +7,8 @@ sampling are after temperature only when the server runs with ``--logprobs-mode
 processed_logprobs`` (vLLM >= 0.10.2; the default is the raw logits'): the engine check, asked at
 each policy's temperature, refuses a server that returns the raw ones. Prompt log-probabilities
 are the raw logits' (vLLM 0.10-0.11 apply no temperature to them), so a policy at another
-temperature is teacher-forced in process.
+temperature is teacher-forced in process. What it serves (the fingerprint) is its ``/v1/models``
+entry: ``root`` (the model path or Hub id it was started with), ``parent``, ``max_model_len``.
 """
 
 from __future__ import annotations
