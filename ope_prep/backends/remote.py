@@ -279,7 +279,7 @@ def engine_check(model_key: str, model: RemoteModel, jobs: list[tuple[list[int],
     if not all(ok for ok, _ in tests):
         detail += " (" + "; ".join(d for ok, d in tests if ok) + ")"
     return EngineCheck(model_key, all(ok for ok, _ in tests), len(diffs), worst, detail,
-                       [Sample(list(g.token_ids), list(g.token_logprobs)) for g in gens])
+                       samples=[Sample(list(g.token_ids), list(g.token_logprobs)) for g in gens])
 
 
 def _stops_plausible(model: RemoteModel, jobs: list, gens: list[Generation]) -> tuple[bool, str]:
