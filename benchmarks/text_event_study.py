@@ -47,6 +47,7 @@ def old_events_module():
     spec = importlib.util.spec_from_loader("ope_prep._events_before", loader=None)
     mod = importlib.util.module_from_spec(spec)
     mod.__package__ = "ope_prep"
+    sys.modules[spec.name] = mod          # dataclasses look their module up
     exec(compile(src, "events_before.py", "exec"), mod.__dict__)
     return mod
 
