@@ -122,7 +122,11 @@ def remote_model(config: Config, model_key: str, stage: str, n_seq: int = 4, bas
     client.connect()          # nothing to start: the base URLs are known, and set the concurrency
     if local_tf is None and not ep.teacher_force:
         local_tf = _LocalTeacherForcer(config, model_key, n_seq)
-    return RemoteModel(ep, local_tokenizer(config, model_key), m.n_ctx, client, local_teacher_force=local_tf)
+    # A text's probability needs every token's value at each position, which no engine returns:
+    # its readouts run in process (the weights are loaded only if a text event asks).
+    readouts = local_tf if local_tf is not None else _LocalTeacherForcer(config, model_key, n_seq)
+    return RemoteModel(ep, local_tokenizer(config, model_key), m.n_ctx, client, local_teacher_force=local_tf,
+                       local_readouts=readouts)
 
 
 def check_engine(config: Config, model_key: str, stage: str) -> EngineCheck:

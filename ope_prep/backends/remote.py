@@ -51,12 +51,13 @@ TeacherForce = Callable[[Sequence[tuple]], list]
 
 class RemoteModel:
     def __init__(self, endpoint: ModelEndpoint, chat: ChatTokenizer, n_ctx: int, client: ApiClient,
-                 local_teacher_force: Optional[TeacherForce] = None):
+                 local_teacher_force: Optional[TeacherForce] = None, local_readouts=None):
         """local_teacher_force: teacher forcing in process (endpoint.teacher_force false), used
         for the stop event's log-probability too; closed with the model if it has close()."""
         self.endpoint, self.chat, self.n_ctx_per_seq, self.client = endpoint, chat, n_ctx, client
         self.engine = engine_type(endpoint.engine)(chat, endpoint.model)
         self._local_tf = local_teacher_force
+        self._readouts = local_readouts     # in process: the text-event search's readouts
         if local_teacher_force is None and self.engine.no_teacher_forcing:
             raise ValueError(f"{self.engine.no_teacher_forcing}: teacher forcing must run in process")
 
@@ -70,19 +71,19 @@ class RemoteModel:
 
     def close(self) -> None:
         self.client.close()
-        close_local = getattr(self._local_tf, "close", None)
-        if close_local is not None:
-            close_local()
+        for local in {id(x): x for x in (self._local_tf, self._readouts) if x is not None}.values():
+            close_local = getattr(local, "close", None)
+            if close_local is not None:
+                close_local()
 
     def teacher_force_readouts(self, items: Sequence[tuple]) -> list:
         """The text-event search's readouts, in process: an engine returns at most a few top
         values per position, not every token that continues a text."""
-        readouts = getattr(self._local_tf, "readouts", None)
-        if readouts is None:
+        if self._readouts is None:
             why = ValueError("a text's probability under another tokenizer needs every token's value at each "
-                             "position: teacher-force this model in process (endpoint.teacher_force: false)")
+                             "position, which the engine does not return, and no model file to read them in process")
             return [why] * len(items)
-        return readouts(items)
+        return self._readouts.readouts(items)
 
     def _refuse_temperature(self, temperature: float, teacher_forcing: bool) -> None:
         if temperature == 1.0:
