@@ -54,7 +54,7 @@ def test_grow_3_to_6_computes_only_the_new_units_and_back_to_3_computes_nothing(
     assert all(key.split("/")[0] in new or key.split("/")[1] in new for _, key in computed_ok(trace))
     counts = new_units(trace)
     assert counts["generate"] == 3 * 4 and counts["judge"] == 3 * 4
-    assert counts["logprobs"] == 3 * 4 * 2                       # under every policy + self-checks
+    assert counts["logprobs"] == 3 * 4 * 2 + 3                   # under every policy + self-checks + p0's text events
     assert counts["oracle_calibration"] + counts["oracle_validation"] == oracle_units(new)
     # The grown run's records of the first three prompts are the 3-prompt run's.
     for name in ["responses.jsonl", "logprobs.jsonl", "judge_scores.jsonl"]:
@@ -111,7 +111,7 @@ def test_rounds_leave_snapshots_that_stage_5_and_cje_03_accept_and_status_reads_
     # Every unit once over both rounds, as many as a single pass.
     assert set(computed_ok(trace).values()) == {1}
     counts = new_units(trace)
-    assert counts["generate"] == counts["judge"] == 6 * 4 and counts["logprobs"] == 6 * 4 * 2
+    assert counts["generate"] == counts["judge"] == 6 * 4 and counts["logprobs"] == 6 * 4 * 2 + 6   # + p0's text events
 
     log = (tmp_path / "run.log").read_text()
     assert "rounds: 3, 6 prompts" in log and "round 1/2 done: 3 prompts" in log

@@ -297,7 +297,8 @@ def test_every_stage_answers_the_stage_interface_and_the_unit_counts_add_up(tmp_
     p, n = len(config.policies), 300
     counts = {s: stage_module(s).unit_count(config, n) for s in UNIT_STAGES}
     assert counts["generate"] == counts["judge"] == n * p
-    assert counts["logprobs"] == n * p + p * SELF_CHECKS_PER_POLICY
+    # and p0's text event per prompt: the default's targets span two tokenizers
+    assert counts["logprobs"] == n * p + p * SELF_CHECKS_PER_POLICY + n
     for name in STAGE_NAMES:
         module = stage_module(name)
         assert isinstance(module.OUTPUTS, list) and module.OUTPUTS, name
