@@ -243,6 +243,9 @@ def _main(args, state: dict) -> int:
         return e.exit_code
     try:
         return _run(config, args, forced, lock.fileno())
+    except PipelineError as e:      # a refusal (a damaged checkpoint, ...): one line, its own code, not a crash
+        print(f"error: {e}")        # where the run's own lines go
+        return e.exit_code
     finally:
         lock.close()
 
